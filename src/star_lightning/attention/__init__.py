@@ -1,0 +1,1 @@
+"""Attention math: local kernels that return the log-sum-exp, the exact merge, and the Star/ring functions."""

@@ -1,0 +1,45 @@
+"""The one place the online-softmax arithmetic lives: merging partial attention results exactly.
+
+A partial result is ``(out, lse)``: the softmax-weighted values over some subset of the keys and the natural-log
+sum of the exponentiated scores over that subset. Merging partials over disjoint key sets gives exactly the
+attention over their union. Used by the Phase 2 merge across hosts, by ring attention and by the kernels that
+split a causal mask into a visible prefix and a square causal part.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def merge_pair(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge two partials with the overflow-free sigmoid form, in float32 (or float64 for float64 inputs).
+
+    ``out_*``: ``[..., L, D]``; ``lse_*``: ``[..., L]``. A partial over no keys has ``lse = -inf`` and is ignored.
+    """
+    dtype = torch.promote_types(lse_a.dtype, torch.float32)
+    lse_a, lse_b = lse_a.to(dtype), lse_b.to(dtype)
+    a_empty, b_empty = torch.isneginf(lse_a), torch.isneginf(lse_b)
+    # Finite stand-ins keep the arithmetic NaN-free; the true -inf cases are restored by the masks below.
+    safe_a = torch.where(a_empty, torch.zeros_like(lse_a), lse_a)
+    safe_b = torch.where(b_empty, torch.zeros_like(lse_b), lse_b)
+    lse = safe_a - torch.nn.functional.logsigmoid(safe_a - safe_b)  # = log(exp(a) + exp(b))
+    weight_b = torch.sigmoid(safe_b - safe_a)  # = exp(b) / (exp(a) + exp(b)), [..., L]
+    weight_b = torch.where(b_empty, torch.zeros_like(weight_b), weight_b)
+    weight_b = torch.where(a_empty & ~b_empty, torch.ones_like(weight_b), weight_b)
+    lse = torch.where(a_empty, lse_b, torch.where(b_empty, lse_a, lse))
+    out_a32, out_b32 = out_a.to(dtype), out_b.to(dtype)
+    out = out_a32 - weight_b.unsqueeze(-1) * (out_a32 - out_b32)  # [..., L, D]
+    return out.to(out_a.dtype), lse
+
+
+def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge ``N`` stacked partials: ``outs`` ``[N, ..., L, D]``, ``lses`` ``[N, ..., L]``.
+
+    Folding the pairwise merge in a fixed order makes every host that merges the same gathered partials get the
+    same bits.
+    """
+    out, lse = outs[0], lses[0]
+    for i in range(1, outs.shape[0]):
+        out, lse = merge_pair(out, lse, outs[i], lses[i])
+    return out, lse

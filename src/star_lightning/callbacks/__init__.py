@@ -1,0 +1,1 @@
+"""Lightning callbacks: the resumable JSONL writer and the TensorBoard profiler scalars."""

@@ -1,0 +1,98 @@
+"""``star-lightning``: ``predict`` (LightningCLI, omegaconf mode), plus ``generate`` and ``score``.
+
+``predict`` takes the model (``--model.*``), the requests (``--data.*``), the trainer (``--trainer.*``, with the
+``star`` strategy by default) and ``--output``; any of them can come from ``--config configs/*.yaml``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from star_lightning.callbacks.prediction_writer import JsonlPredictionWriter
+from star_lightning.data.datamodule import RequestDataModule
+from star_lightning.errors import ConfigurationError
+from star_lightning.module import StarAttentionLM
+
+USAGE = """usage: star-lightning {predict,generate,score} ...
+
+  predict   run Star Attention (or ring/dense) over a JSONL file of requests
+  generate  write a benchmark request set (RULER, BABILong) as JSONL
+  score     score a predictions JSONL file
+
+Run 'star-lightning COMMAND --help' for a command's options.
+"""
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "strategy": {"class_path": "star_lightning.strategy.StarStrategy"},
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "lightning_logs", "name": "predict"},
+    },
+}
+
+
+class StarLightningCLI(LightningCLI):
+    """LightningCLI with the ``--output`` option and the resumable JSONL writer attached for ``predict``."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"predict": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--output",
+            type=str,
+            default="predictions.jsonl",
+            help="JSONL file of predictions; an existing file is resumed (its requests are skipped)",
+        )
+
+    def before_predict(self) -> None:
+        output = self.config["predict"]["output"]
+        writer = JsonlPredictionWriter(output)
+        self.trainer.callbacks.append(writer)
+        self.datamodule.resume_from = output
+
+
+def run_predict(argv: list[str]) -> int:
+    StarLightningCLI(
+        StarAttentionLM,
+        RequestDataModule,
+        args=["predict", *argv],
+        parser_kwargs={"parser_mode": "omegaconf"},
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``star-lightning`` and ``python -m star_lightning``; user errors exit 2 with one message."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    try:
+        if command == "predict":
+            return run_predict(rest)
+        if command == "generate":
+            from star_lightning.data.generate_command import main as generate_main
+
+            return generate_main(rest)
+        if command == "score":
+            from star_lightning.scoring import main as score_main
+
+            return score_main(rest)
+    except ConfigurationError as error:
+        print(f"star-lightning {command}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"star-lightning: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def console_main() -> None:
+    sys.exit(main())

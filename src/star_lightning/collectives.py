@@ -1,0 +1,86 @@
+"""The context-parallel group over ``torch.distributed``: the only collectives Star Attention needs.
+
+Phase 2 gathers one ``(out, lse)`` partial per host per layer, the query host broadcasts each chosen token, and
+ring attention (the exact baseline) passes K/V around the ring. Bytes sent are counted for the profiler.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from star_lightning.context_group import pack_partials, unpack_partials
+from star_lightning.topology import ParallelLayout
+
+
+class DistributedContextGroup:
+    """A context-parallel group backed by a ``torch.distributed`` process group.
+
+    ``ranks`` are the global ranks of the group in host order; the last one is the query host (it owns the last
+    context block).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, ranks: list[int]) -> None:
+        self._group = group
+        self._ranks = list(ranks)
+        self._rank = self._ranks.index(dist.get_rank())
+        self._bytes = 0
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        return len(self._ranks)
+
+    @property
+    def query_host(self) -> int:
+        return self.size - 1
+
+    @property
+    def bytes_moved(self) -> int:
+        return self._bytes
+
+    def gather_partials(self, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+        packed = pack_partials(out, lse).contiguous()  # [B, H, L, D + 1]
+        gathered = torch.empty((self.size, *packed.shape), dtype=packed.dtype, device=packed.device)
+        if dist.get_backend(self._group) == dist.Backend.NCCL:
+            dist.all_gather_into_tensor(gathered, packed, group=self._group)
+        else:
+            dist.all_gather(list(gathered.unbind(0)), packed, group=self._group)
+        self._bytes += packed.numel() * packed.element_size() * (self.size - 1)
+        return unpack_partials(gathered, out.dtype)  # [N, B, H, L, D], [N, B, H, L]
+
+    def broadcast_from_query_host(self, tensor: Tensor) -> Tensor:
+        dist.broadcast(tensor, src=self._ranks[self.query_host], group=self._group)
+        if self.rank == self.query_host:
+            self._bytes += tensor.numel() * tensor.element_size() * (self.size - 1)
+        return tensor
+
+    def ring_shift(self, tensor: Tensor, recv_shape: tuple[int, ...]) -> Tensor:
+        tensor = tensor.contiguous()
+        received = tensor.new_empty(recv_shape)
+        send_to = self._ranks[(self.rank + 1) % self.size]
+        recv_from = self._ranks[(self.rank - 1) % self.size]
+        ops = [
+            dist.P2POp(dist.isend, tensor, send_to, group=self._group),
+            dist.P2POp(dist.irecv, received, recv_from, group=self._group),
+        ]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+        self._bytes += tensor.numel() * tensor.element_size()
+        return received
+
+
+def new_context_group(layout: ParallelLayout, global_rank: int) -> DistributedContextGroup:
+    """Create every context-parallel process group (all ranks must take part) and return this rank's."""
+    mine: DistributedContextGroup | None = None
+    for ranks in layout.all_context_parallel_groups():
+        group = dist.new_group(ranks) if layout.data_parallel_size > 1 else None
+        if global_rank in ranks:
+            mine = DistributedContextGroup(group, ranks)
+    if mine is None:
+        raise RuntimeError(f"rank {global_rank} is in no context-parallel group of {layout}")
+    return mine

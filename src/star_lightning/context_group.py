@@ -1,0 +1,71 @@
+"""What the attention math needs from "the other hosts", as an interface with a trivial one-host version.
+
+Model math depends on this protocol only; :mod:`star_lightning.collectives` implements it with
+``torch.distributed`` for a real context-parallel group. Keeping the two apart lets the math run and be tested in
+one process, and keeps ``torch.distributed`` out of the attention code.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class ContextGroup(Protocol):
+    """The hosts that cooperate on one request. ``rank`` is the host index (0 owns the first block)."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def query_host(self) -> int: ...
+
+    @property
+    def bytes_moved(self) -> int: ...
+
+    def gather_partials(self, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+        """Every host's ``(out, lse)`` stacked in host order: ``[N, ...]``."""
+        ...
+
+    def broadcast_from_query_host(self, tensor: Tensor) -> Tensor: ...
+
+    def ring_shift(self, tensor: Tensor, recv_shape: tuple[int, ...]) -> Tensor:
+        """Send ``tensor`` to host ``rank + 1``; return what host ``rank - 1`` sent (of ``recv_shape``)."""
+        ...
+
+
+class SingleHostGroup:
+    """The one-host group: a context-parallel size of 1 needs no communication."""
+
+    rank = 0
+    size = 1
+    query_host = 0
+    bytes_moved = 0
+
+    def gather_partials(self, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+        return out.unsqueeze(0), lse.unsqueeze(0)
+
+    def broadcast_from_query_host(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def ring_shift(self, tensor: Tensor, recv_shape: tuple[int, ...]) -> Tensor:
+        return tensor
+
+
+def is_query_host(group: ContextGroup) -> bool:
+    return group.rank == group.query_host
+
+
+def pack_partials(out: Tensor, lse: Tensor) -> Tensor:
+    """One buffer per collective: ``[..., L, D + 1]`` with the lse as the last channel (float32 or float64)."""
+    dtype = torch.promote_types(lse.dtype, torch.float32)
+    return torch.cat([out.to(dtype), lse.to(dtype).unsqueeze(-1)], dim=-1)
+
+
+def unpack_partials(packed: Tensor, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return packed[..., :-1].to(out_dtype), packed[..., -1]

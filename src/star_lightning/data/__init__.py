@@ -1,0 +1,1 @@
+"""Requests in, predictions out: JSONL readers, the predict DataModule, and the benchmark generators."""

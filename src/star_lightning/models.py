@@ -1,0 +1,138 @@
+"""Loading a HuggingFace causal LM safely and checking that Star Attention can serve its attention.
+
+Safe by default: weights only through safetensors, no remote code unless asked. A model is servable when it
+routes attention through transformers' ``AttentionInterface`` and has no non-attention token mixers (the check runs
+on the config, before any weights are read).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from star_lightning.attention.star import ATTENTION_NAME, register_star_attention
+from star_lightning.errors import ConfigurationError
+
+DTypeName = Literal["auto", "float32", "float64", "bfloat16", "float16"]
+_NON_ATTENTION_LAYERS = ("linear_attention", "mamba", "conv", "recurrent", "mlstm", "slstm")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on GPUs and float32 on CPUs."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {
+            "float32": torch.float32,
+            "float64": torch.float64,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[name]
+    except KeyError:
+        raise ConfigurationError(
+            f"unknown dtype {name!r}; choose auto, float32, float64, bfloat16 or float16"
+        ) from None
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or not _looks_like_hub_id(name)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def resolve_pretrained(pretrained: str | os.PathLike[str]) -> str:
+    """A local folder (which must exist) or a hub id; a missing folder is reported as such, not as a hub error."""
+    name = str(pretrained)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigurationError(f"--model.pretrained {name!r} is a file; give the model's folder or a hub id")
+        return str(path)
+    if _looks_like_path(name) or not _looks_like_hub_id(name):
+        raise ConfigurationError(
+            f"model folder {name!r} does not exist; give --model.pretrained an existing folder (with config.json and "
+            "*.safetensors) or a HuggingFace hub id such as meta-llama/Llama-3.1-8B-Instruct"
+        )
+    return name
+
+
+def load_config(pretrained: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(
+            f"{pretrained!r} is neither an existing model folder nor a model the HuggingFace hub could provide "
+            f"({error}); give --model.pretrained an existing folder or a reachable hub id"
+        ) from None
+
+
+def check_attention_servable(config: PretrainedConfig, model_class: type | None = None) -> None:
+    """Raise a clear error for a model whose attention Star Attention cannot take over."""
+    model_type = getattr(config, "model_type", type(config).__name__)
+    if model_class is None:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None:
+        raise ConfigurationError(f"model type {model_type!r} is not a causal language model known to transformers")
+    if not getattr(model_class, "_supports_attention_backend", False):
+        raise ConfigurationError(
+            f"model type {model_type!r} ({model_class.__name__}) does not route its attention through transformers' "
+            "AttentionInterface, so Star Attention cannot serve it. Supported are models such as Llama, Qwen2, "
+            "Qwen3, Mistral, Phi-3, Gemma-2, Granite and OLMo-2; use --model.attention dense for this one"
+        )
+    layer_types = getattr(config, "layer_types", None) or ()
+    mixers = sorted({t for t in layer_types if any(word in str(t) for word in _NON_ATTENTION_LAYERS)})
+    if mixers:
+        raise ConfigurationError(
+            f"model type {model_type!r} has non-attention layers ({', '.join(mixers)}); Star Attention can serve "
+            "only models whose every token mixer is softmax attention"
+        )
+
+
+def load_model(
+    pretrained: str,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    attention: Literal["star", "ring", "dense"],
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load weights (safetensors only) onto ``device`` and switch the attention to Star Attention if asked."""
+    config = load_config(pretrained, trust_remote_code=trust_remote_code)
+    if attention != "dense" and not trust_remote_code:
+        check_attention_servable(config)
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(pretrained, attn_implementation="sdpa", **kwargs)
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"could not load model weights from {pretrained!r}: {error}") from None
+    model = model.to(device).eval()
+    if attention != "dense":
+        use_star_attention(model)
+    return model
+
+
+def use_star_attention(model: PreTrainedModel) -> None:
+    """Switch an already loaded model to Star Attention, or explain why it cannot be."""
+    check_attention_servable(model.config, type(model))
+    register_star_attention()
+    model.set_attn_implementation(ATTENTION_NAME)
+    if model.config._attn_implementation != ATTENTION_NAME:
+        raise ConfigurationError(
+            f"{type(model).__name__} did not accept the '{ATTENTION_NAME}' attention implementation; Star Attention "
+            "cannot serve this model"
+        )
+
+
+def load_tokenizer(pretrained: str, *, trust_remote_code: bool = False) -> Any:
+    try:
+        return AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"could not load the tokenizer of {pretrained!r}: {error}") from None

@@ -1,0 +1,187 @@
+"""The LightningModule: any HF causal LM, one request per ``predict_step`` (Phase 1, then Phase 2 decoding)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+
+from star_lightning.attention.kernels import validate_backend
+from star_lightning.context_group import ContextGroup, SingleHostGroup, is_query_host
+from star_lightning.errors import ConfigurationError
+from star_lightning.generation import GenerationResult, GenerationSettings, StarSettings, generate
+from star_lightning.models import DTypeName, load_model, load_tokenizer, resolve_dtype, resolve_pretrained
+from star_lightning.partition import validate_block_sizes
+from star_lightning.sampling import SamplingConfig
+
+# Fields of a request that are inputs, not references: not copied into the prediction record.
+_INPUT_FIELDS = ("input_context", "input_query")
+
+
+class StarAttentionLM(LightningModule):
+    """Long-context generation with Star Attention (or the ``ring`` / ``dense`` baselines).
+
+    Args:
+        pretrained: a local model folder or a hub id; unset = the small model shipped with star_lightning.
+        attention: ``star`` (blockwise Phase 1 + exact Phase 2), ``ring`` (exact ring attention) or ``dense``
+            (the model's own attention in one process).
+        block_size: context tokens per block (star).
+        anchor_block_size: leading tokens of the first block that prefix every other block; unset = block_size.
+        anchor: ``False`` switches the anchor block off (an ablation: blocks see only themselves).
+        reuse_anchor: compute the anchor's KV once per host and reuse it (exact); ``False`` recomputes it for
+            every block as the reference implementation does (slower, same result).
+        max_new_tokens: tokens to generate at most per request.
+        temperature: 0 = greedy; otherwise sampling with this temperature.
+        top_p: nucleus-sampling mass (with temperature > 0).
+        seed: sampling seed (each request's generator is seeded with seed + request index).
+        stop_strings: generation stops when the text ends with one of these (the stop string is cut off).
+        dtype: weights and activations; auto = bfloat16 on GPU, float32 on CPU.
+        backend: local attention kernel: auto, math, sdpa (CUDA) or flash_attn (if installed).
+        trust_remote_code: allow model code from the hub (off: only transformers' own architectures).
+    """
+
+    def __init__(
+        self,
+        *,
+        pretrained: str | None = None,
+        attention: Literal["star", "ring", "dense"] = "star",
+        block_size: int = 4096,
+        anchor_block_size: int | None = None,
+        anchor: bool = True,
+        reuse_anchor: bool = True,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_strings: list[str] | None = None,
+        dtype: DTypeName = "auto",
+        backend: Literal["auto", "math", "sdpa", "flash_attn"] = "auto",
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if attention not in ("star", "ring", "dense"):
+            raise ConfigurationError(f"--model.attention must be star, ring or dense, got {attention!r}")
+        validate_block_sizes(block_size, anchor_block_size)
+        validate_backend(backend)
+        if max_new_tokens <= 0:
+            raise ConfigurationError(f"--model.max_new_tokens must be positive, got {max_new_tokens}")
+        self.sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
+        self.save_hyperparameters()
+        self.pretrained = pretrained
+        self.star_settings = StarSettings(
+            attention=attention,
+            block_size=block_size,
+            anchor_block_size=anchor_block_size,
+            use_anchor=anchor,
+            reuse_anchor=reuse_anchor,
+            backend=backend,
+        )
+        self.max_new_tokens = max_new_tokens
+        self.stop_strings = tuple(stop_strings or ())
+        self.dtype_name = dtype
+        self.trust_remote_code = trust_remote_code
+        self.model: torch.nn.Module | None = None
+        self.tokenizer: Any = None
+        self.last_stats: dict[str, float] = {}
+
+    def resolved_pretrained(self) -> str:
+        if self.pretrained is not None:
+            return resolve_pretrained(self.pretrained)
+        from star_lightning.assets import default_model_path
+
+        return str(default_model_path())
+
+    def configure_model(self) -> None:
+        """Load the weights once, straight onto this rank's device."""
+        if self.model is not None:
+            return
+        source = self.resolved_pretrained()
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        self.tokenizer = load_tokenizer(source, trust_remote_code=self.trust_remote_code)
+        self.model = load_model(
+            source,
+            dtype=resolve_dtype(self.dtype_name, device),
+            device=device,
+            attention=self.star_settings.attention,
+            trust_remote_code=self.trust_remote_code,
+        )
+
+    def context_group(self) -> ContextGroup:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        group = getattr(strategy, "context_group", None)
+        return group if group is not None else SingleHostGroup()
+
+    def generation_settings(self, request_index: int) -> GenerationSettings:
+        eos = self.tokenizer.eos_token_id
+        eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        generation_config = getattr(self.model, "generation_config", None)
+        extra = getattr(generation_config, "eos_token_id", None)
+        eos_ids |= frozenset([extra] if isinstance(extra, int) else (extra or []))
+        sampling = SamplingConfig(self.sampling.temperature, self.sampling.top_p, self.sampling.seed + request_index)
+        return GenerationSettings(max_new_tokens=self.max_new_tokens, sampling=sampling, eos_token_ids=eos_ids)
+
+    def _stop_check(self, token_ids: list[int]) -> bool:
+        if not self.stop_strings:
+            return False
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return any(stop in text for stop in self.stop_strings)
+
+    def decode_text(self, token_ids: list[int]) -> str:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        for stop in self.stop_strings:
+            cut = text.find(stop)
+            if cut >= 0:
+                text = text[:cut]
+        return text
+
+    def encode_request(self, request: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context with the tokenizer's special tokens (BOS), query without: together they are the prompt."""
+        context = self.tokenizer(request["input_context"], add_special_tokens=True)["input_ids"]
+        query = self.tokenizer(request["input_query"], add_special_tokens=False)["input_ids"]
+        if not context:
+            raise ConfigurationError(f"request {request.get('index')}: the context encodes to no tokens")
+        if not query:
+            raise ConfigurationError(f"request {request.get('index')}: the query encodes to no tokens")
+        device = self.device
+        return torch.tensor([context], device=device), torch.tensor([query], device=device)  # [1, T], [1, Lq]
+
+    def run_request(self, request: dict[str, Any]) -> GenerationResult:
+        if self.model is None:
+            self.configure_model()
+        context_ids, query_ids = self.encode_request(request)
+        index = int(request.get("index", 0))
+        try:
+            return generate(
+                self.model,
+                context_ids,
+                query_ids,
+                self.context_group(),
+                self.star_settings,
+                self.generation_settings(index),
+                self._stop_check if self.stop_strings else None,
+            )
+        except ValueError as error:
+            raise ConfigurationError(f"request {index}: {error}") from None
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any] | None:
+        """One request (``batch`` is a request dict); the prediction record on the query host, None elsewhere."""
+        result = self.run_request(batch)
+        stats = result.stats
+        self.last_stats = {
+            "phase1_s": stats.phase1_s,
+            "ttft_s": stats.ttft_s,
+            "decode_s": stats.decode_s,
+            "decode_ms_per_token": stats.decode_ms_per_token,
+            "decode_tokens_per_s": (stats.new_tokens - 1) / stats.decode_s if stats.decode_s > 0 else 0.0,
+            "new_tokens": float(stats.new_tokens),
+            "context_tokens": float(stats.context_tokens),
+            "local_context_tokens": float(stats.local_context_tokens),
+            "peak_mem_gib": stats.peak_mem_bytes / 2**30,
+            "phase2_bytes": float(stats.phase2_bytes),
+        }
+        if not is_query_host(self.context_group()):
+            return None
+        record = {key: value for key, value in batch.items() if key not in _INPUT_FIELDS}
+        record["pred"] = self.decode_text(result.token_ids)
+        return record

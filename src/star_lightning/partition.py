@@ -1,0 +1,112 @@
+"""The block plan of Star Attention's Phase 1: which tokens form which block, and which host owns it.
+
+Pure bookkeeping (no torch, no torch.distributed) so that every rank derives the same plan from the same
+numbers, and so that the plan can be checked before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Block:
+    """A contiguous span ``[start, end)`` of context tokens; positions are the tokens' true positions."""
+
+    index: int
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Blocks of ``block_size`` tokens assigned contiguously to ``num_hosts`` hosts.
+
+    ``anchor_length`` is the number of leading tokens of the first block that prefix every other block
+    (0 when the anchor is switched off or when there is a single block).
+    """
+
+    context_length: int
+    block_size: int
+    anchor_length: int
+    num_hosts: int
+    blocks: tuple[Block, ...]
+    host_blocks: tuple[tuple[Block, ...], ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def query_host(self) -> int:
+        """The host that owns the last block; it also stores the query and generated tokens."""
+        return self.num_hosts - 1
+
+    def blocks_of(self, host: int) -> tuple[Block, ...]:
+        return self.host_blocks[host]
+
+    def local_context_length(self, host: int) -> int:
+        return sum(block.length for block in self.host_blocks[host])
+
+
+def validate_block_sizes(block_size: int, anchor_block_size: int | None) -> None:
+    """Reject sizes that cannot form a plan, naming the option and the fix."""
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(
+            f"block_size must be a positive number of tokens, got {block_size!r}; set --model.block_size N"
+        )
+    if anchor_block_size is None:
+        return
+    if not isinstance(anchor_block_size, int) or anchor_block_size <= 0:
+        raise ValueError(
+            f"anchor_block_size must be a positive number of tokens, got {anchor_block_size!r}; set "
+            "--model.anchor_block_size to 1..block_size, or leave it unset for anchor = block_size "
+            "(to switch the anchor off, use --model.anchor false)"
+        )
+    if anchor_block_size > block_size:
+        raise ValueError(
+            f"anchor_block_size ({anchor_block_size}) is larger than block_size ({block_size}): the anchor is a "
+            "prefix of the first block; set --model.anchor_block_size to at most the block size"
+        )
+
+
+def split_evenly(length: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous spans covering ``[0, length)`` whose sizes differ by at most one."""
+    return [(length * i // parts, length * (i + 1) // parts) for i in range(parts)]
+
+
+def plan_blocks(
+    context_length: int,
+    block_size: int,
+    num_hosts: int,
+    anchor_block_size: int | None = None,
+    use_anchor: bool = True,
+) -> BlockPlan:
+    """Cut ``context_length`` tokens into blocks and give each host a contiguous, balanced run of them.
+
+    The last block may be shorter than ``block_size``: it is processed ragged, so no padding exists to leak.
+    """
+    validate_block_sizes(block_size, anchor_block_size)
+    if context_length <= 0:
+        raise ValueError("the context is empty: every request needs a non-empty 'input_context'")
+    if num_hosts <= 0:
+        raise ValueError(f"num_hosts must be positive, got {num_hosts}")
+    starts = range(0, context_length, block_size)
+    blocks = tuple(Block(i, s, min(s + block_size, context_length)) for i, s in enumerate(starts))
+    if num_hosts > len(blocks):
+        most = -(-context_length // num_hosts)
+        raise ValueError(
+            f"the context of {context_length} tokens makes {len(blocks)} block(s) of block_size {block_size}, fewer "
+            f"than the {num_hosts} hosts of the context-parallel group: every host needs at least one block. Lower "
+            f"--model.block_size to at most {most}, or use fewer hosts (--trainer.devices / "
+            "--trainer.strategy.context_parallel_size)"
+        )
+    anchor = block_size if anchor_block_size is None else anchor_block_size
+    anchor_length = min(anchor, blocks[0].length) if (use_anchor and len(blocks) > 1) else 0
+    spans = split_evenly(len(blocks), num_hosts)
+    host_blocks = tuple(blocks[a:b] for a, b in spans)
+    return BlockPlan(context_length, block_size, anchor_length, num_hosts, blocks, host_blocks)
