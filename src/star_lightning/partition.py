@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from star_lightning.errors import ConfigurationError
+
 
 @dataclass(frozen=True)
 class Block:
@@ -56,19 +58,19 @@ class BlockPlan:
 def validate_block_sizes(block_size: int, anchor_block_size: int | None) -> None:
     """Reject sizes that cannot form a plan, naming the option and the fix."""
     if not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(
+        raise ConfigurationError(
             f"block_size must be a positive number of tokens, got {block_size!r}; set --model.block_size N"
         )
     if anchor_block_size is None:
         return
     if not isinstance(anchor_block_size, int) or anchor_block_size <= 0:
-        raise ValueError(
+        raise ConfigurationError(
             f"anchor_block_size must be a positive number of tokens, got {anchor_block_size!r}; set "
             "--model.anchor_block_size to 1..block_size, or leave it unset for anchor = block_size "
             "(to switch the anchor off, use --model.anchor false)"
         )
     if anchor_block_size > block_size:
-        raise ValueError(
+        raise ConfigurationError(
             f"anchor_block_size ({anchor_block_size}) is larger than block_size ({block_size}): the anchor is a "
             "prefix of the first block; set --model.anchor_block_size to at most the block size"
         )
@@ -92,14 +94,14 @@ def plan_blocks(
     """
     validate_block_sizes(block_size, anchor_block_size)
     if context_length <= 0:
-        raise ValueError("the context is empty: every request needs a non-empty 'input_context'")
+        raise ConfigurationError("the context is empty: every request needs a non-empty 'input_context'")
     if num_hosts <= 0:
-        raise ValueError(f"num_hosts must be positive, got {num_hosts}")
+        raise ConfigurationError(f"num_hosts must be positive, got {num_hosts}")
     starts = range(0, context_length, block_size)
     blocks = tuple(Block(i, s, min(s + block_size, context_length)) for i, s in enumerate(starts))
     if num_hosts > len(blocks):
         most = -(-context_length // num_hosts)
-        raise ValueError(
+        raise ConfigurationError(
             f"the context of {context_length} tokens makes {len(blocks)} block(s) of block_size {block_size}, fewer "
             f"than the {num_hosts} hosts of the context-parallel group: every host needs at least one block. Lower "
             f"--model.block_size to at most {most}, or use fewer hosts (--trainer.devices / "

@@ -69,9 +69,9 @@ def star_attention_forward(
         )
     if sliding_window is not None and star_step.last_position >= sliding_window:
         raise ValueError(
-            f"layer {getattr(module, 'layer_idx', '?')} uses sliding-window attention (window {sliding_window}) but the "
-            f"request reaches position {star_step.last_position}; Star Attention serves global-attention layers only. "
-            "Use requests shorter than the window, or a model without sliding-window layers"
+            f"layer {getattr(module, 'layer_idx', '?')} uses sliding-window attention (window {sliding_window}) but "
+            f"the request reaches position {star_step.last_position}; Star Attention serves global-attention layers "
+            "only. Use requests shorter than the window, or a model without sliding-window layers"
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     step = star_step
