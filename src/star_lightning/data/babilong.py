@@ -1,0 +1,229 @@
+"""BABILong qa1-qa5 (Kuratov et al., 2024): read the published samples, build prompts, split context/query.
+
+The samples come from the user's copy of the dataset (``--data_dir``): JSON or JSONL rows with ``input`` (the
+long text with the facts hidden in it), ``question`` and ``target``. Accepted layouts: the file itself,
+``DIR/{task}.jsonl`` (or ``.json``), or ``DIR/{split}/{task}.jsonl`` where ``split`` is BABILong's length name
+(``4k`` for ``--length 4096``; ``0k`` below 1024).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from dataclasses import dataclass
+from typing import Any
+
+from star_lightning.data.ruler.prompts import Prompt, render
+from star_lightning.errors import ConfigurationError
+from star_lightning.metrics import BABILONG_LABELS
+
+TASKS = tuple(BABILONG_LABELS)
+MAX_NEW_TOKENS = 20  # BABILong's evaluation generates at most 20 tokens
+
+
+@dataclass(frozen=True)
+class TaskPrompt:
+    """BABILong's default prompt parts for one task."""
+
+    instruction: str
+    examples: str
+    post_prompt: str
+
+
+# The wording of BABILong's published default prompts (babilong/prompts.py), kept verbatim: it is the benchmark.
+PROMPTS: dict[str, TaskPrompt] = {
+    "qa1": TaskPrompt(
+        instruction=(
+            "I will give you context with the facts about positions of different persons hidden in some random text "
+            "and a question. You need to answer the question based only on the information from the facts. "
+            "If a person was in different locations, use the latest location to answer the question."
+        ),
+        examples=(
+            "<example>\nCharlie went to the hallway. Judith come back to the kitchen. Charlie travelled to balcony. "
+            "Where is Charlie?\nAnswer: The most recent location of Charlie is balcony.\n</example>\n\n"
+            "<example>\nAlan moved to the garage. Charlie went to the beach. Alan went to the shop. Rouse "
+            "travelled to balcony. Where is Alan?\nAnswer: The most recent location of Alan is shop.\n</example>"
+        ),
+        post_prompt=(
+            "Always return your answer in the following format: The most recent location of ’person’ is "
+            "’location’. Do not write anything else after that. "
+        ),
+    ),
+    "qa2": TaskPrompt(
+        instruction=(
+            "I give you context with the facts about locations and actions of different persons hidden in some "
+            "random text and a question.You need to answer the question based only on the information from the "
+            "facts.\nIf a person got an item in the first location and travelled to the second location the item is "
+            "also in the second location. If a person dropped an item in the first location and moved to the second "
+            "location the item remains in the first location."
+        ),
+        examples=(
+            "<example>\nCharlie went to the kitchen. Charlie got a bottle. Charlie moved to the balcony. "
+            "Where is the bottle?\nAnswer: The bottle is in the balcony.\n</example>\n"
+            "<example>\nAlan moved to the garage. Alan got a screw driver. Alan moved to the kitchen. Where is the "
+            "screw driver?\nAnswer: The screw driver is in the kitchen.\n</example>"
+        ),
+        post_prompt=(
+            "Always return your answer in the following format: The ’item’ is in ’location’. "
+            "Do not write anything else after that."
+        ),
+    ),
+    "qa3": TaskPrompt(
+        instruction=(
+            "I give you context with the facts about locations and actions of different persons hidden in some "
+            "random text and a question. You need to answer the question based only on the information from the "
+            "facts.\nIf a person got an item in the first location and travelled to the second location the item is "
+            "also in the second location. If a person dropped an item in the first location and moved to the second "
+            "location the item remains in the first location"
+        ),
+        examples=(
+            "<example>\nJohn journeyed to the bedroom.Mary grabbed the apple. Mary went back to the bathroom. "
+            "Daniel journeyed to the bedroom. Daniel moved to the garden. Mary travelled to the kitchen. "
+            "Where was the apple before the kitchen?\nAnswer: Before the kitchen the apple was in the bathroom.\n"
+            "</example>\n<example>\nJohn went back to the bedroom. John went back to the garden. John went back to "
+            "the kitchen. Sandra took the football. Sandra travelled to the garden. Sandra journeyed to the bedroom. "
+            "Where was the football before the bedroom?\nAnswer: Before the kitchen the football was in the garden.\n"
+            "</example>"
+        ),
+        post_prompt=(
+            "Always return your answer in the following format: Before the $location_1& the $item$ was in the "
+            "$location_2$. Do not write anything else after that."
+        ),
+    ),
+    "qa4": TaskPrompt(
+        instruction=(
+            "I will give you context with the facts about different people, their location and actions, hidden in "
+            "some random text and a question. You need to answer the question based only on the information from "
+            "the facts."
+        ),
+        examples=(
+            "<example>\nThe hallway is south of the kitchen. The bedroom is north of the kitchen. What is the "
+            "kitchen south of?\nAnswer: bedroom\n</example>\n<example>\nThe garden is west of the bedroom. The "
+            "bedroom is west of the kitchen. What is west of the bedroom?\nAnswer: garden\n</example>"
+        ),
+        post_prompt="Your answer should contain only one word - location. Do not write anything else after that.",
+    ),
+    "qa5": TaskPrompt(
+        instruction=(
+            "I will give you context with the facts about locations and their relations hidden in some random text "
+            "and a question. You need to answer the question based only on the information from the facts."
+        ),
+        examples=(
+            "<example>\nMary picked up the apple there. Mary gave the apple to Fred. Mary moved to the bedroom. "
+            "Bill took the milk there. Who did Mary give the apple to?\nAnswer: Fred\n</example>\n<example>\nJeff "
+            "took the football there. Jeff passed the football to Fred. Jeff got the milk there. Bill travelled to "
+            "the bedroom. Who gave the football?\nAnswer: Jeff\n</example>\n<example>\nFred picked up the apple "
+            "there. Fred handed the apple to Bill. Bill journeyed to the bedroom. Jeff went back to the garden. What "
+            "did Fred give to Bill?\nAnswer: apple\n</example>"
+        ),
+        post_prompt=(
+            "Your answer should contain only one word. Do not write anything else after that. "
+            "Do not explain your answer."
+        ),
+    ),
+}
+
+
+def split_name(length: int) -> str:
+    """BABILong's name for a length split: ``4k`` for 4096 tokens, ``0k`` for the short, fact-only split."""
+    return f"{length // 1024}k"
+
+
+def find_data_file(data_dir: str | pathlib.Path | None, task: str, length: int) -> pathlib.Path:
+    """Locate the task's file under ``--data_dir`` (see the module docstring for the layouts)."""
+    if data_dir is None:
+        raise ConfigurationError("BABILong needs its data: pass --data_dir PATH (a JSON/JSONL file or a folder).")
+    root = pathlib.Path(data_dir)
+    if root.is_file():
+        return root
+    if not root.is_dir():
+        raise ConfigurationError(f"--data_dir {root}: no such file or folder.")
+    candidates = [root / split_name(length) / f"{task}{suffix}" for suffix in (".jsonl", ".json")]
+    candidates += [root / f"{task}{suffix}" for suffix in (".jsonl", ".json")]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(candidate) for candidate in candidates)
+    raise ConfigurationError(f"--data_dir {root}: no data for {task} at --length {length}; looked for {tried}.")
+
+
+def load_samples(path: pathlib.Path, task: str) -> list[dict[str, str]]:
+    """Rows of ``input``/``question``/``target`` from a JSONL file, a JSON list, or a JSON object keyed by task."""
+    text = path.read_text(encoding="utf-8")
+    rows: Any
+    if path.suffix == ".jsonl":
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as error:
+            raise ConfigurationError(f"{path}: not valid JSONL ({error.msg}).") from error
+    else:
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigurationError(f"{path}: not valid JSON ({error.msg}).") from error
+        if isinstance(rows, dict):
+            if task not in rows:
+                raise ConfigurationError(f"{path}: the JSON object has no key {task!r}.")
+            rows = rows[task]
+    if not isinstance(rows, list) or not rows:
+        raise ConfigurationError(f"{path}: expected a non-empty list of samples.")
+    for number, row in enumerate(rows):
+        missing = [key for key in ("input", "question", "target") if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise ConfigurationError(f"{path}: sample {number} lacks the field(s) {', '.join(missing)}.")
+    return rows
+
+
+def build_prompt(
+    sample: dict[str, str], task: str, *, instruction: bool = True, examples: bool = True, post_prompt: bool = True
+) -> Prompt:
+    """BABILong's template, cut after ``</context>``: instruction, examples and facts are the context."""
+    parts = PROMPTS[task]
+    head = "\n".join(
+        [
+            parts.instruction if instruction else "",
+            parts.examples if examples else "",
+            parts.post_prompt if post_prompt else "",
+        ]
+    )
+    context = f"{head}\n<context>\n{sample['input']}\n</context>".lstrip()
+    return Prompt(
+        context=context, query=f"\nQuestion: {sample['question']}", answer_prefix="", outputs=[sample["target"]]
+    )
+
+
+def generate_samples(
+    task: str,
+    tokenizer: Any,
+    *,
+    data_dir: str | pathlib.Path | None,
+    length: int,
+    num_samples: int,
+    chat: bool = False,
+    instruction: bool = True,
+    examples: bool = True,
+    post_prompt: bool = True,
+) -> list[dict[str, Any]]:
+    """The first ``num_samples`` samples of the task's split (BABILong's data is fixed; no sampling)."""
+    if task not in PROMPTS:
+        raise ConfigurationError(f"Unknown BABILong task {task!r}. Choose one of: {', '.join(PROMPTS)}.")
+    samples = load_samples(find_data_file(data_dir, task, length), task)[:num_samples]
+    rows = []
+    for index, sample in enumerate(samples):
+        prompt = build_prompt(sample, task, instruction=instruction, examples=examples, post_prompt=post_prompt)
+        context, query = render(prompt, tokenizer, chat=chat)
+        count = len(tokenizer(context + query, add_special_tokens=True, verbose=False)["input_ids"])
+        rows.append(
+            {
+                "index": index,
+                "input_context": context,
+                "input_query": query,
+                "outputs": prompt.outputs,
+                "question": sample["question"],
+                "task": task,
+                "length": length,
+                "max_new_tokens": MAX_NEW_TOKENS,
+                "num_prompt_tokens": count,
+            }
+        )
+    return rows

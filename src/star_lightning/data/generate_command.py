@@ -1,0 +1,141 @@
+"""``star-lightning generate``: write a benchmark's prompts as a JSONL file that ``predict`` reads.
+
+Each line: ``index``, ``input_context`` (instruction + haystack), ``input_query`` (question, chat turn end and
+answer prefix), ``outputs`` (reference answers), ``task``, ``length``, ``answer_prefix``, ``max_new_tokens`` (the
+generation budget reserved inside ``length``) and ``num_prompt_tokens``; BABILong rows also carry ``question``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from star_lightning.data.jsonl_io import write_jsonl_atomic
+from star_lightning.errors import ConfigurationError
+
+RULER_TASKS = (
+    "niah_single_1 niah_single_2 niah_single_3 niah_multikey_1 niah_multikey_2 niah_multikey_3 niah_multivalue "
+    "niah_multiquery vt cwe fwe qa_1 qa_2"
+).split()
+BABILONG_TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="star-lightning generate",
+        description="Generate RULER or BABILong prompts (context/query split for Star Attention) as JSONL.",
+    )
+    parser.add_argument("--benchmark", required=True, choices=("ruler", "babilong"), help="which benchmark")
+    parser.add_argument(
+        "--task",
+        required=True,
+        help=f"RULER: {', '.join(RULER_TASKS)}; BABILong: {', '.join(BABILONG_TASKS)}",
+    )
+    parser.add_argument("--tokenizer", required=True, help="HF tokenizer: a local folder or a hub id already cached")
+    parser.add_argument(
+        "--length", required=True, type=int, help="target sequence length in tokens (prompt + answer budget)"
+    )
+    parser.add_argument("--num_samples", type=int, default=100, help="number of samples (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (RULER; BABILong data is fixed)")
+    parser.add_argument("--output", required=True, help="JSONL file to write (atomically)")
+    parser.add_argument(
+        "--chat_template",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="wrap the prompt in the tokenizer's chat template: auto = when the tokenizer has one",
+    )
+    parser.add_argument("--trust_remote_code", action="store_true", help="allow the tokenizer's custom code")
+    ruler = parser.add_argument_group("RULER")
+    ruler.add_argument("--essays", help="essay haystack (niah_single_2/3, multikey_1, multivalue, multiquery)")
+    ruler.add_argument("--qa_file", help="qa_1: SQuAD v2 dev json; qa_2: HotpotQA dev distractor json")
+    babilong = parser.add_argument_group("BABILong")
+    babilong.add_argument(
+        "--data_dir", help="BABILong data: a JSON/JSONL file, DIR/{task}.jsonl or DIR/{4k}/{task}.jsonl"
+    )
+    babilong.add_argument("--no_instruction", action="store_true", help="leave out the task instruction")
+    babilong.add_argument("--no_examples", action="store_true", help="leave out the in-context examples")
+    babilong.add_argument("--no_post_prompt", action="store_true", help="leave out the answer-format instruction")
+    return parser
+
+
+def _load_tokenizer(name: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(
+            f"--tokenizer {name}: could not load a tokenizer ({error}). Give a local folder with tokenizer files "
+            "or a hub id that is already in the local cache."
+        ) from error
+
+
+def _use_chat(mode: str, tokenizer: Any) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "on" and not has_template:
+        raise ConfigurationError("--chat_template on: this tokenizer has no chat template. Use --chat_template off.")
+    return has_template if mode == "auto" else mode == "on"
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Validate the options and build the rows."""
+    if args.length <= 0 or args.num_samples <= 0:
+        raise ConfigurationError("--length and --num_samples must be positive integers.")
+    known = RULER_TASKS if args.benchmark == "ruler" else BABILONG_TASKS
+    if args.task not in known:
+        raise ConfigurationError(f"--task {args.task}: not a {args.benchmark} task. Choose one of: {', '.join(known)}.")
+    tokenizer = _load_tokenizer(args.tokenizer, args.trust_remote_code)
+    chat = _use_chat(args.chat_template, tokenizer)
+    if args.benchmark == "ruler":
+        from star_lightning.data.ruler import generate_samples
+
+        return generate_samples(
+            args.task,
+            tokenizer,
+            length=args.length,
+            num_samples=args.num_samples,
+            seed=args.seed,
+            chat=chat,
+            essays=args.essays,
+            qa_file=args.qa_file,
+        )
+    from star_lightning.data import babilong
+
+    rows = babilong.generate_samples(
+        args.task,
+        tokenizer,
+        data_dir=args.data_dir,
+        length=args.length,
+        num_samples=args.num_samples,
+        chat=chat,
+        instruction=not args.no_instruction,
+        examples=not args.no_examples,
+        post_prompt=not args.no_post_prompt,
+    )
+    too_long = [row["index"] for row in rows if row["num_prompt_tokens"] + row["max_new_tokens"] > args.length]
+    if too_long:
+        print(
+            f"warning: {len(too_long)} BABILong sample(s) exceed --length {args.length} with this tokenizer "
+            f"(first: index {too_long[0]}); BABILong's splits are sized for other tokenizers.",
+            file=sys.stderr,
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``star-lightning generate``; returns the exit status (2 on a usage error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rows = run(args)
+        count = write_jsonl_atomic(args.output, rows)
+    except ConfigurationError as error:
+        print(f"star-lightning generate: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {count} {args.benchmark} {args.task} samples at length {args.length} to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""Benchmark scores as torchmetrics metrics, so per-rank counts add up exactly across processes.
+
+- ``StringMatchAll`` (RULER, most tasks): the fraction of references found in the prediction, averaged, x100.
+- ``StringMatchPart`` (RULER qa_1/qa_2): 1 when any reference is found, averaged, x100.
+- ``BabilongAccuracy`` (BABILong qa1-qa5): the target must be the only task label in the first sentence of the
+  prediction, ignoring labels the question itself mentions, x100.
+Matching is case-insensitive substring search, as in RULER and BABILong.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torchmetrics import Metric
+
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f]")
+
+# Answer vocabularies of BABILong's qa1-qa5 (the bAbI label sets): a mention of one of them is an answer.
+BABILONG_LABELS: dict[str, frozenset[str]] = {
+    "qa1": frozenset({"bathroom", "bedroom", "garden", "hallway", "kitchen", "office"}),
+    "qa2": frozenset({"bathroom", "bedroom", "garden", "hallway", "kitchen", "office"}),
+    "qa3": frozenset({"bathroom", "bedroom", "garden", "hallway", "kitchen", "office"}),
+    "qa4": frozenset({"bathroom", "bedroom", "garden", "hallway", "kitchen", "office"}),
+    "qa5": frozenset({"bill", "fred", "jeff", "mary", "apple", "football", "milk"}),
+}
+
+
+def clean_prediction(prediction: str) -> str:
+    """RULER's post-processing: control characters become newlines, outer whitespace goes."""
+    return _CONTROL_CHARACTERS.sub("\n", prediction).strip()
+
+
+def string_match_all(prediction: str, references: Sequence[str]) -> float:
+    """Fraction (0-1) of ``references`` that occur in ``prediction``, ignoring case."""
+    if not references:
+        raise ValueError("string_match_all needs at least one reference answer")
+    text = clean_prediction(prediction).lower()
+    return sum(reference.lower() in text for reference in references) / len(references)
+
+
+def string_match_part(prediction: str, references: Sequence[str]) -> float:
+    """1.0 when any of ``references`` occurs in ``prediction`` (ignoring case), else 0.0."""
+    if not references:
+        raise ValueError("string_match_part needs at least one reference answer")
+    text = clean_prediction(prediction).lower()
+    return float(any(reference.lower() in text for reference in references))
+
+
+def babilong_first_sentence(prediction: str) -> str:
+    """BABILong's normalisation: lower-case, keep the first sentence, drop any echoed example/context/question."""
+    text = prediction.lower().split(".")[0]
+    for marker in ("<context>", "<example>", "question"):
+        text = text.split(marker)[0]
+    return text
+
+
+def babilong_correct(prediction: str, target: str, question: str, task: str) -> bool:
+    """BABILong's rule: the target is the only task label mentioned, not counting labels from the question."""
+    if task not in BABILONG_LABELS:
+        raise ValueError(f"BABILong scoring covers {', '.join(BABILONG_LABELS)}, not {task!r}")
+    labels = BABILONG_LABELS[task]
+    answer_text = babilong_first_sentence(prediction)
+    in_question = {label for label in labels if label in question.lower()}
+    mentioned = {label for label in labels if label in answer_text} - in_question
+    return mentioned == {target.strip().lower()}
+
+
+class _MeanPercent(Metric):
+    """Sum of per-sample scores and the sample count, reduced by summing across processes."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def _add(self, scores: Sequence[float]) -> None:
+        self.score_sum += torch.tensor(float(sum(scores)), dtype=torch.float64, device=self.score_sum.device)
+        self.count += len(scores)
+
+    def compute(self) -> torch.Tensor:
+        """Mean score x100; NaN when no sample was seen."""
+        if int(self.count) == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        return 100.0 * self.score_sum / self.count
+
+
+def _check_lengths(predictions: Sequence[str], references: Sequence[object]) -> None:
+    if isinstance(predictions, str):
+        raise TypeError("pass a list of predictions, not a single string")
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
+
+
+class StringMatchAll(_MeanPercent):
+    """RULER's string_match_all: mean fraction of references found in each prediction, x100."""
+
+    def update(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+        _check_lengths(predictions, references)
+        self._add([string_match_all(p, r) for p, r in zip(predictions, references, strict=True)])
+
+
+class StringMatchPart(_MeanPercent):
+    """RULER's string_match_part: share of predictions containing at least one reference, x100."""
+
+    def update(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+        _check_lengths(predictions, references)
+        self._add([string_match_part(p, r) for p, r in zip(predictions, references, strict=True)])
+
+
+class BabilongAccuracy(_MeanPercent):
+    """BABILong's accuracy for one of qa1-qa5, x100."""
+
+    def __init__(self, task: str, **kwargs: object) -> None:
+        if task not in BABILONG_LABELS:
+            raise ValueError(f"BABILong scoring covers {', '.join(BABILONG_LABELS)}, not {task!r}")
+        super().__init__(**kwargs)
+        self.task = task
+
+    def update(self, predictions: Sequence[str], targets: Sequence[str], questions: Sequence[str]) -> None:
+        _check_lengths(predictions, targets)
+        _check_lengths(predictions, questions)
+        self._add(
+            [
+                float(babilong_correct(p, t, q, self.task))
+                for p, t, q in zip(predictions, targets, questions, strict=True)
+            ]
+        )
+
+
+RULER_METRICS: dict[str, type[_MeanPercent]] = {"match_all": StringMatchAll, "match_part": StringMatchPart}
