@@ -1,0 +1,138 @@
+"""``star-lightning score PREDICTIONS.jsonl``: benchmark scores (0-100) of a predictions file.
+
+Each line needs ``pred`` (the generated text), ``task`` and the references as ``outputs`` (a list) or ``output``
+(a string); BABILong lines also use ``question``. The metric follows the task: RULER's string-match-part for
+qa_1/qa_2, string-match-all for the other RULER tasks, BABILong's rule for qa1-qa5.
+
+Printed JSON: ``{"tasks": {task: score}, "counts": {task: n}, "mean": mean of the task scores}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+from star_lightning.data.jsonl_io import read_jsonl
+from star_lightning.errors import ConfigurationError
+from star_lightning.metrics import BABILONG_LABELS, BabilongAccuracy, StringMatchAll, StringMatchPart
+
+RULER_METRIC_BY_TASK = {
+    "qa_1": "match_part",
+    "qa_2": "match_part",
+    **{
+        task: "match_all"
+        for task in (
+            "niah_single_1 niah_single_2 niah_single_3 niah_multikey_1 niah_multikey_2 niah_multikey_3 "
+            "niah_multivalue niah_multiquery vt cwe fwe"
+        ).split()
+    },
+}
+METRICS = ("auto", "match_all", "match_part", "babilong")
+
+
+def metric_for(task: str, override: str = "auto") -> str:
+    """The metric name for ``task``: ``match_all``, ``match_part`` or ``babilong``."""
+    if override != "auto":
+        return override
+    if task in RULER_METRIC_BY_TASK:
+        return RULER_METRIC_BY_TASK[task]
+    if task in BABILONG_LABELS:
+        return "babilong"
+    raise ConfigurationError(f"No known metric for task {task!r}; pass --metric match_all|match_part|babilong.")
+
+
+def references_of(record: dict[str, Any], where: str) -> list[str]:
+    """The reference answers: ``outputs`` (list of strings) or ``output`` (one string)."""
+    if "outputs" in record:
+        outputs = record["outputs"]
+        if isinstance(outputs, str):
+            return [outputs]
+        if isinstance(outputs, list) and outputs and all(isinstance(item, str) for item in outputs):
+            return outputs
+        raise ConfigurationError(f"{where}: 'outputs' must be a non-empty list of strings.")
+    if isinstance(record.get("output"), str):
+        return [record["output"]]
+    raise ConfigurationError(f"{where}: no reference answers; expected 'outputs' (list) or 'output' (string).")
+
+
+def score_records(
+    records: Iterable[dict[str, Any]],
+    *,
+    group: Callable[[dict[str, Any]], Hashable] = lambda record: record["task"],
+    metric: str = "auto",
+    default_task: str | None = None,
+) -> tuple[dict[Hashable, float], dict[Hashable, int]]:
+    """Score records grouped by ``group(record)``; returns (score 0-100, sample count) per group."""
+    metrics: dict[Hashable, Any] = {}
+    for number, record in enumerate(records):
+        where = f"prediction {record.get('index', number)}"
+        if default_task is not None:
+            record.setdefault("task", default_task)
+        if "task" not in record:
+            raise ConfigurationError(f"{where}: no 'task' field; pass --task NAME.")
+        if not isinstance(record.get("pred"), str):
+            raise ConfigurationError(f"{where}: no 'pred' string (the generated text).")
+        key = group(record)
+        name = metric_for(record["task"], metric)
+        if name == "babilong" and record["task"] not in BABILONG_LABELS:
+            raise ConfigurationError(
+                f"{where}: BABILong scoring covers {', '.join(BABILONG_LABELS)}, not {record['task']!r}."
+            )
+        if key not in metrics:
+            if name == "babilong":
+                metrics[key] = BabilongAccuracy(record["task"])
+            else:
+                metrics[key] = StringMatchAll() if name == "match_all" else StringMatchPart()
+        references = references_of(record, where)
+        if name == "babilong":
+            metrics[key].update([record["pred"]], [references[0]], [str(record.get("question", ""))])
+        else:
+            metrics[key].update([record["pred"]], [references])
+    scores = {key: float(value.compute()) for key, value in metrics.items()}
+    counts = {key: int(value.count) for key, value in metrics.items()}
+    return scores, counts
+
+
+def summarize(scores: dict[Hashable, float], counts: dict[Hashable, int]) -> dict[str, Any]:
+    """The printed summary: per-task scores, counts and their unweighted mean (RULER averages over tasks)."""
+    ordered = sorted(scores)
+    mean = sum(scores[task] for task in ordered) / len(ordered) if ordered else math.nan
+    return {
+        "tasks": {str(task): round(scores[task], 4) for task in ordered},
+        "counts": {str(task): counts[task] for task in ordered},
+        "mean": round(mean, 4),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="star-lightning score",
+        description='Score prediction JSONL files; prints {"tasks": {...}, "counts": {...}, "mean": x} (0-100).',
+    )
+    parser.add_argument("predictions", nargs="+", help="predictions JSONL file(s) written by star-lightning predict")
+    parser.add_argument("--metric", choices=METRICS, default="auto", help="override the per-task metric")
+    parser.add_argument("--task", help="task name for lines without a 'task' field")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``star-lightning score``; returns the exit status (2 on a usage error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        records = [record for path in args.predictions for record in read_jsonl(path)]
+        if not records:
+            raise ConfigurationError(f"no predictions in {', '.join(args.predictions)}.")
+        scores, counts = score_records(records, metric=args.metric, default_task=args.task)
+    except ConfigurationError as error:
+        print(f"star-lightning score: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summarize(scores, counts), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
