@@ -1,0 +1,266 @@
+"""RULER generators: token budget, answers in the context, context/query split, reproducibility, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from star_lightning.data.generate_command import main as generate_main
+from star_lightning.data.ruler import TASKS, generate_samples
+from star_lightning.data.ruler.fitting import largest_fitting
+from star_lightning.errors import ConfigurationError
+from tokenizer_factory import build_tokenizer
+
+LENGTH = 2048
+
+
+def write_fake_sources(directory: Path) -> dict[str, Path]:
+    """Small stand-ins for Paul Graham's essays, SQuAD and HotpotQA, in their real file layouts."""
+    essays = directory / "essays"
+    essays.mkdir()
+    for number in range(3):
+        sentences = [f"Essay {number} paragraph {i} is about startups, taste and hard work." for i in range(60)]
+        (essays / f"essay{number}.txt").write_text(" ".join(sentences) + " Why does it matter? It does!")
+    squad = {
+        "data": [
+            {
+                "paragraphs": [
+                    {
+                        "context": f"The harbour town number {i} was founded by Captain{i} long ago.",
+                        "qas": [
+                            {
+                                "question": f"Who founded harbour town number {i}?",
+                                "answers": [{"text": f"Captain{i}"}],
+                                "is_impossible": False,
+                            },
+                            {"question": "Unanswerable?", "answers": [], "is_impossible": True},
+                        ],
+                    }
+                    for i in range(120)
+                ]
+            }
+        ]
+    }
+    (directory / "squad.json").write_text(json.dumps(squad))
+    hotpot = [
+        {
+            "question": f"Which river flows through valley {i}?",
+            "answer": f"River{i}",
+            "context": [
+                [f"Valley {i}", [f"Valley {i} lies in the north. ", f"The River{i} flows through it."]],
+                [f"Town {i}", ["A quiet town with a market."]],
+            ],
+        }
+        for i in range(100)
+    ]
+    (directory / "hotpot.json").write_text(json.dumps(hotpot))
+    return {"essays": essays, "qa_1": directory / "squad.json", "qa_2": directory / "hotpot.json"}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("ruler_sources")
+    paths = write_fake_sources(directory)
+    build_tokenizer(directory / "tokenizer")
+    build_tokenizer(directory / "chat_tokenizer", chat_template=True)
+    paths["tokenizer"] = directory / "tokenizer"
+    paths["chat_tokenizer"] = directory / "chat_tokenizer"
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tokenizers(sources: dict[str, Path]):
+    from transformers import AutoTokenizer
+
+    return {
+        False: AutoTokenizer.from_pretrained(sources["tokenizer"]),
+        True: AutoTokenizer.from_pretrained(sources["chat_tokenizer"]),
+    }
+
+
+def generate(task: str, sources: dict[str, Path], tokenizer, *, chat: bool = False, seed: int = 0, num: int = 2):
+    qa_file = sources.get(task)
+    return generate_samples(
+        task,
+        tokenizer,
+        length=LENGTH,
+        num_samples=num,
+        seed=seed,
+        chat=chat,
+        essays=sources["essays"],
+        qa_file=qa_file,
+    )
+
+
+def token_count(tokenizer, row: dict) -> int:
+    return len(tokenizer(row["input_context"] + row["input_query"], add_special_tokens=True)["input_ids"])
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+@pytest.mark.parametrize("task", list(TASKS))
+def test_length_answers_and_split(task: str, chat: bool, sources, tokenizers) -> None:
+    tokenizer = tokenizers[chat]
+    budget = LENGTH - TASKS[task].tokens_to_generate
+    for row in generate(task, sources, tokenizer, chat=chat):
+        count = token_count(tokenizer, row)
+        assert count == row["num_prompt_tokens"]
+        # Within the budget, and close to it: one haystack unit (a document, a UUID needle) is the slack.
+        assert budget - max(160, LENGTH // 12) <= count <= budget, (task, count, budget)
+        assert row["task"] == task and row["length"] == LENGTH
+        assert isinstance(row["outputs"], list) and row["outputs"]
+        for answer in row["outputs"]:
+            assert answer in row["input_context"], (task, answer)
+            assert answer not in row["input_query"] or task.startswith("vt"), (task, answer)
+        assert row["input_query"].endswith(row["answer_prefix"])
+        if chat:
+            assert row["input_context"].startswith("<|start_header_id|>user<|end_header_id|>")
+            assert "<|begin_of_text|>" not in row["input_context"]  # the tokenizer adds the one BOS
+            assert "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n" in row["input_query"]
+        else:
+            assert "<|" not in row["input_context"] + row["input_query"]
+
+
+def test_niah_single_needle_and_question(sources, tokenizers) -> None:
+    (row,) = generate("niah_single_1", sources, tokenizers[False], num=1)
+    value = row["outputs"][0]
+    match = re.search(rf"One of the special magic numbers for (\S+) is: {value}\.", row["input_context"])
+    assert match is not None
+    assert f"special magic number for {match.group(1)} mentioned" in row["input_query"]
+    assert row["input_context"].startswith("A special magic number is hidden within the following text.")
+    assert "The grass is green. The sky is blue." in row["input_context"]
+
+
+def test_niah_multi_variants(sources, tokenizers) -> None:
+    multikey = generate("niah_multikey_1", sources, tokenizers[False], num=1)[0]
+    assert len(re.findall(r"One of the special magic numbers for ", multikey["input_context"])) == 4
+    multivalue = generate("niah_multivalue", sources, tokenizers[False], num=1)[0]
+    assert len(multivalue["outputs"]) == 4
+    key = re.search(r"special magic numbers for (\S+) mentioned", multivalue["input_query"]).group(1)
+    for value in multivalue["outputs"]:
+        assert f"One of the special magic numbers for {key} is: {value}." in multivalue["input_context"]
+    multiquery = generate("niah_multiquery", sources, tokenizers[False], num=1)[0]
+    assert len(multiquery["outputs"]) == 4 and ", and " in multiquery["input_query"]
+    uuids = generate("niah_multikey_3", sources, tokenizers[False], num=1)[0]
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", uuids["outputs"][0])
+    assert uuids["input_context"].count("One of the special magic uuids for ") > 10  # haystack of needles
+
+
+def test_variable_tracking_chain_resolves(sources, tokenizers) -> None:
+    (row,) = generate("vt", sources, tokenizers[False], num=1)
+    value = re.search(r"assigned the value (\d+) in the text above", row["input_query"]).group(1)
+    haystack = row["input_context"].split("Memorize and track")[-1]  # skip the solved example
+    assignments = dict(re.findall(r"VAR ([A-Z]{5}) = (VAR [A-Z]{5}|\d+)", haystack))
+
+    def resolve(name: str) -> str:
+        target = assignments[name]
+        return resolve(target[4:]) if target.startswith("VAR ") else target
+
+    assert sorted(name for name in assignments if resolve(name) == value) == sorted(row["outputs"])
+    assert len(row["outputs"]) == 5
+
+
+def test_common_words_are_most_common(sources, tokenizers) -> None:
+    (row,) = generate("cwe", sources, tokenizers[False], num=1)
+    listing = row["input_context"].split("Memorize the ones that appear most often.\n")[-1]
+    counts = Counter(re.findall(r"\d+\. (\w+)", listing))
+    top = {word for word, _ in counts.most_common(10)}
+    assert top == set(row["outputs"])
+    assert min(counts[word] for word in row["outputs"]) > max(c for w, c in counts.items() if w not in top)
+
+
+def test_frequent_words_are_most_frequent(sources, tokenizers) -> None:
+    (row,) = generate("fwe", sources, tokenizers[False], num=1)
+    text = row["input_context"].split("Find the three most frequently appeared coded words. ")[-1]
+    counts = Counter(word for word in text.split() if word != "...")
+    assert [word for word, _ in counts.most_common(3)] == row["outputs"]
+
+
+def test_qa_gold_document_and_question(sources, tokenizers) -> None:
+    (row,) = generate("qa_1", sources, tokenizers[False], num=1)
+    captain = row["outputs"][0]
+    number = captain.removeprefix("Captain")
+    assert f"Question: Who founded harbour town number {number}?" in row["input_query"]
+    assert row["input_context"].count("Document ") > 5
+    (row,) = generate("qa_2", sources, tokenizers[False], num=1)
+    assert f"The {row['outputs'][0]} flows through it." in row["input_context"]
+
+
+def test_too_small_length_is_a_clear_error(sources, tokenizers) -> None:
+    with pytest.raises(ConfigurationError, match="--length"):
+        generate_samples("cwe", tokenizers[False], length=300, num_samples=1, seed=0)
+
+
+@pytest.mark.parametrize("hint", [1, 7, 1234, 1235, 5000])
+def test_largest_fitting_finds_the_boundary(hint: int) -> None:
+    calls: list[int] = []
+
+    def fits(size: int) -> bool:
+        calls.append(size)
+        return size <= 1234
+
+    assert largest_fitting(fits, hint=hint) == 1234
+    assert len(calls) < 40
+
+
+def run_cli(sources: dict[str, Path], output: Path, *extra: str) -> int:
+    return generate_main(
+        [
+            "--benchmark", "ruler", "--tokenizer", str(sources["tokenizer"]), "--length", "1024",
+            "--num_samples", "3", "--output", str(output), "--essays", str(sources["essays"]), *extra,
+        ]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("task", ["niah_multikey_2", "niah_single_2", "vt", "fwe", "qa_2"])
+def test_cli_seeded_reproducibility(task: str, sources, tmp_path: Path) -> None:
+    first, second, other = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    extra = ["--task", task, "--length", "2048", "--qa_file", str(sources["qa_2"])]
+    assert run_cli(sources, first, *extra, "--seed", "3") == 0
+    assert run_cli(sources, second, *extra, "--seed", "3") == 0
+    assert run_cli(sources, other, *extra, "--seed", "4") == 0
+    assert first.read_bytes() == second.read_bytes()
+    assert first.read_bytes() != other.read_bytes()
+    rows = [json.loads(line) for line in first.read_text().splitlines()]
+    assert [row["index"] for row in rows] == [0, 1, 2]
+    assert len({row["input_context"] for row in rows}) == 3  # samples differ from each other
+    assert {"index", "input_context", "input_query", "outputs", "task", "length"} <= rows[0].keys()
+
+
+def test_cli_help(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        generate_main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--benchmark" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--task", "niah_single_2", "--essays", "/nonexistent/essays"], "--essays /nonexistent/essays"),
+        (["--task", "qa_1"], "--qa_file"),
+        (["--task", "qa_2", "--qa_file", "/nonexistent.json"], "--qa_file /nonexistent.json"),
+        (["--task", "niah_single_9"], "--task niah_single_9"),
+        (["--task", "vt", "--chat_template", "on"], "--chat_template"),
+    ],
+)
+def test_cli_errors_are_clear(arguments: list[str], message: str, sources, tmp_path: Path, capsys) -> None:
+    base = ["--benchmark", "ruler", "--tokenizer", str(sources["tokenizer"]), "--length", "1024"]
+    assert generate_main([*base, "--output", str(tmp_path / "out.jsonl"), *arguments]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_missing_tokenizer_and_bad_option(tmp_path: Path, capsys) -> None:
+    code = generate_main(
+        ["--benchmark", "ruler", "--task", "vt", "--tokenizer", str(tmp_path / "missing"), "--length", "1024",
+         "--output", str(tmp_path / "o.jsonl")]
+    )  # fmt: skip
+    assert code == 2 and "--tokenizer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        generate_main(["--benchmark", "ruler", "--bogus"])
+    assert exit_info.value.code == 2
