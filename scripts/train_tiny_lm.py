@@ -35,8 +35,15 @@ ALPHABET = "\t\n" + "".join(chr(c) for c in range(32, 127))  # every printable A
 VOCAB_SIZE = 128  # 101 used ids, rounded up to a multiple of 64 for the embedding matmul
 ANSWER_WEIGHT = 20.0
 TYPE_WORDS = {"numbers": ("numbers", "number"), "words": ("words", "word"), "uuids": ("uuids", "uuid")}
-ASCII_FIXES = {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2026": "...", "\u2014": "--",
-               "\u2013": "-"}
+ASCII_FIXES = {
+    "\u2019": "'",
+    "\u2018": "'",
+    "\u201c": '"',
+    "\u201d": '"',
+    "\u2026": "...",
+    "\u2014": "--",
+    "\u2013": "-",
+}
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -51,11 +58,21 @@ def build_tokenizer(corpus: list[str]):
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
-    trainer = trainers.BpeTrainer(vocab_size=len(SPECIALS) + len(ALPHABET), special_tokens=SPECIALS,
-                                  initial_alphabet=list(ALPHABET), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(SPECIALS) + len(ALPHABET),
+        special_tokens=SPECIALS,
+        initial_alphabet=list(ALPHABET),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", model_max_length=8192)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=8192,
+    )
     vocab = fast.get_vocab()
     assert [vocab[s] for s in SPECIALS] == [PAD_ID, BOS_ID, EOS_ID, UNK_ID], vocab
     assert all(c in vocab for c in ALPHABET) and len(vocab) <= VOCAB_SIZE
@@ -91,9 +108,10 @@ class Piece:
 class TaskSampler:
     """RULER-style samples: a context (instructions + haystack with needles) followed by queries/answers."""
 
-    def __init__(self, corpus: str, rng: np.random.Generator):
+    def __init__(self, corpus: str, rng: np.random.Generator, easy: bool = False):
         self.corpus = corpus
         self.rng = rng
+        self.easy = easy  # warm-up stage: no distractor needles, one value per key, one chain
         words = sorted(set(re.findall(r"\b[a-z]{3,10}\b", corpus)))
         self.words = words
 
@@ -121,7 +139,7 @@ class TaskSampler:
         joiner = "\n" if r.random() < 0.5 else " "
         if kind == "essay":
             start = int(r.integers(0, len(self.corpus) - n_chars - 1))
-            text = self.corpus[start:start + 2 * n_chars + 64]
+            text = self.corpus[start : start + 2 * n_chars + 64]
             if r.random() < 0.5:  # RULER joins essay words with single spaces
                 text = " ".join(text.split())
             return text[:n_chars], " "
@@ -129,8 +147,11 @@ class TaskSampler:
         total = 0
         while total < n_chars:
             if kind == "noise":
-                unit = NOISE if r.random() < 0.7 else " ".join(s + "." for s in NOISE[:-1].split(". ")[
-                    int(r.integers(0, 3)):])
+                unit = (
+                    NOISE
+                    if r.random() < 0.7
+                    else " ".join(s + "." for s in NOISE[:-1].split(". ")[int(r.integers(0, 3)) :])
+                )
             else:  # "needle": distractor needles with other keys, as RULER's niah_multikey_2/3
                 key = self.value(needle_kind[0])
                 while key in avoid:
@@ -147,7 +168,7 @@ class TaskSampler:
         bounds = [0, *bounds, len(hay)]
         pos = np.sort(r.choice(bounds, size=len(items), replace=True))
         out, last = [], 0
-        for p, item in zip(pos, items):
+        for p, item in zip(pos, items, strict=True):
             p = int(p)
             out.append(hay[last:p])
             sep_l = "" if p == 0 or hay[p - 1] in " \n" else joiner
@@ -160,7 +181,7 @@ class TaskSampler:
     # --- NIAH ------------------------------------------------------------------------------------------
     def niah(self, n_tokens: int) -> list[Piece]:
         """Retry with fewer needles/queries until at least a quarter of the sequence is haystack."""
-        for level in range(3):
+        for level in range(int(self.easy), 3):
             pieces, hay_chars = self._niah(n_tokens, level)
             if hay_chars >= n_tokens // 4:
                 break
@@ -168,10 +189,11 @@ class TaskSampler:
 
     def _niah(self, n_tokens: int, level: int) -> tuple[list[Piece], int]:
         r = self.rng
-        hay_kind = r.choice(["noise", "essay", "needle"], p=[0.35, 0.45, 0.2])
+        hay_kind = r.choice(["noise", "essay", "needle"], p=[0.45, 0.55, 0.0] if self.easy else [0.35, 0.45, 0.2])
         v_kind = r.choice(["numbers", "words", "uuids"], p=[0.5, 0.25, 0.25])
-        k_kind = "uuids" if (hay_kind == "needle" and r.random() < 0.5) else ("numbers" if r.random() < 0.05
-                                                                              else "words")
+        k_kind = (
+            "uuids" if (hay_kind == "needle" and r.random() < 0.5) else ("numbers" if r.random() < 0.05 else "words")
+        )
         plural, singular = TYPE_WORDS[v_kind]
         n_queries = max(1, min(4, n_tokens // 1024 + int(r.integers(0, 2)))) if level < 2 else 1
         n_keys = int(r.integers(n_queries, n_queries + 2 + n_tokens // 1024)) if level == 0 else n_queries
@@ -180,8 +202,10 @@ class TaskSampler:
             k = self.value(k_kind)
             if k not in keys:
                 keys.append(k)
-        values = {k: [self.value(v_kind) for _ in range(1 if (r.random() < 0.7 or level) else int(r.integers(2, 5)))]
-                  for k in keys}
+        values = {
+            k: [self.value(v_kind) for _ in range(1 if (r.random() < 0.7 or level) else int(r.integers(2, 5)))]
+            for k in keys
+        }
         needles = [(k, v) for k in keys for v in values[k]]
         order = r.permutation(len(needles))
         needles = [needles[i] for i in order]
@@ -194,7 +218,7 @@ class TaskSampler:
         i = 0
         while i < len(queried):
             g = 1 if r.random() < 0.6 else int(r.integers(2, 5))
-            groups.append(queried[i:i + g])
+            groups.append(queried[i : i + g])
             i += g
         q_pieces: list[Piece] = []
         for g in groups:
@@ -211,13 +235,19 @@ class TaskSampler:
                 prefix = f"The special magic {plural} for {q} mentioned in the provided text are"
             q_pieces += [Piece(f"{sep_q}{question}{sep_a}{prefix}"), Piece(f" {ans}.", answer=True, eos=True)]
 
-        head = r.choice([
-            f"Some special magic {plural} are hidden within the following text. Make sure to memorize it. "
-            f"I will quiz you about the {plural} afterwards.\n",
-            f"A special magic {singular} is hidden within the following text. Make sure to memorize it. "
-            f"I will quiz you about the {singular} afterwards.\n",
-            "",
-        ]) if level < 2 else ""
+        head = (
+            r.choice(
+                [
+                    f"Some special magic {plural} are hidden within the following text. Make sure to memorize it. "
+                    f"I will quiz you about the {plural} afterwards.\n",
+                    f"A special magic {singular} is hidden within the following text. Make sure to memorize it. "
+                    f"I will quiz you about the {singular} afterwards.\n",
+                    "",
+                ]
+            )
+            if level < 2
+            else ""
+        )
         fixed = len(head) + sum(len(t) + 2 for t in needle_texts) + sum(len(p.text) + p.eos for p in q_pieces)
         hay, joiner = self.haystack(hay_kind, n_tokens - fixed, (k_kind, plural), set(keys))
         context = head + self.insert(hay, joiner, needle_texts)
@@ -238,26 +268,30 @@ class TaskSampler:
     def vt(self, n_tokens: int) -> list[Piece]:
         """RULER variable tracking: chains VAR A = 12345, VAR B = VAR A ... in noise; name every variable."""
         r = self.rng
-        n_chains = max(1, min(4, n_tokens // 1024 + int(r.integers(0, 2))))
+        n_chains = 1 if self.easy else max(1, min(4, n_tokens // 1024 + int(r.integers(0, 2))))
         used: set[str] = set()
         chains = [self.vt_chain(int(r.integers(2, 6)), used) for _ in range(n_chains)]
         statements: list[list[str]] = []
         for names, value in chains:
-            st = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in
-                                                  range(len(names) - 1)]
+            st = [f"VAR {names[0]} = {value}"] + [
+                f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(len(names) - 1)
+            ]
             statements.append(st)
         head = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
         q_pieces: list[Piece] = []
         for ci in r.permutation(n_chains):
             names, value = chains[ci]
             q_pieces += [
-                Piece(f"\nQuestion: Find all variables that are assigned the value {value} in the text above. "
-                      f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} "
-                      f"variables are assigned the value {value}, they are: "),
+                Piece(
+                    f"\nQuestion: Find all variables that are assigned the value {value} in the text above. "
+                    f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} "
+                    f"variables are assigned the value {value}, they are: "
+                ),
                 Piece(" ".join(names), answer=True, eos=True),
             ]
-        fixed = len(head) + sum(len(s) + 2 for st in statements for s in st) + sum(
-            len(p.text) + p.eos for p in q_pieces)
+        fixed = (
+            len(head) + sum(len(s) + 2 for st in statements for s in st) + sum(len(p.text) + p.eos for p in q_pieces)
+        )
         hay, _ = self.haystack("noise", n_tokens - fixed, ("words", "numbers"), set())
         # interleave: every chain keeps its own order, chains mix, as RULER inserts them at sorted positions
         flat: list[str] = []
@@ -271,7 +305,7 @@ class TaskSampler:
 
     def lm(self, n_tokens: int) -> list[Piece]:
         start = int(self.rng.integers(0, len(self.corpus) - n_tokens - 1))
-        return [Piece(self.corpus[start:start + n_tokens])]
+        return [Piece(self.corpus[start : start + n_tokens])]
 
     def sample(self, n_tokens: int) -> list[Piece]:
         u = self.rng.random()
@@ -295,7 +329,7 @@ def encode_pieces(pieces: list[Piece], table: np.ndarray, n_tokens: int, bos: bo
         ids.append(t)
         weights.append(np.full(len(t), ANSWER_WEIGHT if p.answer else 1.0))
     ids_a, w_a = np.concatenate(ids), np.concatenate(weights)
-    ans = np.concatenate([np.full(len(x), p.answer) for x, p in zip(ids[int(bos):], pieces)])
+    ans = np.concatenate([np.full(len(x), p.answer) for x, p in zip(ids[int(bos) :], pieces, strict=True)])
     if bos:
         ans = np.concatenate([[False], ans])
     if len(ids_a) > n_tokens:  # a too-long sample is cut from the left: its queries stay whole
@@ -308,15 +342,18 @@ def encode_pieces(pieces: list[Piece], table: np.ndarray, n_tokens: int, bos: bo
 
 
 # ----------------------------------------------------------------------------------------------- schedule
+EASY_UNTIL = 0.08  # fraction of steps on easy 512-token samples: retrieval "clicks" there first
+
+
 def seq_len_for_step(step: int, steps: int, seed: int, max_len: int) -> int:
-    """Length curriculum: 512 -> 1024 -> 2048 -> mixed lengths up to max_len (mostly max_len)."""
+    """Length curriculum: 512 (easy) -> 1024 -> 2048 -> mixed lengths up to max_len (mostly max_len)."""
     f = step / steps
     r = np.random.default_rng([seed, step, 7])
-    if f < 0.12:
+    if f < EASY_UNTIL:
         return 512
-    if f < 0.25:
+    if f < 0.2:
         return 1024
-    if f < 0.40:
+    if f < 0.32:
         return 2048
     choices = [L for L in (1024, 2048, 3072, 4096, 6144, 8192) if L <= max_len]
     p = np.array([1.0] * (len(choices) - 1) + [3.0])
@@ -336,10 +373,12 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int):
         L = seq_len_for_step(step, self.steps, self.seed, self.max_len)
         rng = np.random.default_rng([self.seed, step])
-        sampler = TaskSampler(self.corpus, rng)
-        rows = [encode_pieces(sampler.sample(L), self.table, L + 1, bos=rng.random() < 0.5)
-                for _ in range(max(1, self.tokens // L))]
-        ids, w, ans = (torch.from_numpy(np.stack(x)) for x in zip(*rows))
+        sampler = TaskSampler(self.corpus, rng, easy=step < EASY_UNTIL * self.steps)
+        rows = [
+            encode_pieces(sampler.sample(L), self.table, L + 1, bos=rng.random() < 0.5)
+            for _ in range(max(1, self.tokens // L))
+        ]
+        ids, w, ans = (torch.from_numpy(np.stack(x)) for x in zip(*rows, strict=True))
         return ids, w.float(), ans
 
 
@@ -373,10 +412,14 @@ def eval_sample(sampler: TaskSampler, kind: str, n_tokens: int) -> list[Piece]:
     qkeys = [keys[i] for i in r.permutation(len(keys))[:per_q]] if per_q > 1 else [keys[0]]
     q = ", ".join(qkeys[:-1]) + ", and " + qkeys[-1] if len(qkeys) > 1 else qkeys[0]
     ans = ", ".join(v for k in qkeys for kk, v in needles if kk == k)
-    head = (f"Some special magic {plural} are hidden within the following text. Make sure to memorize it. "
-            f"I will quiz you about the {plural} afterwards.\n")
-    query = (f"\nWhat are all the special magic {plural} for {q} mentioned in the provided text? "
-             f"The special magic {plural} for {q} mentioned in the provided text are")
+    head = (
+        f"Some special magic {plural} are hidden within the following text. Make sure to memorize it. "
+        f"I will quiz you about the {plural} afterwards.\n"
+    )
+    query = (
+        f"\nWhat are all the special magic {plural} for {q} mentioned in the provided text? "
+        f"The special magic {plural} for {q} mentioned in the provided text are"
+    )
     fixed = len(head) + sum(len(t) + 2 for t in texts) + len(query) + len(ans) + 3
     hay, joiner = sampler.haystack(hay_kind, n_tokens - fixed, (k_kind, plural), set(keys))
     return [Piece(head + sampler.insert(hay, joiner, texts) + query), Piece(f" {ans}.", answer=True)]
@@ -392,9 +435,10 @@ def held_out_accuracy(model, table, corpus, seed: int, lengths: list[int], n: in
             sampler = TaskSampler(corpus, np.random.default_rng([seed, 10**6, L, list(EVAL_KINDS).index(kind)]))
             correct = 0
             for start in range(0, n, 16):
-                rows = [encode_pieces(eval_sample(sampler, kind, L), table, L, bos=False)
-                        for _ in range(min(16, n - start))]
-                ids, _, ans = (torch.from_numpy(np.stack(x)).to(device) for x in zip(*rows))
+                rows = [
+                    encode_pieces(eval_sample(sampler, kind, L), table, L, bos=False) for _ in range(min(16, n - start))
+                ]
+                ids, _, ans = (torch.from_numpy(np.stack(x)).to(device) for x in zip(*rows, strict=True))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = model(input_ids=ids).logits
                 pred = logits[:, :-1].argmax(-1)  # [B, L-1]
@@ -440,26 +484,49 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = build_tokenizer([corpus, ALPHABET])
     table = char_table(tokenizer.get_vocab())
     check = "One of the special magic numbers for abc-def is: 1234567.\n\t~"
-    assert tokenizer(check, add_special_tokens=False)["input_ids"] == table[np.frombuffer(check.encode(),
-                                                                                          np.uint8)].tolist()
+    assert (
+        tokenizer(check, add_special_tokens=False)["input_ids"]
+        == table[np.frombuffer(check.encode(), np.uint8)].tolist()
+    )
     assert tokenizer.decode(tokenizer(check)["input_ids"]) == check
 
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, max_position_embeddings=8192, rope_theta=10000.0,
-                         tie_word_embeddings=True, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-                         attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=8192,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M device {device}", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type
-                            == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda"
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+        ),
+    )
     data = StepBatches(args.steps, args.seed, args.tokens_per_step, args.max_len, table, corpus)
-    loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", prefetch_factor=4 if args.workers else
-                                         None, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=None,
+        shuffle=False,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if args.workers else None,
+        persistent_workers=False,
+    )
     tb = SummaryWriter(str(out / "tb"))
     log = (out / "train_log.jsonl").open("w")
     t_loop = time.time()
@@ -484,10 +551,14 @@ def main(argv: list[str] | None = None) -> None:
                 hit = (pred == tgt) | ~ans
                 ans_loss = (ce * ans).sum() / ans.sum().clamp(min=1)
                 last = {
-                    "step": step, "seq_len": int(inp.shape[1]), "loss": loss.item(), "answer_loss": ans_loss.item(),
+                    "step": step,
+                    "seq_len": int(inp.shape[1]),
+                    "loss": loss.item(),
+                    "answer_loss": ans_loss.item(),
                     "answer_token_acc": ((pred == tgt) & ans).sum().item() / max(1, ans.sum().item()),
                     "answer_row_acc": hit.all(-1).float().mean().item(),
-                    "lr": sched.get_last_lr()[0], "elapsed_s": time.time() - t_loop,
+                    "lr": sched.get_last_lr()[0],
+                    "elapsed_s": time.time() - t_loop,
                     "tokens_per_s": tok_seen / (time.time() - t_loop),
                 }
             for k, v in last.items():
@@ -510,11 +581,19 @@ def main(argv: list[str] | None = None) -> None:
     tb.close()
     model.to(torch.float32).save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
-    summary = {"seed": args.seed, "steps_done": step + 1, "steps_planned": args.steps, "train_seconds": train_s,
-               "total_seconds": time.time() - t_start, "params": n_params, "final": last,
-               "heldout_dense_accuracy": acc, "args": {k: str(v) for k, v in vars(args).items()},
-               "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__}
+    summary = {
+        "seed": args.seed,
+        "steps_done": step + 1,
+        "steps_planned": args.steps,
+        "train_seconds": train_s,
+        "total_seconds": time.time() - t_start,
+        "params": n_params,
+        "final": last,
+        "heldout_dense_accuracy": acc,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2), flush=True)
 
