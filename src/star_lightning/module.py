@@ -68,7 +68,8 @@ class StarAttentionLM(LightningModule):
             raise ConfigurationError(f"--model.max_new_tokens must be positive, got {max_new_tokens}")
         self.sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
         self.save_hyperparameters()
-        self.pretrained = pretrained
+        # A missing model folder is reported now, before any process group or weights.
+        self.pretrained = None if pretrained is None else resolve_pretrained(pretrained)
         self.star_settings = StarSettings(
             attention=attention,
             block_size=block_size,
@@ -87,7 +88,7 @@ class StarAttentionLM(LightningModule):
 
     def resolved_pretrained(self) -> str:
         if self.pretrained is not None:
-            return resolve_pretrained(self.pretrained)
+            return self.pretrained
         from star_lightning.assets import default_model_path
 
         return str(default_model_path())
@@ -98,7 +99,6 @@ class StarAttentionLM(LightningModule):
             return
         source = self.resolved_pretrained()
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        self.tokenizer = load_tokenizer(source, trust_remote_code=self.trust_remote_code)
         self.model = load_model(
             source,
             dtype=resolve_dtype(self.dtype_name, device),
@@ -106,6 +106,7 @@ class StarAttentionLM(LightningModule):
             attention=self.star_settings.attention,
             trust_remote_code=self.trust_remote_code,
         )
+        self.tokenizer = load_tokenizer(source, trust_remote_code=self.trust_remote_code)
 
     def context_group(self) -> ContextGroup:
         strategy = self._trainer.strategy if self._trainer is not None else None

@@ -1,0 +1,78 @@
+"""The exact merge and the log-sum-exp kernels against float64 softmax attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from star_lightning.attention.kernels import attention_with_lse
+from star_lightning.attention.merge import merge_pair, merge_partials
+
+
+def _reference(q, k, v, scale, causal):
+    """Plain float64 softmax attention with a bottom-right causal mask; GQA by repeating heads."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = q @ k.transpose(-1, -2) * scale  # [B, H, Lq, Lk]
+    if causal:
+        lq, lk = q.shape[2], k.shape[2]
+        hidden = torch.arange(lk)[None, :] > (torch.arange(lq)[:, None] + lk - lq)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    return torch.softmax(scores, -1) @ v, torch.logsumexp(scores, -1)
+
+
+def _qkv(lq: int, lk: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, lq, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 2, lk, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 2, lk, 8, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+@pytest.mark.parametrize(("lq", "lk", "causal"), [(5, 5, True), (3, 11, True), (1, 9, False), (4, 7, False)])
+def test_math_kernel_matches_reference(lq: int, lk: int, causal: bool) -> None:
+    q, k, v = _qkv(lq, lk, seed=lq * 100 + lk)
+    out, lse = attention_with_lse(q, k, v, scale=0.3, causal=causal, backend="math")
+    ref_out, ref_lse = _reference(q, k, v, 0.3, causal)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize("splits", [[4], [1, 3], [2, 2, 5], [3, 1, 1, 4]])
+def test_merging_any_split_of_the_keys_equals_attention_over_all(splits: list[int]) -> None:
+    q, k, v = _qkv(3, sum(splits), seed=len(splits))
+    outs, lses, start = [], [], 0
+    for size in splits:
+        out, lse = attention_with_lse(
+            q, k[:, :, start : start + size], v[:, :, start : start + size], scale=0.5, causal=False
+        )
+        outs.append(out)
+        lses.append(lse)
+        start += size
+    merged, merged_lse = merge_partials(torch.stack(outs), torch.stack(lses))
+    ref_out, ref_lse = _reference(q, k, v, 0.5, causal=False)
+    torch.testing.assert_close(merged, ref_out)
+    torch.testing.assert_close(merged_lse, ref_lse)
+
+
+def test_merge_is_overflow_free_and_ignores_empty_partials() -> None:
+    out_a, out_b = torch.ones(1, 1, 2, 4), torch.full((1, 1, 2, 4), 3.0)
+    lse_a, lse_b = torch.tensor([[[1000.0, -1000.0]]]), torch.tensor([[[-1000.0, 1000.0]]])
+    out, lse = merge_pair(out_a, lse_a, out_b, lse_b)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out[..., 0, :], out_a[..., 0, :])
+    torch.testing.assert_close(out[..., 1, :], out_b[..., 1, :])
+    empty = torch.full((1, 1, 2), float("-inf"))
+    for first, second in ((empty, lse_b), (lse_b, empty)):
+        merged, merged_lse = merge_pair(
+            out_b if first is lse_b else out_a, first, out_b if second is lse_b else out_a, second
+        )
+        torch.testing.assert_close(merged, out_b)
+        torch.testing.assert_close(merged_lse, lse_b)
+
+
+def test_no_keys_gives_an_empty_partial() -> None:
+    q, k, v = _qkv(2, 0, seed=1)
+    out, lse = attention_with_lse(q, k, v, scale=1.0, causal=False)
+    assert torch.isneginf(lse).all() and (out == 0).all()
