@@ -52,7 +52,8 @@ class StarLightningCLI(LightningCLI):
     def before_predict(self) -> None:
         output = self.config["predict"]["output"]
         writer = JsonlPredictionWriter(output)
-        self.trainer.callbacks.append(writer)
+        callbacks: list[Any] = self.trainer.callbacks  # type: ignore[attr-defined]
+        callbacks.append(writer)
         self.datamodule.resume_from = output
 
 

@@ -78,7 +78,8 @@ def check_attention_servable(config: PretrainedConfig, model_class: type | None 
     """Raise a clear error for a model whose attention Star Attention cannot take over."""
     model_type = getattr(config, "model_type", type(config).__name__)
     if model_class is None:
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+        known: Any = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+        model_class = known
     if model_class is None:
         raise ConfigurationError(f"model type {model_type!r} is not a causal language model known to transformers")
     if not getattr(model_class, "_supports_attention_backend", False):
@@ -108,12 +109,18 @@ def load_model(
     config = load_config(pretrained, trust_remote_code=trust_remote_code)
     if attention != "dense" and not trust_remote_code:
         check_attention_servable(config)
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    # Weights go straight to the device (no full copy in host memory first).
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "use_safetensors": True,
+        "trust_remote_code": trust_remote_code,
+        "device_map": device,
+    }
     try:
         model = AutoModelForCausalLM.from_pretrained(pretrained, attn_implementation="sdpa", **kwargs)
     except (OSError, ValueError) as error:
         raise ConfigurationError(f"could not load model weights from {pretrained!r}: {error}") from None
-    model = model.to(device).eval()
+    model.eval()
     if attention != "dense":
         use_star_attention(model)
     return model

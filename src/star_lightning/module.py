@@ -150,11 +150,14 @@ class StarAttentionLM(LightningModule):
     def run_request(self, request: dict[str, Any]) -> GenerationResult:
         if self.model is None:
             self.configure_model()
+        model = self.model
+        if model is None:
+            raise RuntimeError("configure_model() did not load a model")
         context_ids, query_ids = self.encode_request(request)
         index = int(request.get("index", 0))
         try:
             return generate(
-                self.model,
+                model,
                 context_ids,
                 query_ids,
                 self.context_group(),
