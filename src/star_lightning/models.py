@@ -109,17 +109,12 @@ def load_model(
     config = load_config(pretrained, trust_remote_code=trust_remote_code)
     if attention != "dense" and not trust_remote_code:
         check_attention_servable(config)
-    # Weights go straight to the device (no full copy in host memory first).
-    kwargs: dict[str, Any] = {
-        "dtype": dtype,
-        "use_safetensors": True,
-        "trust_remote_code": trust_remote_code,
-        "device_map": device,
-    }
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     try:
         model = AutoModelForCausalLM.from_pretrained(pretrained, attn_implementation="sdpa", **kwargs)
     except (OSError, ValueError) as error:
         raise ConfigurationError(f"could not load model weights from {pretrained!r}: {error}") from None
+    torch.nn.Module.to(model, device)  # transformers' own `to` wrapper confuses type checkers
     model.eval()
     if attention != "dense":
         use_star_attention(model)
