@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torchmetrics import Metric
@@ -73,8 +74,10 @@ class _MeanPercent(Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    score_sum: torch.Tensor
+    count: torch.Tensor
 
-    def __init__(self, **kwargs: object) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
@@ -116,7 +119,7 @@ class StringMatchPart(_MeanPercent):
 class BabilongAccuracy(_MeanPercent):
     """BABILong's accuracy for one of qa1-qa5, x100."""
 
-    def __init__(self, task: str, **kwargs: object) -> None:
+    def __init__(self, task: str, **kwargs: Any) -> None:
         if task not in BABILONG_LABELS:
             raise ValueError(f"BABILong scoring covers {', '.join(BABILONG_LABELS)}, not {task!r}")
         super().__init__(**kwargs)

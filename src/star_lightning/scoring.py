@@ -13,7 +13,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from star_lightning.data.jsonl_io import read_jsonl
@@ -62,12 +62,12 @@ def references_of(record: dict[str, Any], where: str) -> list[str]:
 def score_records(
     records: Iterable[dict[str, Any]],
     *,
-    group: Callable[[dict[str, Any]], Hashable] = lambda record: record["task"],
+    group: Callable[[dict[str, Any]], Any] = lambda record: record["task"],
     metric: str = "auto",
     default_task: str | None = None,
-) -> tuple[dict[Hashable, float], dict[Hashable, int]]:
+) -> tuple[dict[Any, float], dict[Any, int]]:
     """Score records grouped by ``group(record)``; returns (score 0-100, sample count) per group."""
-    metrics: dict[Hashable, Any] = {}
+    metrics: dict[Any, Any] = {}
     for number, record in enumerate(records):
         where = f"prediction {record.get('index', number)}"
         if default_task is not None:
@@ -97,7 +97,7 @@ def score_records(
     return scores, counts
 
 
-def summarize(scores: dict[Hashable, float], counts: dict[Hashable, int]) -> dict[str, Any]:
+def summarize(scores: dict[Any, float], counts: dict[Any, int]) -> dict[str, Any]:
     """The printed summary: per-task scores, counts and their unweighted mean (RULER averages over tasks)."""
     ordered = sorted(scores)
     mean = sum(scores[task] for task in ordered) / len(ordered) if ordered else math.nan

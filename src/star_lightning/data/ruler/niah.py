@@ -42,7 +42,7 @@ def random_needle_part(kind: NeedleKind, rng: random.Random) -> str:
 def build(config: NiahConfig, size: int, seed: int, essay_words: list[str] | None = None) -> prompts.Prompt:
     """A NIAH prompt whose haystack has ``size`` units (noise repeats, essay words or distractor needles)."""
     rng = random.Random(seed)
-    type_v = config.value_kind
+    type_v: str = config.value_kind
     keys: list[str] = []
     values: list[list[str]] = []
     needles: list[str] = []
