@@ -194,16 +194,27 @@ def test_too_small_length_is_a_clear_error(sources, tokenizers) -> None:
         generate_samples("cwe", tokenizers[False], length=300, num_samples=1, seed=0)
 
 
-@pytest.mark.parametrize("hint", [1, 7, 1234, 1235, 5000])
-def test_largest_fitting_finds_the_boundary(hint: int) -> None:
+@pytest.mark.parametrize("hint", [1, 7, 1234, 1235, 5000, 10**7])
+@pytest.mark.parametrize("overhead", [0, 50, 3000])
+def test_largest_fitting_finds_the_boundary(hint: int, overhead: int) -> None:
     calls: list[int] = []
 
-    def fits(size: int) -> bool:
+    def measure(size: int) -> int:  # tokens: fixed prompt + ~3.3 per unit, with a little jitter
         calls.append(size)
-        return size <= 1234
+        return overhead + (10 * size) // 3 + size % 3
 
-    assert largest_fitting(fits, hint=hint) == 1234
-    assert len(calls) < 40
+    budget = 5000 + overhead
+    expected = max(size for size in range(1, 2000) if measure(size) <= budget)
+    calls.clear()
+    assert largest_fitting(measure, budget, hint=hint) == expected
+    assert len(calls) <= 12, calls
+
+
+def test_largest_fitting_bisects_when_not_linear() -> None:
+    assert largest_fitting(lambda size: size**2, 10**6, hint=3) == 1000
+    assert largest_fitting(lambda size: 10 if size < 77 else 10**9, 100, hint=1) == 76
+    with pytest.raises(ConfigurationError, match="too small"):
+        largest_fitting(lambda size: 200 + size, 100)
 
 
 def run_cli(sources: dict[str, Path], output: Path, *extra: str) -> int:

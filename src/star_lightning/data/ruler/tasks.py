@@ -118,7 +118,7 @@ def generate_samples(
             return measured[size][3]
 
         try:
-            hint = largest_fitting(lambda size: measure(size) <= budget, hint=hint, upper=upper)
+            hint = largest_fitting(measure, budget, hint=hint, upper=upper)
         except ConfigurationError as error:
             smallest = measure(1) + spec.tokens_to_generate
             raise ConfigurationError(
