@@ -97,7 +97,9 @@ def generate(task: str, sources: dict[str, Path], tokenizer, *, chat: bool = Fal
 
 
 def token_count(tokenizer, row: dict) -> int:
-    return len(tokenizer(row["input_context"] + row["input_query"], add_special_tokens=True)["input_ids"])
+    """Tokenized as predict does: context with BOS, query without special tokens."""
+    context = tokenizer(row["input_context"], add_special_tokens=True)["input_ids"]
+    return len(context) + len(tokenizer(row["input_query"], add_special_tokens=False)["input_ids"])
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])

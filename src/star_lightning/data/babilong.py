@@ -13,7 +13,7 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any
 
-from star_lightning.data.ruler.prompts import Prompt, render
+from star_lightning.data.ruler.prompts import Prompt, count_tokens, render
 from star_lightning.errors import ConfigurationError
 from star_lightning.metrics import BABILONG_LABELS
 
@@ -212,7 +212,7 @@ def generate_samples(
     for index, sample in enumerate(samples):
         prompt = build_prompt(sample, task, instruction=instruction, examples=examples, post_prompt=post_prompt)
         context, query = render(prompt, tokenizer, chat=chat)
-        count = len(tokenizer(context + query, add_special_tokens=True, verbose=False)["input_ids"])
+        count = count_tokens(tokenizer, context, query)
         rows.append(
             {
                 "index": index,

@@ -84,3 +84,10 @@ def render(prompt: Prompt, tokenizer: Any, *, chat: bool) -> tuple[str, str]:
     if bos and context.startswith(bos):
         context = context[len(bos) :]
     return context, query + prompt.answer_prefix.lstrip()
+
+
+def count_tokens(tokenizer: Any, context: str, query: str) -> int:
+    """Prompt length as ``predict`` tokenizes it: the context with special tokens (BOS), the query without."""
+    context_ids = tokenizer(context, add_special_tokens=True, verbose=False)["input_ids"]
+    query_ids = tokenizer(query, add_special_tokens=False, verbose=False)["input_ids"]
+    return len(context_ids) + len(query_ids)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from star_lightning.data.ruler import niah, qa, variable_tracking, word_extraction
 from star_lightning.data.ruler.fitting import largest_fitting
 from star_lightning.data.ruler.haystacks import load_essay_words
-from star_lightning.data.ruler.prompts import Prompt, render
+from star_lightning.data.ruler.prompts import Prompt, count_tokens, render
 from star_lightning.errors import ConfigurationError
 
 Kind = Literal["niah", "vt", "cwe", "fwe", "qa_squad", "qa_hotpotqa"]
@@ -113,7 +113,7 @@ def generate_samples(
             if size not in measured:
                 prompt = build(index, size, seed_i)
                 context, query = render(prompt, tokenizer, chat=chat)
-                count = len(tokenizer(context + query, add_special_tokens=True, verbose=False)["input_ids"])
+                count = count_tokens(tokenizer, context, query)
                 measured[size] = (prompt, context, query, count)
             return measured[size][3]
 
