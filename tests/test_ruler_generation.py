@@ -277,3 +277,11 @@ def test_cli_missing_tokenizer_and_bad_option(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         generate_main(["--benchmark", "ruler", "--bogus"])
     assert exit_info.value.code == 2
+
+
+def test_qa_warns_when_every_document_fits(sources, tokenizers) -> None:
+    with pytest.warns(UserWarning, match="all 120 documents"):
+        (row,) = generate_samples(
+            "qa_1", tokenizers[False], length=16384, num_samples=1, seed=0, qa_file=sources["qa_1"]
+        )
+    assert row["input_context"].count("Document ") == 120

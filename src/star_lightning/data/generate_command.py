@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Any
 
 from star_lightning.data.jsonl_io import write_jsonl_atomic
@@ -128,11 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        rows = run(args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            rows = run(args)
         count = write_jsonl_atomic(args.output, rows)
     except ConfigurationError as error:
         print(f"star-lightning generate: error: {error}", file=sys.stderr)
         return 2
+    for warning in caught:
+        print(f"star-lightning generate: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {count} {args.benchmark} {args.task} samples at length {args.length} to {args.output}")
     return 0
 

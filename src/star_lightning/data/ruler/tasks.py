@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -105,6 +106,7 @@ def generate_samples(
     build, upper = _builder(task, spec, length, essays, qa_file, seed)
     rows: list[dict[str, Any]] = []
     hint = 1
+    capped_warned = False
     for index in range(num_samples):
         seed_i = sample_seed(seed, task, index)
         measured: dict[int, tuple[Prompt, str, str, int]] = {}
@@ -126,6 +128,13 @@ def generate_samples(
                 f"(including {spec.tokens_to_generate} for the answer). Use --length {smallest} or more."
             ) from error
         prompt, context, query, count = measured[hint]
+        if hint == upper and not capped_warned:
+            capped_warned = True
+            warnings.warn(
+                f"{task}: all {upper} documents of --qa_file fit in --length {length} (sample {index} has {count} "
+                "prompt tokens); the prompts are shorter than the target. Use a larger dataset file.",
+                stacklevel=2,
+            )
         rows.append(
             {
                 "index": index,
