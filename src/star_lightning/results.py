@@ -19,9 +19,11 @@ from typing import Any, cast
 
 from star_lightning.data.jsonl_io import read_jsonl
 from star_lightning.errors import ConfigurationError
-from star_lightning.scoring import score_records
+from star_lightning.metrics import BABILONG_LABELS
+from star_lightning.scoring import RULER_METRIC_BY_TASK, score_records
 
 METHODS = ("star", "dense", "ring")
+TASK_ORDER = (*RULER_METRIC_BY_TASK, *BABILONG_LABELS)
 
 
 @dataclass(frozen=True)
@@ -89,24 +91,34 @@ def collect_scores(runs: list[Run]) -> dict[tuple[str, int, str], float]:
     return cast(dict[tuple[str, int, str], float], scores)
 
 
+def _task_order(key: tuple[str, int]) -> tuple[int, str, int]:
+    """RULER's task order, then BABILong's, then anything else by name; lengths ascending."""
+    task, length = key
+    return (TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER), task, length)
+
+
 def global_score(row: dict[str, Any]) -> float | None:
     """Dense if measured, else ring: the exact-attention baseline."""
     return row.get("dense") if row.get("dense") is not None else row.get("ring")
 
 
 def build_table(scores: dict[tuple[str, int, str], float]) -> dict[str, Any]:
-    """Rows per (task, length) and per-length means over the tasks, with the star / global ratio."""
+    """Rows per (task, length) and per-length means over the tasks all methods ran, with star / global."""
     rows = []
-    for task, length in sorted({(task, length) for task, length, _ in scores}):
+    for task, length in sorted({(task, length) for task, length, _ in scores}, key=_task_order):
         row: dict[str, Any] = {"task": task, "length": length}
         for method in METHODS:
             row[method] = scores.get((task, length, method))
         rows.append(_with_ratio(row))
     means = []
     for length in sorted({length for _, length, _ in scores}):
-        row = {"task": "mean", "length": length}
+        methods = {method for _, n, method in scores if n == length}
+        tasks = {task for task, n, _ in scores if n == length}
+        # Average only the tasks every method ran at this length, so the methods' means are comparable.
+        common = sorted(task for task in tasks if all((task, length, method) in scores for method in methods))
+        row = {"task": "mean", "length": length, "num_tasks": len(common)}
         for method in METHODS:
-            values = [scores[key] for key in scores if key[1] == length and key[2] == method]
+            values = [scores[task, length, method] for task in common if method in methods]
             row[method] = sum(values) / len(values) if values else None
         means.append(_with_ratio(row))
     return {"rows": rows, "means": means}
@@ -131,7 +143,7 @@ def to_markdown(table: dict[str, Any]) -> str:
     header = "| task | length | star | dense | ring | star / global |\n|---|---:|---:|---:|---:|---:|"
     lines = [header]
     for row in table["rows"] + table["means"]:
-        name = f"**{row['task']}**" if row["task"] == "mean" else row["task"]
+        name = f"**mean** ({row['num_tasks']} tasks)" if row["task"] == "mean" else row["task"]
         cells = [_cell(row[method]) for method in METHODS] + [_cell(row["star_over_global"], ratio=True)]
         lines.append(f"| {name} | {row['length']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -151,6 +163,9 @@ def plot(table: dict[str, Any], path: pathlib.Path) -> None:
             lengths, values = zip(*points, strict=True)
             axes.plot(lengths, values, marker="o", label=method)
     axes.set_xscale("log", base=2)
+    lengths_seen = sorted({row["length"] for row in table["means"]})
+    axes.set_xticks(lengths_seen, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths_seen])
+    axes.minorticks_off()
     axes.set_xlabel("sequence length (tokens)")
     axes.set_ylabel("mean accuracy over tasks (%)")
     axes.set_ylim(-2, 102)

@@ -20,17 +20,11 @@ from star_lightning.data.jsonl_io import read_jsonl
 from star_lightning.errors import ConfigurationError
 from star_lightning.metrics import BABILONG_LABELS, BabilongAccuracy, StringMatchAll, StringMatchPart
 
-RULER_METRIC_BY_TASK = {
-    "qa_1": "match_part",
-    "qa_2": "match_part",
-    **{
-        task: "match_all"
-        for task in (
-            "niah_single_1 niah_single_2 niah_single_3 niah_multikey_1 niah_multikey_2 niah_multikey_3 "
-            "niah_multivalue niah_multiquery vt cwe fwe"
-        ).split()
-    },
-}
+RULER_TASK_ORDER = (
+    "niah_single_1 niah_single_2 niah_single_3 niah_multikey_1 niah_multikey_2 niah_multikey_3 niah_multivalue "
+    "niah_multiquery vt cwe fwe qa_1 qa_2"
+).split()
+RULER_METRIC_BY_TASK = {task: "match_part" if task.startswith("qa_") else "match_all" for task in RULER_TASK_ORDER}
 METRICS = ("auto", "match_all", "match_part", "babilong")
 
 
