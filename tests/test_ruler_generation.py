@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from star_lightning.data.generate_command import RULER_TASKS
 from star_lightning.data.generate_command import main as generate_main
 from star_lightning.data.ruler import TASKS, generate_samples
 from star_lightning.data.ruler.fitting import largest_fitting
 from star_lightning.errors import ConfigurationError
+from star_lightning.scoring import RULER_METRIC_BY_TASK
 from tokenizer_factory import build_tokenizer
 
 LENGTH = 2048
@@ -285,3 +287,8 @@ def test_qa_warns_when_every_document_fits(sources, tokenizers) -> None:
             "qa_1", tokenizers[False], length=16384, num_samples=1, seed=0, qa_file=sources["qa_1"]
         )
     assert row["input_context"].count("Document ") == 120
+
+
+def test_task_lists_agree() -> None:
+    assert list(TASKS) == RULER_TASKS == list(RULER_METRIC_BY_TASK)
+    assert {task: spec.metric for task, spec in TASKS.items()} == RULER_METRIC_BY_TASK
