@@ -28,12 +28,14 @@ def _run(fabric: Fabric) -> dict:
     group = strategy.context_group
     tokens = _request(group)
     everyone = fabric.all_gather(torch.tensor(tokens))  # [world, new]
-    return {
+    result = {
         "tokens": tokens,
         "all_equal": bool((everyone == everyone[0]).all()),
         "cp": (group.rank, group.size, group.query_host),
         "sampler": strategy.distributed_sampler_kwargs,
     }
+    strategy.teardown()
+    return result
 
 
 def test_fabric_runs_one_request_over_two_hosts() -> None:

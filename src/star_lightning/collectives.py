@@ -59,6 +59,12 @@ class DistributedContextGroup:
             self._bytes += tensor.numel() * tensor.element_size() * (self.size - 1)
         return tensor
 
+    def close(self) -> None:
+        """Destroy the subgroup (the world group belongs to Lightning): no communicator outlives the job."""
+        if self._group is not None and dist.is_initialized():
+            dist.destroy_process_group(self._group)
+            self._group = None
+
     def ring_shift(self, tensor: Tensor, recv_shape: tuple[int, ...]) -> Tensor:
         tensor = tensor.contiguous()
         received = tensor.new_empty(recv_shape)

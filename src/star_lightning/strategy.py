@@ -56,6 +56,13 @@ class StarStrategy(DDPStrategy):
         super().setup_environment()
         self._context_group = new_context_group(self._layout, self.global_rank)
 
+    @override
+    def teardown(self) -> None:
+        if self._context_group is not None:
+            self._context_group.close()
+            self._context_group = None
+        super().teardown()
+
     @property
     def layout(self) -> ParallelLayout:
         if self._layout is None:
