@@ -10,6 +10,10 @@ step the engine is running:
   part is stored;
 - ``query``: Phase 2. The query host appends the new tokens and sees ``[context | new tokens]``; other hosts store
   nothing and see their context only.
+- ``decode_static``: Phase 2 decoding with static shapes, so one captured CUDA graph serves every step. The new
+  token's KV is written at a slot held in a device tensor (the query host only), and attention sees the whole
+  preallocated buffer marked with its valid length (a device tensor as well); the engine sets both before each
+  step (:meth:`StarKVCache.prepare_static_step`) and advances the host-side length after it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-CacheMode = Literal["anchor", "block", "block_recompute", "query"]
+from star_lightning.attention.kernels import attach_valid_length
+
+CacheMode = Literal["anchor", "block", "block_recompute", "query", "decode_static"]
 
 
 class StarCacheState:
@@ -31,6 +37,8 @@ class StarCacheState:
         self.mode: CacheMode = "block"
         self.store_new_tokens = False
         self.recompute_anchor_length = 0
+        self.write_slot: Tensor | None = None  # decode_static: where the new token's KV goes, [1] long
+        self.valid_length: Tensor | None = None  # decode_static: keys attention sees, [1] int32
 
 
 class StarCacheLayer(CacheLayerMixin):
@@ -89,9 +97,22 @@ class StarCacheLayer(CacheLayerMixin):
             skip = self.state.recompute_anchor_length
             self._append(key_states[:, :, skip:], value_states[:, :, skip:])
             return key_states, value_states
+        if mode == "decode_static":
+            return self._static_update(key_states, value_states)
         if self.state.store_new_tokens:
             self._append(key_states, value_states)
         return self.context_view()
+
+    def _static_update(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the token's KV at the device-side slot (no host sync, no shape change) and return the whole buffer."""
+        if not self.is_initialized:
+            raise RuntimeError("the context KV cache is empty: Phase 1 must run before Phase 2")
+        slot = self.state.write_slot
+        if self.state.store_new_tokens and slot is not None:
+            self.keys.index_copy_(2, slot, key_states)  # [B, Hkv, C, D] <- [B, Hkv, 1, D]
+            self.values.index_copy_(2, slot, value_states)
+        attach_valid_length(self.keys, self.state.valid_length)
+        return self.keys, self.values
 
     def use_context_prefix_as_anchor(self, length: int) -> None:
         """On the host owning the first block, the anchor is the first ``length`` tokens of its own context."""
@@ -138,6 +159,35 @@ class StarKVCache(Cache):
         """The anchor's KV is only for Phase 1: free it before Phase 2."""
         for layer in self.star_layers:
             layer.drop_anchor()
+
+    def begin_static_decode(self, *, store_new_tokens: bool) -> None:
+        """Switch to ``decode_static``; the query host (``store_new_tokens``) writes each new token's KV."""
+        device = self.star_layers[0].keys.device
+        self.set_mode("decode_static", store_new_tokens=store_new_tokens)
+        self.state.write_slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.state.valid_length = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def prepare_static_step(self) -> None:
+        """Point the device-side slot and valid length at the next token (kernel launches, no host sync)."""
+        length = self.context_length()
+        if self.state.store_new_tokens and length >= self.state.capacity:
+            raise RuntimeError(f"KV cache overflow: {length} + 1 tokens exceed the capacity {self.state.capacity}")
+        if self.state.write_slot is None or self.state.valid_length is None:
+            raise RuntimeError("prepare_static_step() needs begin_static_decode() first")
+        self.state.write_slot.fill_(length)
+        self.state.valid_length.fill_(length + 1 if self.state.store_new_tokens else length)
+
+    def finish_static_step(self) -> None:
+        if self.state.store_new_tokens:
+            for layer in self.star_layers:
+                layer.length += 1
+
+    def end_static_decode(self) -> None:
+        for layer in self.star_layers:
+            if layer.is_initialized:
+                attach_valid_length(layer.keys, None)
+        self.state.write_slot = self.state.valid_length = None
+        self.set_mode("query")
 
     def context_length(self) -> int:
         return self.star_layers[0].length if self.layers else 0

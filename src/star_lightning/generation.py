@@ -23,6 +23,7 @@ from star_lightning.partition import BlockPlan, plan_blocks, split_evenly
 from star_lightning.sampling import SamplingConfig, choose_token
 
 AttentionMethod = Literal["star", "ring", "dense"]
+DecodeMode = Literal["auto", "eager", "static", "graph"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class StarSettings:
     use_anchor: bool = True
     reuse_anchor: bool = True
     backend: str = "auto"
+    decode: DecodeMode = "auto"
+    """Phase 2 decoding of star/ring: ``eager`` (one forward per token over the growing cache), ``static`` (static
+    shapes: the preallocated cache with a device-side valid length), ``graph`` (``static`` captured once as a CUDA
+    graph and replayed per token: no Python or launch overhead); ``auto`` is ``graph`` on CUDA, ``eager`` else."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,8 @@ class RequestStats:
     phase1_s: float = 0.0
     query_s: float = 0.0
     decode_s: float = 0.0
+    decode_setup_s: float = 0.0
+    decode_mode: str = "eager"
     phase2_bytes: int = 0
     peak_mem_bytes: int = 0
 
@@ -76,7 +83,7 @@ class RequestStats:
 
     @property
     def total_s(self) -> float:
-        return self.phase1_s + self.query_s + self.decode_s
+        return self.phase1_s + self.query_s + self.decode_setup_s + self.decode_s
 
 
 @dataclass
@@ -207,6 +214,86 @@ def decode_step(
     return _forward(model, token, _positions(position, position + 1, token.device), cache, step)
 
 
+def resolve_decode_mode(mode: str, device: torch.device) -> str:
+    if mode not in ("auto", "eager", "static", "graph"):
+        raise ValueError(f"unknown decode mode {mode!r}; choose auto, eager, static or graph")
+    if mode == "auto":
+        return "graph" if device.type == "cuda" else "eager"
+    if mode == "graph" and device.type != "cuda":
+        raise ValueError("decode mode 'graph' needs CUDA (CUDA graphs); use 'static' or 'eager' on this device")
+    return mode
+
+
+class StaticDecoder:
+    """Phase 2 decoding with static shapes: every step is the same kernels on the same buffers.
+
+    The token, its position, the cache slot and the valid length live in device tensors that are set before each
+    step, so the step can be captured once as a CUDA graph (collectives included) and replayed per token. The
+    capture's warm-up runs the first real step (its cache write is idempotent: same token, same slot).
+    """
+
+    def __init__(
+        self, model: nn.Module, cache: StarKVCache, group: ContextGroup, backend: str, last_position: int, graph: bool
+    ) -> None:
+        self.model, self.cache, self.group, self.use_graph = model, cache, group, graph
+        device = cache.star_layers[0].keys.device
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
+        self.positions = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
+        self.step = AttentionStep(
+            kind="distributed",
+            causal=is_query_host(group),
+            group=group,
+            backend=backend,
+            last_position=last_position,
+        )
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+        self.bytes_per_step = 0
+        self.replays = 0
+        self.setup_s = 0.0
+        cache.begin_static_decode(store_new_tokens=is_query_host(group))
+
+    def _run(self) -> Tensor:
+        return _forward(self.model, self.ids, self.positions, self.cache, self.step)
+
+    def _capture(self) -> None:
+        t0 = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._run()  # warm-up: lazy initialisation and kernel compilation stay out of the graph
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        bytes_before = self.group.bytes_moved
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.logits = self._run()
+        self.bytes_per_step = self.group.bytes_moved - bytes_before
+        self.graph = graph
+        torch.cuda.synchronize()
+        self.setup_s = time.perf_counter() - t0
+
+    def __call__(self, token: int, position: int) -> Tensor:
+        self.ids.fill_(token)
+        self.positions.fill_(position)
+        self.cache.prepare_static_step()
+        if not self.use_graph:
+            logits = self._run()
+        else:
+            if self.graph is None:
+                self._capture()
+            assert self.graph is not None and self.logits is not None
+            self.graph.replay()
+            self.replays += 1
+            logits = self.logits
+        self.cache.finish_static_step()
+        return logits
+
+    def close(self) -> None:
+        self.graph = None
+        self.logits = None
+        self.cache.end_static_decode()
+
+
 def sample_loop(
     first_logits: Tensor,
     next_logits: Callable[[int, int], Tensor],
@@ -277,17 +364,33 @@ def generate_star(
     _synchronize(device)
     t2 = time.perf_counter()
     start = context_length + query_length
+    mode = resolve_decode_mode(star.decode, device)
+    decoder = None
+    if mode != "eager" and settings.max_new_tokens > 1:
+        last = start + settings.max_new_tokens - 1
+        decoder = StaticDecoder(model, cache, group, star.backend, last, graph=mode == "graph")
 
     def next_logits(token: int, i: int) -> Tensor:
+        if decoder is not None:
+            return decoder(token, start + i)
         token_ids = torch.tensor([[token]], device=device)  # [1, 1]
         return decode_step(model, cache, token_ids, start + i, group, star.backend)
 
-    tokens = sample_loop(first_logits, next_logits, group, settings, stop_check)
-    _synchronize(device)
+    try:
+        tokens = sample_loop(first_logits, next_logits, group, settings, stop_check)
+        _synchronize(device)
+    finally:
+        if decoder is not None:
+            decoder.close()
     t3 = time.perf_counter()
-    stats.phase1_s, stats.query_s, stats.decode_s = t1 - t0, t2 - t1, t3 - t2
+    stats.phase1_s, stats.query_s = t1 - t0, t2 - t1
+    stats.decode_mode = mode
+    stats.decode_setup_s = decoder.setup_s if decoder is not None else 0.0
+    stats.decode_s = t3 - t2 - stats.decode_setup_s
     stats.new_tokens = len(tokens)
-    stats.phase2_bytes = group.bytes_moved - bytes_before
+    # The capture pass counted one step's bytes without moving them; every replay moves them.
+    replayed = decoder.bytes_per_step * (decoder.replays - 1) if decoder is not None and decoder.replays else 0
+    stats.phase2_bytes = group.bytes_moved - bytes_before + replayed
     stats.peak_mem_bytes = _peak_memory_bytes(device)
     return GenerationResult(tokens, stats)
 

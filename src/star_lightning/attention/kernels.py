@@ -3,13 +3,23 @@
 One entry point, :func:`attention_with_lse`, with interchangeable backends:
 
 - ``math``: explicit matmuls in float32 (float64 for float64 inputs), query-chunked so no full attention matrix
-  is ever materialised; grouped-query heads are handled by grouping, not by copying K/V. Runs everywhere, supports
-  logit soft-capping (Gemma-2), and is the bandwidth-bound choice for decoding a few tokens over a long cache.
+  is ever materialised; grouped-query heads are handled by grouping, not by copying K/V. Runs everywhere and
+  supports logit soft-capping (Gemma-2); the reference the fused kernels are checked against.
+- ``triton``: a split-KV kernel for a few query tokens over a long cache (Phase 2 decoding, CUDA): the cache is
+  cut into splits so one decode token fills the GPU (:mod:`star_lightning.attention.triton_decode`).
 - ``sdpa``: PyTorch's fused flash kernel on CUDA (fp16/bf16), for long Phase 1 blocks.
+- ``cudnn``: PyTorch's cuDNN attention kernel on CUDA (fp16/bf16), the other candidate for long blocks.
 - ``flash_attn``: the flash-attn package, when installed (the ``flash`` extra).
+
+``auto`` takes ``triton`` (else ``math``) for short queries and the preferred fused kernel for long ones
+(:func:`set_auto_prefill_kernel`; flash-attn when installed).
 
 Causality is always *bottom-right aligned*: query ``i`` of ``Lq`` sees keys ``0 .. Lk - Lq + i``. That is what a
 block preceded by an anchor prefix, and a query following a cached context, both need.
+
+A key buffer may carry a *valid length* (:func:`attach_valid_length`): a one-element device tensor saying how
+many of its keys are real. A static-shape decode step (one captured CUDA graph replayed as the cache grows)
+passes the whole preallocated cache buffer that way; only the first ``valid`` keys are attended to.
 """
 
 from __future__ import annotations
@@ -20,13 +30,56 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from star_lightning.attention import triton_decode
 from star_lightning.attention.merge import merge_pair
 
-Backend = Literal["auto", "math", "sdpa", "flash_attn"]
-BACKENDS: tuple[str, ...] = ("auto", "math", "sdpa", "flash_attn")
+Backend = Literal["auto", "math", "triton", "sdpa", "cudnn", "flash_attn"]
+BACKENDS: tuple[str, ...] = ("auto", "math", "triton", "sdpa", "cudnn", "flash_attn")
+PREFILL_KERNELS: tuple[str, ...] = ("sdpa", "cudnn")
 
 # Bound on the float32 score tile of the math backend (elements), ~256 MiB.
 _MAX_SCORE_ELEMENTS = 64 * 1024 * 1024
+# Queries up to this length count as "short" (decoding, short queries) for ``auto``.
+_SHORT_QUERY = 16
+_VALID_LENGTH_ATTR = "_star_valid_length"
+_auto_prefill_kernel = "sdpa"
+_auto_decode_kernel = "triton"
+# Whether the fused kernels take K/V with fewer heads than Q (None: not probed yet in this process).
+_native_gqa: dict[str, bool | None] = {"sdpa": None, "cudnn": None}
+
+
+def set_auto_prefill_kernel(name: str) -> None:
+    """Choose the fused kernel ``auto`` uses for long CUDA queries (``sdpa`` or ``cudnn``)."""
+    global _auto_prefill_kernel
+    if name not in PREFILL_KERNELS:
+        raise ValueError(f"unknown prefill kernel {name!r}; choose one of {', '.join(PREFILL_KERNELS)}")
+    _auto_prefill_kernel = name
+
+
+def auto_prefill_kernel() -> str:
+    return _auto_prefill_kernel
+
+
+def set_auto_decode_kernel(name: str) -> None:
+    """Choose the kernel ``auto`` uses for short CUDA queries (``triton`` where it runs, or ``math``)."""
+    global _auto_decode_kernel
+    if name not in ("triton", "math"):
+        raise ValueError(f"unknown decode kernel {name!r}; choose triton or math")
+    _auto_decode_kernel = name
+
+
+def auto_decode_kernel() -> str:
+    return _auto_decode_kernel
+
+
+def attach_valid_length(buffer: Tensor, valid_length: Tensor | None) -> Tensor:
+    """Mark ``buffer`` ``[B, H, C, D]`` as holding ``valid_length`` (device tensor ``[1]``) real keys; None clears."""
+    setattr(buffer, _VALID_LENGTH_ATTR, valid_length)
+    return buffer
+
+
+def valid_length_of(buffer: Tensor) -> Tensor | None:
+    return getattr(buffer, _VALID_LENGTH_ATTR, None)
 
 
 def flash_attn_available() -> bool:
@@ -43,16 +96,22 @@ def validate_backend(backend: str) -> None:
         )
 
 
-def resolve_backend(backend: str, query: Tensor, key: Tensor, softcap: float | None) -> str:
-    """Pick the kernel for one call: fused kernels for long CUDA queries, math otherwise."""
+def resolve_backend(
+    backend: str, query: Tensor, key: Tensor, softcap: float | None, value: Tensor | None = None
+) -> str:
+    """Pick the kernel for one call: split-KV for short CUDA queries, fused kernels for long ones, math otherwise."""
     if backend != "auto":
         return backend
     fused_ok = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
-    if not fused_ok or query.shape[2] <= 16:
+    if not fused_ok:
         return "math"
+    if query.shape[2] <= _SHORT_QUERY:
+        short_ok = _auto_decode_kernel == "triton" and softcap is None
+        short_ok = short_ok and triton_decode.supports(query, key, key if value is None else value)
+        return "triton" if short_ok else "math"
     if flash_attn_available():
         return "flash_attn"
-    return "math" if softcap is not None else "sdpa"
+    return "math" if softcap is not None else _auto_prefill_kernel
 
 
 def attention_with_lse(
@@ -69,7 +128,8 @@ def attention_with_lse(
 
     Returns ``out`` ``[B, Hq, Lq, Dv]`` in the query's dtype and ``lse`` ``[B, Hq, Lq]`` (natural log, float32 or
     float64). With ``causal`` the mask is bottom-right aligned (needs ``Lk >= Lq``). A query with no visible key
-    (``Lk == 0``) gets ``out = 0`` and ``lse = -inf``, which the merge ignores.
+    (``Lk == 0``) gets ``out = 0`` and ``lse = -inf``, which the merge ignores. A ``key`` carrying a valid length
+    (:func:`attach_valid_length`) is attended to over its first ``valid`` keys only (``triton`` or ``math``).
     """
     if query.shape[1] % key.shape[1] != 0:
         raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key/value heads ({key.shape[1]})")
@@ -79,14 +139,24 @@ def attention_with_lse(
         out = query.new_zeros(*query.shape[:-1], value.shape[-1])
         lse = torch.full(query.shape[:-1], float("-inf"), device=query.device, dtype=_lse_dtype(query))
         return out, lse
-    chosen = resolve_backend(backend, query, key, softcap)
-    if chosen == "math":
-        return _math_attention(query, key, value, scale=scale, causal=causal, softcap=softcap)
+    valid = valid_length_of(key)
+    chosen = resolve_backend(backend, query, key, softcap, value)
+    if chosen == "triton":
+        if softcap is not None:
+            raise ValueError("the 'triton' backend has no logit soft-capping; use --model.backend math or auto")
+        if not triton_decode.supports(query, key, value):
+            raise ValueError(
+                f"the 'triton' backend runs on CUDA fp16/bf16 with at most {triton_decode.MAX_ROWS} query rows per KV "
+                f"head (query {tuple(query.shape)} {query.dtype} on {query.device}); use --model.backend auto"
+            )
+        return triton_decode.split_kv_attention(query, key, value, scale=scale, causal=causal, valid_length=valid)
+    if chosen == "math" or valid is not None:
+        return _math_attention(query, key, value, scale=scale, causal=causal, softcap=softcap, valid_length=valid)
     if chosen == "flash_attn":
         return _flash_attn_attention(query, key, value, scale=scale, causal=causal, softcap=softcap)
     if softcap is not None:
-        raise ValueError("the 'sdpa' backend has no logit soft-capping; use --model.backend math or flash_attn")
-    return _sdpa_attention(query, key, value, scale=scale, causal=causal)
+        raise ValueError(f"the {chosen!r} backend has no logit soft-capping; use --model.backend math or flash_attn")
+    return _fused_attention(chosen, query, key, value, scale=scale, causal=causal)
 
 
 def _lse_dtype(query: Tensor) -> torch.dtype:
@@ -94,7 +164,14 @@ def _lse_dtype(query: Tensor) -> torch.dtype:
 
 
 def _math_attention(
-    query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool, softcap: float | None
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    softcap: float | None,
+    valid_length: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     batch, q_heads, q_len, _ = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -102,6 +179,9 @@ def _math_attention(
     compute = _lse_dtype(query)
     k = key.to(compute)  # [B, Hkv, Lk, D]
     v = value.to(compute)  # [B, Hkv, Lk, Dv]
+    if valid_length is not None:  # keys past the valid length are unwritten memory: zero weight must not meet NaN
+        real = torch.arange(k_len, device=query.device) < valid_length  # [Lk]
+        v = torch.where(real[:, None], v, torch.zeros((), dtype=compute, device=query.device))
     chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * q_heads * k_len))
     outs, lses = [], []
     for start in range(0, q_len, chunk):
@@ -112,8 +192,12 @@ def _math_attention(
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
         scores = scores.view(batch, kv_heads, groups, stop - start, k_len)  # [B, Hkv, G, l, Lk]
-        if causal:
-            rows = torch.arange(start, stop, device=query.device) + (k_len - q_len)  # last visible key per row
+        if causal or valid_length is not None:
+            limit = k_len if valid_length is None else valid_length  # number of real keys (int or device [1])
+            if causal:
+                rows = torch.arange(start, stop, device=query.device) + (limit - q_len)  # last visible key per row
+            else:
+                rows = torch.zeros(stop - start, dtype=torch.long, device=query.device) + (limit - 1)
             hidden = torch.arange(k_len, device=query.device)[None, :] > rows[:, None]  # [l, Lk]
             scores = scores.masked_fill(hidden, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, l]
@@ -131,23 +215,57 @@ def _repeat_kv(x: Tensor, groups: int) -> Tensor:
     return x[:, :, None].expand(b, h, groups, length, d).reshape(b, h * groups, length, d)  # [B, Hq, L, D]
 
 
-def _sdpa_attention(query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    """Fused flash kernel; bottom-right causality is a visible prefix merged with a square causal part."""
+def _fused_attention(
+    kernel: str, query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool
+) -> tuple[Tensor, Tensor]:
+    """A fused kernel (``sdpa``: flash, ``cudnn``); bottom-right causality is a visible prefix merged with a square
+    causal part (these kernels align causal masks top-left)."""
     q_len, k_len = query.shape[2], key.shape[2]
-    groups = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)  # [B, Hq, Lk, D]
     if not causal or q_len == k_len:
-        return _sdpa_call(query, key, value, scale=scale, causal=causal)
+        return _fused_call(kernel, query, key, value, scale=scale, causal=causal)
     prefix = k_len - q_len
-    out_p, lse_p = _sdpa_call(query, key[:, :, :prefix], value[:, :, :prefix], scale=scale, causal=False)
-    out_c, lse_c = _sdpa_call(query, key[:, :, prefix:], value[:, :, prefix:], scale=scale, causal=True)
+    out_p, lse_p = _fused_call(kernel, query, key[:, :, :prefix], value[:, :, :prefix], scale=scale, causal=False)
+    out_c, lse_c = _fused_call(kernel, query, key[:, :, prefix:], value[:, :, prefix:], scale=scale, causal=True)
     return merge_pair(out_p, lse_p, out_c, lse_c)
 
 
-def _sdpa_call(query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    result = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, causal, False, scale=scale)
-    out, lse = result[0], result[1]  # out [B, Hq, Lq, D]; lse [B, Hq, Lq] (natural log)
-    return out, lse[..., : query.shape[2]].float()
+def _fused_call(
+    kernel: str, query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool
+) -> tuple[Tensor, Tensor]:
+    """One fused call; K/V are passed with their own (fewer) heads when the kernel takes them, else repeated."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1 and _native_gqa[kernel] is not False:
+        try:
+            result = _fused_op(kernel, query, key, value, scale=scale, causal=causal)
+            _native_gqa[kernel] = True
+            return result
+        except RuntimeError:
+            if _native_gqa[kernel]:
+                raise
+            _native_gqa[kernel] = False
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)  # [B, Hq, Lk, D]
+    return _fused_op(kernel, query, key, value, scale=scale, causal=causal)
+
+
+def _fused_op(
+    kernel: str, query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool
+) -> tuple[Tensor, Tensor]:
+    q_len = query.shape[2]
+    if kernel == "cudnn":
+        result = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, key, value, None, True, 0.0, causal, False, scale=scale
+        )
+    else:
+        result = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, causal, False, scale=scale)
+    out, lse = result[0], result[1]  # out [B, Hq, Lq, D]; lse [B, Hq, Lq] or [B, Hq, Lq, 1] (natural log)
+    if lse.dim() == 4:
+        lse = lse[..., 0]
+    return out, lse[..., :q_len].float()
+
+
+def native_gqa_status() -> dict[str, bool | None]:
+    """Whether each fused kernel was seen taking grouped K/V heads without copies (None: not tried yet)."""
+    return dict(_native_gqa)
 
 
 def _flash_attn_attention(

@@ -1,0 +1,200 @@
+"""Split-KV attention with log-sum-exp for a few query tokens over a long cache (Phase 2 decoding), in Triton.
+
+One decode token gives one query row per head: a kernel that walks the cache once per head leaves most of the GPU
+idle. Here the cache is cut into ``S`` splits and every program handles one (batch, KV head, split): it loads each
+K/V tile once for all the query heads of its group (GQA) and all query positions, keeps an online softmax, and
+writes a partial ``(out, lse)``. The partials are merged over the splits with the same exact arithmetic as the
+Phase 2 merge. The number of splits depends only on the cache's capacity, and the number of valid keys can be read
+from a device tensor, so a captured CUDA graph replays it unchanged as the cache grows.
+
+Importing this module needs Triton (present wherever PyTorch has CUDA); :func:`available` says whether it can run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+from torch import Tensor
+
+_TRITON = importlib.util.find_spec("triton") is not None
+
+if _TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _split_kv_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        valid_ptr,
+        out_ptr,
+        lse_ptr,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        kv_heads,
+        q_len,
+        rows,
+        split_len,
+        num_splits,
+        scale_log2,
+        CAUSAL: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid_bh // kv_heads
+        kvh = pid_bh % kv_heads
+        groups = rows // q_len
+        valid = tl.load(valid_ptr).to(tl.int32)  # number of valid keys (the rest of the buffer is unused)
+
+        offs_m = tl.arange(0, BLOCK_M)  # row = g * q_len + i: query head kvh * groups + g, query position i
+        offs_d = tl.arange(0, BLOCK_D)
+        head = kvh * groups + offs_m // q_len
+        qpos = offs_m % q_len
+        row_ok = offs_m < rows
+        d_ok = offs_d < HEAD_DIM
+        q_ptrs = q_ptr + b * stride_qb + head[:, None] * stride_qh + qpos[:, None] * stride_qm + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
+        if CAUSAL:
+            last = valid - q_len + qpos  # last visible key of each row (bottom-right aligned)
+        else:
+            last = tl.zeros([BLOCK_M], dtype=tl.int32) + valid - 1
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        start = split * split_len
+        stop = tl.minimum(start + split_len, valid)
+        k_base = k_ptr + b * stride_kb + kvh * stride_kh
+        v_base = v_ptr + b * stride_vb + kvh * stride_vh
+        for n0 in range(start, stop, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < stop
+            k = tl.load(
+                k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+            )  # [N, D]
+            s = tl.dot(q, tl.trans(k)) * scale_log2  # [M, N], base-2 logits
+            visible = (offs_n[None, :] <= last[:, None]) & n_ok[None, :]
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])  # [M, N]
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(
+                v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+            )  # [N, D]
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        has = l_i > 0.0
+        out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        # partials: out [B, Hkv, S, M, D] and lse [B, Hkv, S, M], contiguous float32
+        base = (pid_bh * num_splits + split) * rows
+        tl.store(
+            out_ptr + (base + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :]
+        )
+        tl.store(lse_ptr + base + offs_m, lse, mask=row_ok)
+
+
+# Rows (query heads per KV head x query tokens) the kernel handles in one tile; more goes elsewhere.
+MAX_ROWS = 64
+_BLOCK_N = 64
+
+
+def available() -> bool:
+    return _TRITON and torch.cuda.is_available()
+
+
+def supports(query: Tensor, key: Tensor, value: Tensor) -> bool:
+    """Whether :func:`split_kv_attention` takes this call (CUDA, fp16/bf16, a few query rows per KV head)."""
+    groups = query.shape[1] // key.shape[1]
+    return (
+        available()
+        and query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and key.dtype == query.dtype == value.dtype
+        and groups * query.shape[2] <= MAX_ROWS
+        and query.shape[-1] <= 256
+        and key.shape[-1] == value.shape[-1] == query.shape[-1]
+        and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
+    )
+
+
+def num_splits(batch: int, kv_heads: int, capacity: int, device: torch.device) -> tuple[int, int]:
+    """(splits, keys per split): about four programs per multiprocessor, each at least one tile of keys."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, math.ceil(4 * sms / max(1, batch * kv_heads)))
+    split_len = max(_BLOCK_N, math.ceil(capacity / want / _BLOCK_N) * _BLOCK_N)
+    return math.ceil(capacity / split_len), split_len
+
+
+def split_kv_attention(
+    query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool, valid_length: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``query`` ``[B, Hq, Lq, D]`` over the first ``valid_length`` keys of ``key``/``value`` ``[B, Hkv, Lk, D]``.
+
+    ``valid_length`` is a one-element integer tensor on the GPU (no host sync; default: all ``Lk`` keys).
+    Returns ``out`` ``[B, Hq, Lq, D]`` in the query's dtype and ``lse`` ``[B, Hq, Lq]`` float32 (natural log).
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, capacity = key.shape[1], key.shape[2]
+    groups = q_heads // kv_heads
+    rows = groups * q_len
+    if valid_length is None:
+        valid_length = torch.full((1,), capacity, dtype=torch.int32, device=query.device)
+    splits, split_len = num_splits(batch, kv_heads, capacity, query.device)
+    part_out = torch.empty(batch, kv_heads, splits, rows, head_dim, device=query.device, dtype=torch.float32)
+    part_lse = torch.empty(batch, kv_heads, splits, rows, device=query.device, dtype=torch.float32)
+    block_m = max(16, triton.next_power_of_2(rows))
+    block_d = triton.next_power_of_2(head_dim)
+    _split_kv_kernel[(batch * kv_heads, splits)](
+        query,
+        key,
+        value,
+        valid_length,
+        part_out,
+        part_lse,
+        query.stride(0),
+        query.stride(1),
+        query.stride(2),
+        key.stride(0),
+        key.stride(1),
+        key.stride(2),
+        value.stride(0),
+        value.stride(1),
+        value.stride(2),
+        kv_heads,
+        q_len,
+        rows,
+        split_len,
+        splits,
+        scale * 1.4426950408889634,
+        CAUSAL=causal,
+        BLOCK_M=block_m,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_D=block_d,
+        HEAD_DIM=head_dim,
+        num_warps=4,
+        num_stages=3,
+    )
+    lse = torch.logsumexp(part_lse, dim=2)  # [B, Hkv, M]
+    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    weights = torch.exp(part_lse - safe.unsqueeze(2))  # [B, Hkv, S, M]; splits past the valid keys weigh 0
+    out = (weights.unsqueeze(-1) * part_out).sum(dim=2)  # [B, Hkv, M, D]
+    out = out.view(batch, q_heads, q_len, head_dim).to(query.dtype)  # rows are (group, position): [B, Hq, Lq, D]
+    return out, lse.view(batch, q_heads, q_len)

@@ -1,0 +1,126 @@
+"""The local attention kernels against a float64 reference, and the static-shape decode path against the eager one.
+
+CPU tests cover the ``math`` backend (the reference itself, with a valid length over an unfilled buffer) and the
+static decode step of the engine; the CUDA kernels (``sdpa``, ``cudnn``, ``triton``) are checked on a GPU only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_zoo import random_tokens, tiny_model
+from star_lightning.attention import kernels, triton_decode
+from star_lightning.context_group import SingleHostGroup
+from star_lightning.generation import GenerationSettings, StarSettings, generate_star
+from star_lightning.models import use_star_attention
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _qkv(q_heads: int, kv_heads: int, q_len: int, k_len: int, dim: int, dtype: torch.dtype, device: str, seed: int):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(1, q_heads, q_len, dim, dtype=dtype, device=device, generator=gen)
+    k = torch.randn(1, kv_heads, k_len, dim, dtype=dtype, device=device, generator=gen)
+    v = torch.randn(1, kv_heads, k_len, dim, dtype=dtype, device=device, generator=gen)
+    return q, k, v
+
+
+def _explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
+    """Attention written out in float64 with repeated K/V heads: the independent reference."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(groups, dim=1)  # [B, Hq, Lk, D]
+    v = v.double().repeat_interleave(groups, dim=1)
+    scores = q.double() @ k.transpose(-1, -2) * scale  # [B, Hq, Lq, Lk]
+    if causal:
+        q_len, k_len = q.shape[2], k.shape[2]
+        hidden = torch.arange(k_len)[None, :] > (torch.arange(q_len)[:, None] + k_len - q_len)
+        scores = scores.masked_fill(hidden.to(scores.device), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.softmax(scores, dim=-1) @ v, lse
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_math_with_valid_length_ignores_the_unfilled_tail(causal: bool, q_len: int) -> None:
+    """A buffer with a valid length: keys past it (NaN here, as unwritten memory may be) are never seen."""
+    q, k, v = _qkv(4, 2, q_len, 40, 8, torch.float64, "cpu", seed=q_len)
+    valid = 29
+    k_buf, v_buf = k.clone(), v.clone()
+    k_buf[:, :, valid:] = float("nan")
+    v_buf[:, :, valid:] = float("nan")
+    kernels.attach_valid_length(k_buf, torch.tensor([valid], dtype=torch.int32))
+    out, lse = kernels.attention_with_lse(q, k_buf, v_buf, scale=0.3, causal=causal, backend="auto")
+    ref_out, ref_lse = _explicit(q, k[:, :, :valid], v[:, :, :valid], 0.3, causal)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+
+
+def test_auto_kernel_choices_are_validated() -> None:
+    with pytest.raises(ValueError, match="prefill kernel"):
+        kernels.set_auto_prefill_kernel("nope")
+    with pytest.raises(ValueError, match="decode kernel"):
+        kernels.set_auto_decode_kernel("nope")
+    q, k, _ = _qkv(4, 2, 1, 10, 8, torch.float32, "cpu", seed=0)
+    assert kernels.resolve_backend("auto", q, k, None) == "math"  # no CUDA, no fused kernels
+
+
+def test_triton_backend_refuses_cpu_with_a_clear_message() -> None:
+    q, k, v = _qkv(4, 2, 1, 10, 8, torch.float32, "cpu", seed=0)
+    with pytest.raises(ValueError, match="triton"):
+        kernels.attention_with_lse(q, k, v, scale=0.3, causal=True, backend="triton")
+
+
+@pytest.mark.parametrize("mode", ["static"])
+@pytest.mark.parametrize("attention", ["star", "ring"])
+def test_static_decode_equals_eager_decode(mode: str, attention: str) -> None:
+    """The static-shape decode step (preallocated cache + device-side valid length) gives the eager tokens."""
+    model = tiny_model("llama")
+    use_star_attention(model)
+    context, query = random_tokens(48, seed=1), random_tokens(4, seed=2)
+    settings = GenerationSettings(max_new_tokens=7)
+    results = {}
+    for decode in ("eager", mode):
+        star = StarSettings(attention=attention, block_size=16, decode=decode)
+        with torch.no_grad():
+            results[decode] = generate_star(model, context, query, SingleHostGroup(), star, settings)
+    assert results[mode].token_ids == results["eager"].token_ids
+    assert results[mode].stats.decode_mode == mode
+    assert len(results[mode].token_ids) == 7
+
+
+def test_graph_decode_needs_cuda() -> None:
+    from star_lightning.generation import resolve_decode_mode
+
+    assert resolve_decode_mode("auto", torch.device("cpu")) == "eager"
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_decode_mode("graph", torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["sdpa", "cudnn"])
+@pytest.mark.parametrize(("q_len", "k_len", "causal"), [(256, 256, True), (256, 768, True), (128, 384, False)])
+def test_fused_prefill_kernels_against_float64(backend: str, q_len: int, k_len: int, causal: bool) -> None:
+    q, k, v = _qkv(8, 2, q_len, k_len, 128, torch.bfloat16, "cuda", seed=q_len + k_len)
+    out, lse = kernels.attention_with_lse(q, k, v, scale=128**-0.5, causal=causal, backend=backend)
+    ref_out, ref_lse = _explicit(q, k, v, 128**-0.5, causal)
+    assert float((out.double() - ref_out).norm() / ref_out.norm()) < 1e-2
+    assert float((lse.double() - ref_lse).abs().max()) < 5e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.skipif(not triton_decode.available(), reason="needs Triton")
+@pytest.mark.parametrize(("q_len", "causal"), [(1, True), (1, False), (4, True)])
+def test_triton_split_kv_against_float64(q_len: int, causal: bool) -> None:
+    q, k, v = _qkv(32, 8, q_len, 5000, 128, torch.bfloat16, "cuda", seed=q_len)
+    valid = 3333
+    k_buf, v_buf = k.clone(), v.clone()
+    k_buf[:, :, valid:] = float("nan")
+    v_buf[:, :, valid:] = float("nan")
+    kernels.attach_valid_length(k_buf, torch.tensor([valid], dtype=torch.int32, device="cuda"))
+    out, lse = kernels.attention_with_lse(q, k_buf, v_buf, scale=128**-0.5, causal=causal, backend="triton")
+    ref_out, ref_lse = _explicit(q, k[:, :, :valid], v[:, :, :valid], 128**-0.5, causal)
+    assert float((out.double() - ref_out).norm() / ref_out.norm()) < 1e-2
+    assert float((lse.double() - ref_lse).abs().max()) < 5e-2
