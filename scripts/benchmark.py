@@ -195,6 +195,20 @@ def time_cuda(fn: Any, warmup: int = 2, reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def time_graph(fn: Any, calls: int = 10) -> float:
+    """Seconds per call of ``fn`` captured ``calls`` times in one CUDA graph (no launch overhead in the figure)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return time_cuda(graph.replay, warmup=2, reps=10) / calls
+
+
 def time_host(fn: Any, warmup: int = 1, reps: int = 3) -> float:
     for _ in range(warmup):
         fn()
@@ -338,18 +352,16 @@ def kernel_timings(device: torch.device, ceilings: dict[str, float], log: Any) -
         k = torch.randn(1, kv_heads, k_len, dim, device=device, dtype=dtype)
         v = torch.randn(1, kv_heads, k_len, dim, device=device, dtype=dtype)
         kv_bytes = 2 * k.numel() * k.element_size()
-        for backend in ("math", "triton"):
+        for backend, launch in (("math", "eager"), ("triton", "eager"), ("math", "graph"), ("triton", "graph")):
             if backend == "triton" and not triton_decode.available():
                 continue
-            row = {"kernel": backend, "q_len": 1, "k_len": k_len, "causal": True}
+            row = {"kernel": backend, "launch": launch, "q_len": 1, "k_len": k_len, "causal": True}
             try:
-                t = time_cuda(
-                    lambda b=backend, q=q, k=k, v=v: kernels.attention_with_lse(
-                        q, k, v, scale=scale, causal=True, backend=b
-                    ),
-                    warmup=3,
-                    reps=20,
-                )
+
+                def call(b: str = backend, q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v) -> Any:
+                    return kernels.attention_with_lse(q, k, v, scale=scale, causal=True, backend=b)
+
+                t = time_cuda(call, warmup=3, reps=20) if launch == "eager" else time_graph(call)
                 floor = kv_bytes / ceilings["copy_bytes_per_s"]
                 row.update(us=1e6 * t, floor_us=1e6 * floor, fraction_of_bandwidth=floor / t)
             except Exception as error:
@@ -376,7 +388,7 @@ def run_request(
     context = torch.randint(0, vocab, (1, length), generator=gen).to(device)  # [1, L]
     query = torch.randint(0, vocab, (1, args.query_tokens), generator=gen).to(device)  # [1, Lq]
     attention = "dense" if method == "dense" else ("ring" if method == "ring" else "star")
-    wanted = "sdpa" if method == "dense" else ATTENTION_NAME
+    wanted = DENSE_ATTENTION if method == "dense" else ATTENTION_NAME
     if model.config._attn_implementation != wanted:
         model.set_attn_implementation(wanted)
     star = StarSettings(
@@ -391,7 +403,7 @@ def run_request(
         torch.cuda.empty_cache()
     if group is not None and group.size > 1:
         dist.barrier()
-    with torch.inference_mode(), dense_kernel_priority(method, args.dense_prefers):
+    with torch.inference_mode():
         result = generate(model, context, query, group, star, settings)
     s = result.stats
     return {
@@ -403,7 +415,7 @@ def run_request(
         "ttft_s": s.ttft_s,
         "decode_s": s.decode_s,
         "decode_setup_s": s.decode_setup_s,
-        "decode_mode": getattr(s, "decode_mode", "eager") if method != "dense" else "eager (HF)",
+        "decode_mode": s.decode_mode if method != "dense" else "eager (HF)",
         "decode_ms_per_token": s.decode_ms_per_token,
         "total_s": s.total_s,
         "new_tokens": s.new_tokens,
@@ -414,19 +426,38 @@ def run_request(
     }
 
 
-def dense_kernel_priority(method: str, kernel: str) -> Any:
-    """Let HF's sdpa (dense) try the same fused kernel first that star/ring use, so the comparison is fair."""
+DENSE_ATTENTION = "sdpa_bench"
+
+
+def register_dense_attention(prefill_kernel: str) -> str:
+    """HF's own sdpa attention for the dense baseline, trying ``prefill_kernel`` first for long queries (the kernel
+    star and ring use in Phase 1) and PyTorch's default order for short ones (cuDNN builds a new plan for every
+    new cache length, which would make each eager decode step pay for a plan)."""
     import contextlib
 
-    if method != "dense" or kernel != "cudnn" or not torch.cuda.is_available():
-        return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    try:
-        return sdpa_kernel(order, set_priority=True)
-    except TypeError:
-        return contextlib.nullcontext()
+
+    def priority(query_len: int) -> Any:
+        if prefill_kernel != "cudnn" or query_len <= 16 or not torch.cuda.is_available():
+            return contextlib.nullcontext()
+        try:
+            return sdpa_kernel(order, set_priority=True)
+        except TypeError:  # an older torch without priorities
+            return contextlib.nullcontext()
+
+    def dense_attention(module: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        with priority(query.shape[2]):
+            return sdpa(module, query, *args, **kwargs)
+
+    AttentionInterface.register(DENSE_ATTENTION, dense_attention)
+    AttentionMaskInterface.register(DENSE_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return DENSE_ATTENTION
 
 
 def make_record(
@@ -549,7 +580,7 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     dist.broadcast_object_list(choice, src=0)
     kernels.set_auto_prefill_kernel(choice[0])
     kernels.set_auto_decode_kernel(choice[1])
-    args.dense_prefers = choice[0]
+    register_dense_attention(choice[0])
     env["backend_used"] = {"requested": args.backend, "auto_prefill_kernel": choice[0], "auto_decode_kernel": choice[1]}
     log(f"kernels for auto: prefill {choice[0]}, decode {choice[1]}")
 
@@ -804,7 +835,8 @@ def render(raw: dict[str, Any], out_dir: Path) -> None:
                 )
             else:
                 lines.append(
-                    f"| {t['kernel']} | 1 x {t['k_len']} | {t['us']:.0f} us | floor {t['floor_us']:.0f} us | "
+                    f"| {t['kernel']} ({t.get('launch', 'eager')} launch) | 1 x {t['k_len']} | {t['us']:.0f} us | "
+                    f"floor {t['floor_us']:.0f} us | "
                     f"{100 * t['fraction_of_bandwidth']:.0f}% of copy bandwidth |"
                 )
     if raw.get("failures"):
@@ -881,7 +913,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = [m for m in args.methods.split(",") if m]
     if args.warmup_length is None:
         args.warmup_length = 64 if args.tiny else 4096
-    args.dense_prefers = "sdpa"
     args.command_line = "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     return args
 

@@ -105,13 +105,18 @@ class StarCacheLayer(CacheLayerMixin):
 
     def _static_update(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
         """Write the token's KV at the device-side slot (no host sync, no shape change) and return the whole buffer."""
-        if not self.is_initialized:
-            raise RuntimeError("the context KV cache is empty: Phase 1 must run before Phase 2")
+        keys, values = self.buffers()
         slot = self.state.write_slot
         if self.state.store_new_tokens and slot is not None:
-            self.keys.index_copy_(2, slot, key_states)  # [B, Hkv, C, D] <- [B, Hkv, 1, D]
-            self.values.index_copy_(2, slot, value_states)
-        attach_valid_length(self.keys, self.state.valid_length)
+            keys.index_copy_(2, slot, key_states)  # [B, Hkv, C, D] <- [B, Hkv, 1, D]
+            values.index_copy_(2, slot, value_states)
+        attach_valid_length(keys, self.state.valid_length)
+        return keys, values
+
+    def buffers(self) -> tuple[Tensor, Tensor]:
+        """The whole preallocated buffers ``[B, Hkv, C, D]``."""
+        if not self.is_initialized or self.keys is None or self.values is None:
+            raise RuntimeError("the context KV cache is empty: Phase 1 must run before Phase 2")
         return self.keys, self.values
 
     def use_context_prefix_as_anchor(self, length: int) -> None:
@@ -162,7 +167,7 @@ class StarKVCache(Cache):
 
     def begin_static_decode(self, *, store_new_tokens: bool) -> None:
         """Switch to ``decode_static``; the query host (``store_new_tokens``) writes each new token's KV."""
-        device = self.star_layers[0].keys.device
+        device = self.star_layers[0].buffers()[0].device
         self.set_mode("decode_static", store_new_tokens=store_new_tokens)
         self.state.write_slot = torch.zeros(1, dtype=torch.long, device=device)
         self.state.valid_length = torch.zeros(1, dtype=torch.int32, device=device)
@@ -184,7 +189,7 @@ class StarKVCache(Cache):
 
     def end_static_decode(self) -> None:
         for layer in self.star_layers:
-            if layer.is_initialized:
+            if layer.is_initialized and layer.keys is not None:
                 attach_valid_length(layer.keys, None)
         self.state.write_slot = self.state.valid_length = None
         self.set_mode("query")

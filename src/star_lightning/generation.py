@@ -236,7 +236,7 @@ class StaticDecoder:
         self, model: nn.Module, cache: StarKVCache, group: ContextGroup, backend: str, last_position: int, graph: bool
     ) -> None:
         self.model, self.cache, self.group, self.use_graph = model, cache, group, graph
-        device = cache.star_layers[0].keys.device
+        device = cache.star_layers[0].buffers()[0].device
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
         self.positions = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
         self.step = AttentionStep(

@@ -25,6 +25,7 @@ passes the whole preallocated cache buffer that way; only the first ``valid`` ke
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Literal
 
 import torch
@@ -42,7 +43,9 @@ _MAX_SCORE_ELEMENTS = 64 * 1024 * 1024
 # Queries up to this length count as "short" (decoding, short queries) for ``auto``.
 _SHORT_QUERY = 16
 _VALID_LENGTH_ATTR = "_star_valid_length"
-_auto_prefill_kernel = "sdpa"
+# cuDNN's attention ran at 578-599 TFLOP/s on an H200 against flash's 338-347 on the star-block shapes of the 128K
+# benchmark (benchmarks/results.md); ``auto`` falls back to flash where cuDNN refuses a call.
+_auto_prefill_kernel = "cudnn"
 _auto_decode_kernel = "triton"
 # Whether the fused kernels take K/V with fewer heads than Q (None: not probed yet in this process).
 _native_gqa: dict[str, bool | None] = {"sdpa": None, "cudnn": None}
@@ -156,6 +159,15 @@ def attention_with_lse(
         return _flash_attn_attention(query, key, value, scale=scale, causal=causal, softcap=softcap)
     if softcap is not None:
         raise ValueError(f"the {chosen!r} backend has no logit soft-capping; use --model.backend math or flash_attn")
+    if backend == "auto" and chosen == "cudnn":
+        try:
+            return _fused_attention("cudnn", query, key, value, scale=scale, causal=causal)
+        except RuntimeError as error:
+            warnings.warn(
+                f"cuDNN attention failed ({error}); 'auto' uses the flash kernel (sdpa) from now on", stacklevel=2
+            )
+            set_auto_prefill_kernel("sdpa")
+            chosen = "sdpa"
     return _fused_attention(chosen, query, key, value, scale=scale, causal=causal)
 
 

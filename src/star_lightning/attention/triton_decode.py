@@ -110,6 +110,42 @@ if _TRITON:
         )
         tl.store(lse_ptr + base + offs_m, lse, mask=row_ok)
 
+    @triton.jit
+    def _combine_kernel(
+        part_out_ptr,
+        part_lse_ptr,
+        out_ptr,
+        lse_ptr,
+        num_splits,
+        rows,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+    ):
+        """Merge one row's split partials exactly: lse = logsumexp_s(lse_s), out = sum_s exp(lse_s - lse) out_s."""
+        row = tl.program_id(0)  # (batch * KV head) * rows + row; partials are [B * Hkv, S, rows, D]
+        bh = row // rows
+        r = row % rows
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        s_ok = offs_s < num_splits
+        idx = (bh * num_splits + offs_s) * rows + r  # [S]
+        lse_s = tl.load(part_lse_ptr + idx, mask=s_ok, other=float("-inf"))
+        top = tl.max(lse_s, axis=0)
+        top_safe = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.exp(lse_s - top_safe)  # [S]; empty splits weigh 0
+        total = tl.sum(w, axis=0)
+        parts = tl.load(
+            part_out_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        acc = tl.sum(parts * w[:, None], axis=0)  # [D]
+        has = total > 0.0
+        out = tl.where(has, acc / tl.where(has, total, 1.0), 0.0)
+        lse = tl.where(has, top_safe + tl.log(tl.where(has, total, 1.0)), float("-inf"))
+        tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+        tl.store(lse_ptr + row, lse)
+
 
 # Rows (query heads per KV head x query tokens) the kernel handles in one tile; more goes elsewhere.
 MAX_ROWS = 64
@@ -192,9 +228,19 @@ def split_kv_attention(
         num_warps=4,
         num_stages=3,
     )
-    lse = torch.logsumexp(part_lse, dim=2)  # [B, Hkv, M]
-    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    weights = torch.exp(part_lse - safe.unsqueeze(2))  # [B, Hkv, S, M]; splits past the valid keys weigh 0
-    out = (weights.unsqueeze(-1) * part_out).sum(dim=2)  # [B, Hkv, M, D]
-    out = out.view(batch, q_heads, q_len, head_dim).to(query.dtype)  # rows are (group, position): [B, Hq, Lq, D]
-    return out, lse.view(batch, q_heads, q_len)
+    out = torch.empty(batch, kv_heads, rows, head_dim, device=query.device, dtype=query.dtype)  # [B, Hkv, M, D]
+    lse = torch.empty(batch, kv_heads, rows, device=query.device, dtype=torch.float32)  # [B, Hkv, M]
+    _combine_kernel[(batch * kv_heads * rows, 1)](
+        part_out,
+        part_lse,
+        out,
+        lse,
+        splits,
+        rows,
+        BLOCK_S=triton.next_power_of_2(splits),
+        BLOCK_D=block_d,
+        HEAD_DIM=head_dim,
+        num_warps=4,
+    )
+    # rows are (group, position), so the views are [B, Hq, Lq, D] and [B, Hq, Lq]
+    return out.view(batch, q_heads, q_len, head_dim), lse.view(batch, q_heads, q_len)
