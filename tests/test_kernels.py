@@ -124,3 +124,21 @@ def test_triton_split_kv_against_float64(q_len: int, causal: bool) -> None:
     ref_out, ref_lse = _explicit(q, k[:, :, :valid], v[:, :, :valid], 128**-0.5, causal)
     assert float((out.double() - ref_out).norm() / ref_out.norm()) < 1e-2
     assert float((lse.double() - ref_lse).abs().max()) < 5e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_decode_replays_the_static_step(dtype: torch.dtype) -> None:
+    """The captured CUDA graph runs the same kernels as the static step: the same tokens, token by token."""
+    model = tiny_model("llama", dtype=dtype).cuda()
+    use_star_attention(model)
+    context, query = random_tokens(300, seed=3).cuda(), random_tokens(4, seed=4).cuda()
+    settings = GenerationSettings(max_new_tokens=9)
+    results = {}
+    for decode in ("static", "graph"):
+        star = StarSettings(attention="star", block_size=100, decode=decode)
+        with torch.no_grad():
+            results[decode] = generate_star(model, context, query, SingleHostGroup(), star, settings)
+    assert results["graph"].token_ids == results["static"].token_ids
+    assert results["graph"].stats.decode_mode == "graph"
