@@ -12,6 +12,8 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from star_lightning.callbacks.prediction_writer import JsonlPredictionWriter
+from star_lightning.callbacks.profiling import PhaseProfiler
+from star_lightning.callbacks.progress import RequestProgress
 from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
@@ -53,7 +55,7 @@ class StarLightningCLI(LightningCLI):
         output = self.config["predict"]["output"]
         writer = JsonlPredictionWriter(output)
         callbacks: list[Any] = self.trainer.callbacks  # type: ignore[attr-defined]
-        callbacks.append(writer)
+        callbacks.extend([writer, PhaseProfiler(), RequestProgress()])
         self.datamodule.resume_from = output
 
 

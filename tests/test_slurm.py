@@ -1,0 +1,58 @@
+"""``sbatch slurm/predict.sh`` on a real one-node SLURM cluster (CPU tasks, gloo), as on a GPU cluster."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import REPO, STAR_LIGHTNING, SlurmCluster, predict_args, read_indices, slurm_cluster, write_requests
+
+pytestmark = pytest.mark.slurm
+__all__ = ["slurm_cluster"]  # the fixture, imported so pytest finds it
+
+SCRIPT = REPO / "slurm" / "predict.sh"
+CPU_OPTIONS = ("--gpus-per-node=0", "--cpus-per-task=1", "--time=5", "--nodes=1")
+
+
+def _sbatch(cluster: SlurmCluster, workdir: Path, options: list[str], args: list[str]) -> tuple[str, str]:
+    """Submit with ``--wait``; returns (job id, the job's output file's text)."""
+    output = workdir / "job.out"
+    result = subprocess.run(
+        ["sbatch", "--parsable", "--wait", f"--chdir={workdir}", f"--output={output}", *options, str(SCRIPT), *args],
+        env=cluster.env(STAR_ACCELERATOR="cpu", STAR_LIGHTNING=str(STAR_LIGHTNING)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    text = output.read_text() if output.exists() else ""
+    assert result.returncode == 0, f"sbatch failed (rc={result.returncode}): {result.stderr}\njob output:\n{text}"
+    return result.stdout.strip().split(";")[0], text
+
+
+def test_sbatch_two_tasks_writes_every_request_once(
+    slurm_cluster: SlurmCluster, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    data = write_requests(tmp_path / "requests.jsonl", 6)
+    output = tmp_path / "predictions.jsonl"
+    args = predict_args(tiny_model_dir, data, output, "--trainer.strategy.timeout_s", "60")[1:]  # minus "predict"
+    args.remove("--trainer.accelerator")
+    args.remove("cpu")
+    start = time.monotonic()
+    job, text = _sbatch(slurm_cluster, tmp_path, [*CPU_OPTIONS, "--ntasks-per-node=2"], args)
+    assert sorted(read_indices(output)) == list(range(6)), text
+    # Lightning took ranks and the world from SLURM, with the sizes the script derived from the allocation.
+    assert "1 node(s) x 2 task(s), accelerator cpu" in text
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in text
+    accounting = slurm_cluster.run("scontrol", "show", "job", job).stdout
+    assert "ExitCode=0:0" in accounting, accounting
+    assert time.monotonic() - start < 90
+
+
+def test_sbatch_outside_slurm_explains_how_to_submit() -> None:
+    result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert "submit it with sbatch" in result.stderr
