@@ -70,14 +70,14 @@ class StarCacheLayer(CacheLayerMixin):
             raise RuntimeError(
                 f"KV cache overflow: {self.length} + {new} tokens exceed the capacity {self.state.capacity}"
             )
-        self.keys[:, :, self.length : self.length + new] = keys
-        self.values[:, :, self.length : self.length + new] = values
+        buffer_keys, buffer_values = self.buffers()
+        buffer_keys[:, :, self.length : self.length + new] = keys
+        buffer_values[:, :, self.length : self.length + new] = values
         self.length += new
 
     def context_view(self) -> tuple[Tensor, Tensor]:
-        if not self.is_initialized:
-            raise RuntimeError("the context KV cache is empty: Phase 1 must run before Phase 2")
-        return self.keys[:, :, : self.length], self.values[:, :, : self.length]  # [B, Hkv, len, D]
+        keys, values = self.buffers()
+        return keys[:, :, : self.length], values[:, :, : self.length]  # [B, Hkv, len, D]
 
     def update(
         self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
+from transformers import DynamicCache, PretrainedConfig
 
 from star_lightning.attention.star import AttentionStep
 from star_lightning.cache import StarKVCache
@@ -120,8 +120,15 @@ def _positions(start: int, stop: int, device: torch.device) -> Tensor:
     return torch.arange(start, stop, device=device).unsqueeze(0)  # [1, L]
 
 
+def _config(model: nn.Module) -> PretrainedConfig:
+    config = getattr(model, "config", None)
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"{type(model).__name__} is not a transformers model (it has no PretrainedConfig)")
+    return config
+
+
 def _num_layers(model: nn.Module) -> int:
-    config = model.config
+    config = _config(model)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text_config.num_hidden_layers)
 
@@ -415,7 +422,7 @@ def generate_dense(
         torch.cuda.reset_peak_memory_stats(device)
     context_length, query_length = context_ids.shape[1], query_ids.shape[1]
     stats = RequestStats(context_tokens=context_length, local_context_tokens=context_length, query_tokens=query_length)
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=_config(model))
     t0 = time.perf_counter()
     _forward(model, context_ids, _positions(0, context_length, device), cache)
     _synchronize(device)

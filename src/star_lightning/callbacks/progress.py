@@ -26,7 +26,7 @@ class RequestProgress(Callback):
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)
         remaining = len(getattr(datamodule, "requests", ()))
         self._total = int(getattr(datamodule, "total_requests", remaining))
         self._resumed = self._total - remaining
