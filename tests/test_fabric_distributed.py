@@ -35,6 +35,9 @@ def _run(fabric: Fabric) -> dict:
         "sampler": strategy.distributed_sampler_kwargs,
     }
     strategy.teardown()
+    # gloo aborts a process that exits while a peer still talks to it: leave the world group in step.
+    fabric.barrier()
+    torch.distributed.destroy_process_group()
     return result
 
 
