@@ -591,7 +591,7 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     log(f"model built: {sum(p.numel() for p in model.parameters()) / 1e9:.3f} B parameters")
 
     host_counts = sorted({h for h in args.hosts if h <= world and world % h == 0})
-    groups = {h: new_context_group(ParallelLayout(world, h), rank) for h in host_counts}
+    groups = {h: new_context_group(ParallelLayout(world, h), rank, device) for h in host_counts}
     records: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     env["native_gqa"] = {}

@@ -152,6 +152,13 @@ def test_an_existing_output_is_resumed_not_rewritten(tiny_model_dir: Path, tmp_p
             '"index": 3}\n',
             "index 3 was already used on line 1",
         ),
+        (
+            [],
+            '{"input_context": "a", "input_query": "b", "max_new_tokens": 0}\n',
+            "line 1: 'max_new_tokens' must be a positive integer",
+        ),
+        (["--trainer.strategy.gpus_per_host", "0"], None, "gpus_per_host must be a positive number of GPUs"),
+        (["--trainer.strategy.gpus_per_host", "2"], None, "gpus_per_host=2 spreads one model copy over several GPUs"),
     ],
 )
 def test_bad_input_exits_with_a_message_naming_the_problem(
@@ -229,3 +236,17 @@ def test_distributed_layout_errors_exit_nonzero_on_every_rank(tiny_model_dir: Pa
     )
     assert result.returncode != 0
     assert "fewer than the 2 hosts" in result.stderr and "Lower --model.block_size" in result.stderr
+
+
+def test_a_request_budget_lowers_max_new_tokens_for_that_request(tiny_model_dir: Path) -> None:
+    from star_lightning.module import StarAttentionLM
+
+    module = StarAttentionLM(pretrained=str(tiny_model_dir), block_size=32, max_new_tokens=8, dtype="float64")
+    request = {"index": 0, "input_context": CONTEXTS[0], "input_query": " What is the number?"}
+    with torch.no_grad():
+        full = module.run_request(request).token_ids
+        short = module.run_request({**request, "max_new_tokens": 3}).token_ids
+        capped = module.run_request({**request, "max_new_tokens": 50}).token_ids
+    assert len(full) == 8, "the random model ended early; pick another context"
+    assert short == full[:3]
+    assert capped == full  # --model.max_new_tokens stays the upper bound

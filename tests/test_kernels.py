@@ -1,7 +1,8 @@
 """The local attention kernels against a float64 reference, and the static-shape decode path against the eager one.
 
-CPU tests cover the ``math`` backend (the reference itself, with a valid length over an unfilled buffer) and the
-static decode step of the engine; the CUDA kernels (``sdpa``, ``cudnn``, ``triton``) are checked on a GPU only.
+CPU tests cover the ``math`` backend (the reference itself, with a valid length over an unfilled buffer), the CPU
+flash kernel (``sdpa`` on CPU, what ``auto`` uses there) and the static decode step of the engine; the CUDA kernels
+(``sdpa``, ``cudnn``, ``triton``) are checked on a GPU only.
 """
 
 from __future__ import annotations
@@ -61,8 +62,6 @@ def test_auto_kernel_choices_are_validated() -> None:
         kernels.set_auto_prefill_kernel("nope")
     with pytest.raises(ValueError, match="decode kernel"):
         kernels.set_auto_decode_kernel("nope")
-    q, k, _ = _qkv(4, 2, 1, 10, 8, torch.float32, "cpu", seed=0)
-    assert kernels.resolve_backend("auto", q, k, None) == "math"  # no CUDA, no fused kernels
 
 
 def test_triton_backend_refuses_cpu_with_a_clear_message() -> None:
@@ -92,9 +91,38 @@ def test_static_decode_equals_eager_decode(mode: str, attention: str) -> None:
 def test_graph_decode_needs_cuda() -> None:
     from star_lightning.generation import resolve_decode_mode
 
-    assert resolve_decode_mode("auto", torch.device("cpu")) == "eager"
+    assert resolve_decode_mode("auto", [torch.device("cpu")]) == "eager"
     with pytest.raises(ValueError, match="CUDA"):
-        resolve_decode_mode("graph", torch.device("cpu"))
+        resolve_decode_mode("graph", [torch.device("cpu")])
+    two_gpus = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert resolve_decode_mode("auto", two_gpus) == "eager"  # a model spread over a host's GPUs
+    with pytest.raises(ValueError, match="spread over 2 GPUs"):
+        resolve_decode_mode("static", two_gpus)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("q_len", "k_len", "causal"), [(64, 64, True), (48, 160, True), (1, 160, False), (1, 1, True)])
+def test_cpu_kernels_against_float64(backend: str, dtype: torch.dtype, q_len: int, k_len: int, causal: bool) -> None:
+    q, k, v = _qkv(8, 2, q_len, k_len, 32, dtype, "cpu", seed=q_len + k_len)
+    out, lse = kernels.attention_with_lse(q, k, v, scale=32**-0.5, causal=causal, backend=backend)
+    ref_out, ref_lse = _explicit(q, k, v, 32**-0.5, causal)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.double(), ref_out, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=tolerance, atol=tolerance)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def test_auto_on_cpu_uses_the_flash_kernel_except_with_soft_capping() -> None:
+    q, k, _ = _qkv(4, 2, 8, 8, 16, torch.float32, "cpu", seed=0)
+    assert kernels.resolve_backend("auto", q, k, softcap=None) == "sdpa"
+    assert kernels.resolve_backend("auto", q, k, softcap=30.0) == "math"
+
+
+def test_cuda_only_backend_on_cpu_is_refused_by_name() -> None:
+    q, k, v = _qkv(4, 2, 8, 8, 16, torch.float32, "cpu", seed=0)
+    with pytest.raises(ValueError, match="'cudnn' attention backend needs CUDA"):
+        kernels.attention_with_lse(q, k, v, scale=0.25, causal=True, backend="cudnn")
 
 
 @pytest.mark.gpu

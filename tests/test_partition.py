@@ -52,3 +52,33 @@ def test_layout_splits_world_into_contiguous_context_parallel_groups() -> None:
         make_layout(6, 4)
     with pytest.raises(ConfigurationError, match="positive"):
         make_layout(4, 0)
+
+
+def test_hosts_of_several_gpus_take_consecutive_gpus_of_their_node() -> None:
+    from star_lightning.topology import host_gpu_indices
+
+    common = {"gpus_per_host": 2, "processes_per_node": 4, "accelerator": "cuda"}
+    assert [host_gpu_indices(local_rank=r, visible_gpus=8, **common) for r in range(4)] == [
+        [0, 1],
+        [2, 3],
+        [4, 5],
+        [6, 7],
+    ]
+    # A job that binds exactly the host's GPUs to each process: every process sees its own two as 0 and 1.
+    assert host_gpu_indices(local_rank=3, visible_gpus=2, **common) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("visible", "accelerator", "message"),
+    [
+        (4, "cuda", r"needs 8 GPUs per node, but 4 are visible; run 2 process\(es\) per node"),
+        (8, "cpu", "the accelerator is 'cpu'; use --trainer.accelerator gpu, or gpus_per_host 1"),
+    ],
+)
+def test_hosts_of_several_gpus_are_validated_with_the_fix(visible: int, accelerator: str, message: str) -> None:
+    from star_lightning.topology import host_gpu_indices
+
+    with pytest.raises(ConfigurationError, match=message):
+        host_gpu_indices(
+            gpus_per_host=2, local_rank=0, processes_per_node=4, visible_gpus=visible, accelerator=accelerator
+        )

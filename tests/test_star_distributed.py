@@ -30,7 +30,11 @@ def _run_request(rank: int, world_size: int, family: str) -> dict:
     """What one host computes: first-token logits and generated tokens for star and ring."""
     model = tiny_model(family)
     use_star_attention(model)
-    group = DistributedContextGroup(None, list(range(world_size))) if world_size > 1 else SingleHostGroup()
+    group = (
+        DistributedContextGroup(None, list(range(world_size)), torch.device("cpu"))
+        if world_size > 1
+        else SingleHostGroup()
+    )
     context, query = random_tokens(CONTEXT, seed=1), random_tokens(QUERY, seed=2)
     plan = plan_blocks(CONTEXT, BLOCK, group.size, ANCHOR)
     extra = QUERY + NEW

@@ -2,6 +2,10 @@
 
 ``predict`` takes the model (``--model.*``), the requests (``--data.*``), the trainer (``--trainer.*``, with the
 ``star`` strategy by default) and ``--output``; any of them can come from ``--config configs/*.yaml``.
+
+Configs use OmegaConf interpolation (``anchor_block_size: ${model.block_size}``), resolved after the command line
+is merged (jsonargparse's ``omegaconf+`` mode), so a value given on the command line also changes the values that
+derive from it.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from star_lightning.callbacks.prediction_writer import JsonlPredictionWriter
@@ -59,12 +64,15 @@ class StarLightningCLI(LightningCLI):
         self.datamodule.resume_from = output
 
 
-def run_predict(argv: list[str]) -> int:
+def run_predict(argv: list[str] | None) -> int:
+    """``argv`` None: LightningCLI reads the process's own command line (``star-lightning predict ...``)."""
+    # Interpolations written from the config's root (``${model.block_size}``) resolve against the merged config.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     StarLightningCLI(
         StarAttentionLM,
         RequestDataModule,
-        args=["predict", *argv],
-        parser_kwargs={"parser_mode": "omegaconf"},
+        args=None if argv is None else ["predict", *argv],
+        parser_kwargs={"parser_mode": "omegaconf+"},
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=None,
         auto_configure_optimizers=False,
@@ -81,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     try:
         if command == "predict":
-            return run_predict(rest)
+            return run_predict(None if argv is None else rest)
         if command == "generate":
             from star_lightning.data.generate_command import main as generate_main
 

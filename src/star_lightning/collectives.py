@@ -18,11 +18,13 @@ class DistributedContextGroup:
     """A context-parallel group backed by a ``torch.distributed`` process group.
 
     ``ranks`` are the global ranks of the group in host order; the last one is the query host (it owns the last
-    context block).
+    context block). ``device`` is where the collectives run (the process's root device); tensors that live on
+    another device (a model spread over several GPUs of a host) are copied there and back.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None, ranks: list[int]) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, ranks: list[int], device: torch.device) -> None:
         self._group = group
+        self._device = device
         self._ranks = list(ranks)
         self._rank = self._ranks.index(dist.get_rank())
         self._bytes = 0
@@ -44,20 +46,21 @@ class DistributedContextGroup:
         return self._bytes
 
     def gather_partials(self, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
-        packed = pack_partials(out, lse).contiguous()  # [B, H, L, D + 1]
+        packed = pack_partials(out, lse).to(self._device).contiguous()  # [B, H, L, D + 1]
         gathered = torch.empty((self.size, *packed.shape), dtype=packed.dtype, device=packed.device)
         if dist.get_backend(self._group) == dist.Backend.NCCL:
             dist.all_gather_into_tensor(gathered, packed, group=self._group)
         else:
             dist.all_gather(list(gathered.unbind(0)), packed, group=self._group)
         self._bytes += packed.numel() * packed.element_size() * (self.size - 1)
-        return unpack_partials(gathered, out.dtype)  # [N, B, H, L, D], [N, B, H, L]
+        return unpack_partials(gathered.to(out.device), out.dtype)  # [N, B, H, L, D], [N, B, H, L]
 
     def broadcast_from_query_host(self, tensor: Tensor) -> Tensor:
-        dist.broadcast(tensor, src=self._ranks[self.query_host], group=self._group)
+        local = tensor.to(self._device)
+        dist.broadcast(local, src=self._ranks[self.query_host], group=self._group)
         if self.rank == self.query_host:
             self._bytes += tensor.numel() * tensor.element_size() * (self.size - 1)
-        return tensor
+        return local.to(tensor.device)
 
     def close(self) -> None:
         """Destroy the subgroup (the world group belongs to Lightning): no communicator outlives the job."""
@@ -66,7 +69,8 @@ class DistributedContextGroup:
             self._group = None
 
     def ring_shift(self, tensor: Tensor, recv_shape: tuple[int, ...]) -> Tensor:
-        tensor = tensor.contiguous()
+        home = tensor.device
+        tensor = tensor.to(self._device).contiguous()
         received = tensor.new_empty(recv_shape)
         send_to = self._ranks[(self.rank + 1) % self.size]
         recv_from = self._ranks[(self.rank - 1) % self.size]
@@ -77,16 +81,16 @@ class DistributedContextGroup:
         for request in dist.batch_isend_irecv(ops):
             request.wait()
         self._bytes += tensor.numel() * tensor.element_size()
-        return received
+        return received.to(home)
 
 
-def new_context_group(layout: ParallelLayout, global_rank: int) -> DistributedContextGroup:
+def new_context_group(layout: ParallelLayout, global_rank: int, device: torch.device) -> DistributedContextGroup:
     """Create every context-parallel process group (all ranks must take part) and return this rank's."""
     mine: DistributedContextGroup | None = None
     for ranks in layout.all_context_parallel_groups():
         group = dist.new_group(ranks) if layout.data_parallel_size > 1 else None
         if global_rank in ranks:
-            mine = DistributedContextGroup(group, ranks)
+            mine = DistributedContextGroup(group, ranks, device)
     if mine is None:
         raise RuntimeError(f"rank {global_rank} is in no context-parallel group of {layout}")
     return mine

@@ -1,8 +1,8 @@
 """The context-parallel part shared by the Trainer strategy and the Fabric strategy.
 
 Lightning's Trainer and Fabric have separate strategy class trees; this mixin, placed before their DDP strategy
-in the bases, adds the layout ``world = data_parallel x context_parallel``, the process groups and the sampler
-split to either of them.
+in the bases, adds the layout ``world = data_parallel x context_parallel``, the process groups, the sampler split
+and hosts of several GPUs to either of them.
 """
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import torch
+
 from star_lightning.collectives import DistributedContextGroup, new_context_group
 from star_lightning.context_group import ContextGroup
 from star_lightning.errors import ConfigurationError
-from star_lightning.topology import ParallelLayout, make_layout
+from star_lightning.topology import ParallelLayout, host_gpu_indices, make_layout
 
 
 class ContextParallelMixin:
@@ -21,35 +23,82 @@ class ContextParallelMixin:
 
     world_size: int
     global_rank: int
+    local_rank: int
+    num_processes: int
 
     def __init__(
         self,
         *,
         context_parallel_size: int | None = None,
+        gpus_per_host: int = 1,
         timeout_s: float = 600.0,
         process_group_backend: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if timeout_s <= 0:
-            raise ConfigurationError(f"timeout_s must be positive, got {timeout_s}")
         super().__init__(  # type: ignore[call-arg]
-            timeout=timedelta(seconds=timeout_s), process_group_backend=process_group_backend, **kwargs
+            timeout=timedelta(seconds=max(timeout_s, 1e-3)), process_group_backend=process_group_backend, **kwargs
         )
+        self._timeout_s = timeout_s
         self._context_parallel_size = context_parallel_size
+        self._gpus_per_host = gpus_per_host
+        self._host_gpus: list[int] | None = None
         self._layout: ParallelLayout | None = None
         self._context_group: DistributedContextGroup | None = None
 
+    def _validate_settings(self) -> None:
+        # Here rather than in __init__: the command line reports these errors itself (jsonargparse would wrap them).
+        if self._timeout_s <= 0:
+            raise ConfigurationError(
+                f"timeout_s must be a positive number of seconds, got {self._timeout_s}; set "
+                "--trainer.strategy.timeout_s to how long a collective may wait for a peer"
+            )
+        gpus = self._gpus_per_host
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+            raise ConfigurationError(
+                f"gpus_per_host must be a positive number of GPUs, got {gpus!r}; set "
+                "--trainer.strategy.gpus_per_host 1 (one GPU per process) or the GPUs one model copy needs"
+            )
+
     def setup_environment(self) -> None:
-        # The layout is validated before the process group exists, so a bad size fails fast on every rank.
+        # The settings, the layout and the GPUs are validated before the process group exists, so a bad value fails
+        # fast on every rank and before any weights are read.
+        self._validate_settings()
         self._layout = make_layout(self.world_size, self._context_parallel_size)
+        if self._gpus_per_host > 1:
+            self._host_gpus = host_gpu_indices(
+                gpus_per_host=self._gpus_per_host,
+                local_rank=self.local_rank,
+                processes_per_node=self.num_processes,
+                visible_gpus=torch.cuda.device_count(),
+                accelerator=super().root_device.type,  # type: ignore[misc]
+            )
         super().setup_environment()  # type: ignore[misc]
-        self._context_group = new_context_group(self._layout, self.global_rank)
+        self._context_group = new_context_group(self._layout, self.global_rank, self.root_device)
 
     def teardown(self) -> None:
         if self._context_group is not None:
             self._context_group.close()
             self._context_group = None
         super().teardown()  # type: ignore[misc]
+
+    @property
+    def root_device(self) -> torch.device:
+        """The first GPU of this process's host (with one GPU per host: Lightning's own choice)."""
+        if self._host_gpus is None:
+            return super().root_device  # type: ignore[misc,no-any-return]
+        return torch.device("cuda", self._host_gpus[0])
+
+    @property
+    def host_devices(self) -> list[torch.device]:
+        """The devices one copy of the model is spread over: ``gpus_per_host`` GPUs, or the root device."""
+        if self._host_gpus is None:
+            return [self.root_device]
+        return [torch.device("cuda", index) for index in self._host_gpus]
+
+    def model_to_device(self) -> None:
+        # A model spread over the host's GPUs was placed when it was loaded; moving it would undo the split.
+        if self._host_gpus is None:
+            super().model_to_device()  # type: ignore[misc]
 
     @property
     def layout(self) -> ParallelLayout:

@@ -95,9 +95,15 @@ class GenerationResult:
 StopCheck = Callable[[list[int]], bool]
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def model_devices(model: nn.Module) -> list[torch.device]:
+    """The devices holding the model's weights: one, or the GPUs of a host the layers are spread over."""
+    return sorted({param.device for param in model.parameters()}, key=str)
+
+
+def _synchronize(devices: list[torch.device]) -> None:
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 def _forward(
@@ -221,13 +227,20 @@ def decode_step(
     return _forward(model, token, _positions(position, position + 1, token.device), cache, step)
 
 
-def resolve_decode_mode(mode: str, device: torch.device) -> str:
+def resolve_decode_mode(mode: str, devices: list[torch.device]) -> str:
+    """``auto``: a CUDA graph on one GPU; eager on CPU and on a model spread over several GPUs."""
     if mode not in ("auto", "eager", "static", "graph"):
         raise ValueError(f"unknown decode mode {mode!r}; choose auto, eager, static or graph")
+    on_one_gpu = len(devices) == 1 and devices[0].type == "cuda"
     if mode == "auto":
-        return "graph" if device.type == "cuda" else "eager"
-    if mode == "graph" and device.type != "cuda":
+        return "graph" if on_one_gpu else "eager"
+    if mode == "graph" and devices[0].type != "cuda":
         raise ValueError("decode mode 'graph' needs CUDA (CUDA graphs); use 'static' or 'eager' on this device")
+    if mode in ("static", "graph") and len(devices) > 1:
+        raise ValueError(
+            f"decode mode {mode!r} needs the model on one device, but it is spread over {len(devices)} GPUs "
+            "(gpus_per_host > 1); use --model.decode eager or auto"
+        )
     return mode
 
 
@@ -329,9 +342,16 @@ def sample_loop(
     return tokens
 
 
-def _peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+def _reset_peak_memory(devices: list[torch.device]) -> None:
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_bytes(devices: list[torch.device]) -> int:
+    """The host's peak: allocated memory summed over its GPUs, or the process's resident set on CPU."""
+    if devices[0].type == "cuda":
+        return sum(int(torch.cuda.max_memory_allocated(device)) for device in devices)
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -348,11 +368,12 @@ def generate_star(
 ) -> GenerationResult:
     """One request with Star Attention (or the ring baseline) over the hosts of ``group``."""
     device = context_ids.device
+    devices = model_devices(model)
     context_length, query_length = context_ids.shape[1], query_ids.shape[1]
     if query_length == 0:
         raise ValueError("the query is empty: every request needs a non-empty 'input_query'")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    mode = resolve_decode_mode(star.decode, devices)
+    _reset_peak_memory(devices)
     extra = query_length + settings.max_new_tokens if is_query_host(group) else 0
     stats = RequestStats(context_tokens=context_length, query_tokens=query_length)
     bytes_before = group.bytes_moved
@@ -365,13 +386,12 @@ def generate_star(
             model, context_ids, plan, group, extra_capacity=extra, reuse_anchor=star.reuse_anchor, backend=star.backend
         )
     stats.local_context_tokens = cache.context_length()
-    _synchronize(device)
+    _synchronize(devices)
     t1 = time.perf_counter()
     first_logits = encode_query(model, cache, query_ids, context_length, group, star.backend)
-    _synchronize(device)
+    _synchronize(devices)
     t2 = time.perf_counter()
     start = context_length + query_length
-    mode = resolve_decode_mode(star.decode, device)
     decoder = None
     if mode != "eager" and settings.max_new_tokens > 1:
         last = start + settings.max_new_tokens - 1
@@ -385,7 +405,7 @@ def generate_star(
 
     try:
         tokens = sample_loop(first_logits, next_logits, group, settings, stop_check)
-        _synchronize(device)
+        _synchronize(devices)
     finally:
         if decoder is not None:
             decoder.close()
@@ -398,7 +418,7 @@ def generate_star(
     # The capture pass counted one step's bytes without moving them; every replay moves them.
     replayed = decoder.bytes_per_step * (decoder.replays - 1) if decoder is not None and decoder.replays else 0
     stats.phase2_bytes = group.bytes_moved - bytes_before + replayed
-    stats.peak_mem_bytes = _peak_memory_bytes(device)
+    stats.peak_mem_bytes = _peak_memory_bytes(devices)
     return GenerationResult(tokens, stats)
 
 
@@ -418,18 +438,18 @@ def generate_dense(
             "--model.attention star/ring"
         )
     device = context_ids.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    devices = model_devices(model)
+    _reset_peak_memory(devices)
     context_length, query_length = context_ids.shape[1], query_ids.shape[1]
     stats = RequestStats(context_tokens=context_length, local_context_tokens=context_length, query_tokens=query_length)
     cache = DynamicCache(config=_config(model))
     t0 = time.perf_counter()
     _forward(model, context_ids, _positions(0, context_length, device), cache)
-    _synchronize(device)
+    _synchronize(devices)
     t1 = time.perf_counter()
     start = context_length + query_length
     first_logits = _forward(model, query_ids, _positions(context_length, start, device), cache)
-    _synchronize(device)
+    _synchronize(devices)
     t2 = time.perf_counter()
 
     def next_logits(token: int, i: int) -> Tensor:
@@ -437,11 +457,11 @@ def generate_dense(
         return _forward(model, token_ids, _positions(start + i, start + i + 1, device), cache)
 
     tokens = sample_loop(first_logits, next_logits, group, settings, stop_check)
-    _synchronize(device)
+    _synchronize(devices)
     t3 = time.perf_counter()
     stats.phase1_s, stats.query_s, stats.decode_s = t1 - t0, t2 - t1, t3 - t2
     stats.new_tokens = len(tokens)
-    stats.peak_mem_bytes = _peak_memory_bytes(device)
+    stats.peak_mem_bytes = _peak_memory_bytes(devices)
     return GenerationResult(tokens, stats)
 
 

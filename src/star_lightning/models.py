@@ -7,6 +7,7 @@ on the config, before any weights are read).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -97,24 +98,48 @@ def check_attention_servable(config: PretrainedConfig, model_class: type | None 
         )
 
 
+def host_device_map(devices: list[torch.device]) -> dict[str, Any]:
+    """``from_pretrained`` arguments that spread the decoder layers evenly over ``devices`` (several GPUs of one host).
+
+    transformers places the layers with accelerate's balanced device map, restricted to these GPUs; the layers then
+    run one after the other, so a host of ``g`` GPUs has their memory together, at the speed of one GPU.
+    """
+    if importlib.util.find_spec("accelerate") is None:
+        raise ConfigurationError(
+            f"spreading the model over {len(devices)} GPUs per host (gpus_per_host) needs the accelerate package; "
+            "install the extra: pip install 'star-lightning[multi-gpu]'"
+        )
+    indices = [device.index if device.index is not None else 0 for device in devices]
+    max_memory = {index: torch.cuda.get_device_properties(index).total_memory for index in indices}
+    return {"device_map": "balanced", "max_memory": max_memory}
+
+
 def load_model(
     pretrained: str,
     *,
     dtype: torch.dtype,
-    device: torch.device,
+    devices: list[torch.device],
     attention: Literal["star", "ring", "dense"],
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """Load weights (safetensors only) onto ``device`` and switch the attention to Star Attention if asked."""
+    """Load weights (safetensors only) onto ``devices`` and switch the attention to Star Attention if asked.
+
+    One device holds the whole model; several (a host of several GPUs) hold a share of its layers each.
+    """
+    if not devices:
+        raise ValueError("load_model needs at least one device")
     config = load_config(pretrained, trust_remote_code=trust_remote_code)
     if attention != "dense" and not trust_remote_code:
         check_attention_servable(config)
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if len(devices) > 1:
+        kwargs.update(host_device_map(devices))
     try:
         model = AutoModelForCausalLM.from_pretrained(pretrained, attn_implementation="sdpa", **kwargs)
     except (OSError, ValueError) as error:
         raise ConfigurationError(f"could not load model weights from {pretrained!r}: {error}") from None
-    torch.nn.Module.to(model, device)  # transformers' own `to` wrapper confuses type checkers
+    if len(devices) == 1:
+        torch.nn.Module.to(model, devices[0])  # transformers' own `to` wrapper confuses type checkers
     model.eval()
     if attention != "dense":
         use_star_attention(model)

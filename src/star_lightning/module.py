@@ -31,13 +31,18 @@ class StarAttentionLM(LightningModule):
         anchor: ``False`` switches the anchor block off (an ablation: blocks see only themselves).
         reuse_anchor: compute the anchor's KV once per host and reuse it (exact); ``False`` recomputes it for
             every block as the reference implementation does (slower, same result).
-        max_new_tokens: tokens to generate at most per request.
+        max_new_tokens: tokens to generate at most per request; a request's own ``max_new_tokens`` field (which
+            ``star-lightning generate`` writes, per task) lowers it for that request.
         temperature: 0 = greedy; otherwise sampling with this temperature.
         top_p: nucleus-sampling mass (with temperature > 0).
         seed: sampling seed (each request's generator is seeded with seed + request index).
         stop_strings: generation stops when the text ends with one of these (the stop string is cut off).
         dtype: weights and activations; auto = bfloat16 on GPU, float32 on CPU.
-        backend: local attention kernel: auto, math, sdpa (CUDA) or flash_attn (if installed).
+        backend: local attention kernel: auto (the fastest available), math (any device, float64 too), sdpa or
+            cudnn (fused CUDA kernels for Phase 1), triton (split-KV CUDA kernel for decoding) or flash_attn (if
+            installed).
+        decode: Phase 2 decoding of star/ring: auto (a captured CUDA graph on one GPU, eager otherwise), eager
+            (one forward per token), static (static shapes, no graph) or graph (CUDA only).
         trust_remote_code: allow model code from the hub (off: only transformers' own architectures).
     """
 
@@ -56,7 +61,8 @@ class StarAttentionLM(LightningModule):
         seed: int = 0,
         stop_strings: list[str] | None = None,
         dtype: DTypeName = "auto",
-        backend: Literal["auto", "math", "sdpa", "flash_attn"] = "auto",
+        backend: Literal["auto", "math", "sdpa", "cudnn", "triton", "flash_attn"] = "auto",
+        decode: Literal["auto", "eager", "static", "graph"] = "auto",
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -77,6 +83,7 @@ class StarAttentionLM(LightningModule):
             use_anchor=anchor,
             reuse_anchor=reuse_anchor,
             backend=backend,
+            decode=decode,
         )
         self.max_new_tokens = max_new_tokens
         self.stop_strings = tuple(stop_strings or ())
@@ -98,11 +105,13 @@ class StarAttentionLM(LightningModule):
         if self.model is not None:
             return
         source = self.resolved_pretrained()
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        root = strategy.root_device if strategy is not None else torch.device("cpu")
+        devices = list(getattr(strategy, "host_devices", [root]))
         self.model = load_model(
             source,
-            dtype=resolve_dtype(self.dtype_name, device),
-            device=device,
+            dtype=resolve_dtype(self.dtype_name, root),
+            devices=devices,
             attention=self.star_settings.attention,
             trust_remote_code=self.trust_remote_code,
         )
@@ -113,14 +122,17 @@ class StarAttentionLM(LightningModule):
         group = getattr(strategy, "context_group", None)
         return group if group is not None else SingleHostGroup()
 
-    def generation_settings(self, request_index: int) -> GenerationSettings:
+    def generation_settings(self, request_index: int, request_max_new_tokens: int | None = None) -> GenerationSettings:
         eos = self.tokenizer.eos_token_id
         eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         generation_config = getattr(self.model, "generation_config", None)
         extra = getattr(generation_config, "eos_token_id", None)
         eos_ids |= frozenset([extra] if isinstance(extra, int) else (extra or []))
         sampling = SamplingConfig(self.sampling.temperature, self.sampling.top_p, self.sampling.seed + request_index)
-        return GenerationSettings(max_new_tokens=self.max_new_tokens, sampling=sampling, eos_token_ids=eos_ids)
+        budget = self.max_new_tokens
+        if request_max_new_tokens is not None:
+            budget = min(budget, request_max_new_tokens)
+        return GenerationSettings(max_new_tokens=budget, sampling=sampling, eos_token_ids=eos_ids)
 
     def _stop_check(self, token_ids: list[int]) -> bool:
         if not self.stop_strings:
@@ -162,7 +174,7 @@ class StarAttentionLM(LightningModule):
                 query_ids,
                 self.context_group(),
                 self.star_settings,
-                self.generation_settings(index),
+                self.generation_settings(index, request.get("max_new_tokens")),
                 self._stop_check if self.stop_strings else None,
             )
         except ValueError as error:

@@ -52,3 +52,29 @@ def make_layout(world_size: int, context_parallel_size: int | None) -> ParallelL
             f"choose context_parallel_size from {divisors}, or change the number of devices/nodes"
         )
     return ParallelLayout(world_size, cp)
+
+
+def host_gpu_indices(
+    *, gpus_per_host: int, local_rank: int, processes_per_node: int, visible_gpus: int, accelerator: str
+) -> list[int]:
+    """The CUDA device indices of one host (a process that owns ``gpus_per_host`` GPUs of its node).
+
+    Either every process sees all GPUs of the node (``--gpus-per-node``), and process ``r`` takes GPUs
+    ``r*g .. r*g+g-1``, or the job bound exactly ``g`` GPUs to each process, which then takes ``0 .. g-1``.
+    """
+    if accelerator != "cuda":
+        raise ConfigurationError(
+            f"gpus_per_host={gpus_per_host} spreads one model copy over several GPUs, but the accelerator is "
+            f"{accelerator!r}; use --trainer.accelerator gpu, or gpus_per_host 1"
+        )
+    if visible_gpus == gpus_per_host:
+        return list(range(gpus_per_host))
+    needed = processes_per_node * gpus_per_host
+    if visible_gpus < needed:
+        raise ConfigurationError(
+            f"gpus_per_host={gpus_per_host} with {processes_per_node} process(es) per node needs {needed} GPUs per "
+            f"node, but {visible_gpus} are visible; run {max(1, visible_gpus // gpus_per_host)} process(es) per "
+            "node (--trainer.devices, or sbatch --ntasks-per-node = GPUs per node / gpus_per_host)"
+        )
+    first = local_rank * gpus_per_host
+    return list(range(first, first + gpus_per_host))

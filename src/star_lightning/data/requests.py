@@ -1,7 +1,8 @@
 """Reading prediction requests from JSONL, with errors that name the line and the field.
 
 One request a line: ``input_context``, ``input_query`` (required, non-empty strings), optional ``index`` (an
-integer; default: the line's 0-based number among requests), optional ``output`` / ``outputs`` references and any
+integer; default: the line's 0-based number among requests), optional ``max_new_tokens`` (this request's
+generation budget, capped by ``--model.max_new_tokens``), optional ``output`` / ``outputs`` references and any
 other fields, which are copied into the prediction record. The reference implementation's prepared files read as
 they are.
 """
@@ -39,6 +40,11 @@ def parse_request(line: str, line_number: int, path: Path, default_index: int) -
     index = request.setdefault("index", default_index)
     if isinstance(index, bool) or not isinstance(index, int):
         raise ConfigurationError(f"{where}: 'index' must be an integer, got {index!r}")
+    budget = request.get("max_new_tokens")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+        raise ConfigurationError(
+            f"{where}: 'max_new_tokens' must be a positive integer (this request's generation budget), got {budget!r}"
+        )
     return request
 
 
