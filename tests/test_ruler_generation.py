@@ -245,6 +245,18 @@ def test_cli_seeded_reproducibility(task: str, sources, tmp_path: Path) -> None:
     assert {"index", "input_context", "input_query", "outputs", "task", "length"} <= rows[0].keys()
 
 
+def test_cli_several_tasks_in_one_file_are_numbered_in_order(sources, tmp_path: Path) -> None:
+    single, several = tmp_path / "vt.jsonl", tmp_path / "several.jsonl"
+    assert run_cli(sources, single, "--task", "vt") == 0
+    assert run_cli(sources, several, "--task", "niah_single_1,vt") == 0
+    rows = [json.loads(line) for line in several.read_text().splitlines()]
+    assert [row["index"] for row in rows] == list(range(6))
+    assert [row["task"] for row in rows] == ["niah_single_1"] * 3 + ["vt"] * 3
+    # Each task's requests are those a file of that task alone holds, renumbered.
+    alone = [json.loads(line) for line in single.read_text().splitlines()]
+    assert [{**row, "index": 0} for row in rows[3:]] == [{**row, "index": 0} for row in alone]
+
+
 def test_cli_help(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         generate_main(["--help"])
@@ -259,6 +271,8 @@ def test_cli_help(capsys) -> None:
         (["--task", "qa_1"], "--qa_file"),
         (["--task", "qa_2", "--qa_file", "/nonexistent.json"], "--qa_file /nonexistent.json"),
         (["--task", "niah_single_9"], "--task niah_single_9"),
+        (["--task", "vt,nope"], "nope is not a ruler task"),
+        (["--task", "vt,vt"], "a task is listed twice"),
         (["--task", "vt", "--chat_template", "on"], "--chat_template"),
     ],
 )

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--task",
         required=True,
-        help=f"RULER: {', '.join(RULER_TASKS)}; BABILong: {', '.join(BABILONG_TASKS)}",
+        help=f"RULER: {', '.join(RULER_TASKS)}; BABILong: {', '.join(BABILONG_TASKS)}. Several tasks: a comma-"
+        "separated list or 'all' (one file, requests numbered in order, each line naming its task)",
     )
     parser.add_argument("--tokenizer", required=True, help="HF tokenizer: a local folder or a hub id already cached")
     parser.add_argument(
@@ -79,20 +80,41 @@ def _use_chat(mode: str, tokenizer: Any) -> bool:
     return has_template if mode == "auto" else mode == "on"
 
 
+def parse_tasks(benchmark: str, spec: str) -> list[str]:
+    """``niah_single_1``, ``qa1,qa2`` or ``all`` -> the benchmark's task names, in the order given."""
+    known = RULER_TASKS if benchmark == "ruler" else BABILONG_TASKS
+    tasks = list(known) if spec == "all" else [task.strip() for task in spec.split(",") if task.strip()]
+    unknown = [task for task in tasks if task not in known]
+    if unknown or not tasks:
+        raise ConfigurationError(
+            f"--task {spec}: {', '.join(unknown) or 'no task'} is not a {benchmark} task. Choose from: "
+            f"{', '.join(known)} (several: a comma-separated list, or all)."
+        )
+    if len(set(tasks)) != len(tasks):
+        raise ConfigurationError(f"--task {spec}: a task is listed twice.")
+    return tasks
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Validate the options and build the rows."""
+    """Validate the options and build the rows of every task, numbered in order across tasks."""
     if args.length <= 0 or args.num_samples <= 0:
         raise ConfigurationError("--length and --num_samples must be positive integers.")
-    known = RULER_TASKS if args.benchmark == "ruler" else BABILONG_TASKS
-    if args.task not in known:
-        raise ConfigurationError(f"--task {args.task}: not a {args.benchmark} task. Choose one of: {', '.join(known)}.")
+    tasks = parse_tasks(args.benchmark, args.task)
     tokenizer = _load_tokenizer(args.tokenizer, args.trust_remote_code)
     chat = _use_chat(args.chat_template, tokenizer)
+    rows: list[dict[str, Any]] = []
+    for task in tasks:
+        for row in _task_rows(args, task, tokenizer, chat):
+            rows.append({**row, "index": len(rows)})
+    return rows
+
+
+def _task_rows(args: argparse.Namespace, task: str, tokenizer: Any, chat: bool) -> list[dict[str, Any]]:
     if args.benchmark == "ruler":
         from star_lightning.data.ruler import generate_samples
 
         return generate_samples(
-            args.task,
+            task,
             tokenizer,
             length=args.length,
             num_samples=args.num_samples,
@@ -104,7 +126,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from star_lightning.data import babilong
 
     rows = babilong.generate_samples(
-        args.task,
+        task,
         tokenizer,
         data_dir=args.data_dir,
         length=args.length,
@@ -117,7 +139,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     too_long = [row["index"] for row in rows if row["num_prompt_tokens"] + row["max_new_tokens"] > args.length]
     if too_long:
         print(
-            f"warning: {len(too_long)} BABILong sample(s) exceed --length {args.length} with this tokenizer "
+            f"warning: {len(too_long)} BABILong {task} sample(s) exceed --length {args.length} with this tokenizer "
             f"(first: index {too_long[0]}); BABILong's splits are sized for other tokenizers.",
             file=sys.stderr,
         )
