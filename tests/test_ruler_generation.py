@@ -257,6 +257,18 @@ def test_cli_several_tasks_in_one_file_are_numbered_in_order(sources, tmp_path: 
     assert [{**row, "index": 0} for row in rows[3:]] == [{**row, "index": 0} for row in alone]
 
 
+def test_cli_both_qa_tasks_in_one_file_take_their_own_documents(sources, tmp_path: Path) -> None:
+    both = tmp_path / "qa.jsonl"
+    extra = ["--squad", str(sources["qa_1"]), "--hotpotqa", str(sources["qa_2"])]
+    assert run_cli(sources, both, "--task", "qa_1,qa_2", *extra) == 0
+    for task in ("qa_1", "qa_2"):
+        alone = tmp_path / f"{task}.jsonl"
+        assert run_cli(sources, alone, "--task", task, "--qa_file", str(sources[task])) == 0
+        expected = [json.loads(line)["input_context"] for line in alone.read_text().splitlines()]
+        rows = [json.loads(line) for line in both.read_text().splitlines()]
+        assert [row["input_context"] for row in rows if row["task"] == task] == expected
+
+
 def test_cli_help(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         generate_main(["--help"])

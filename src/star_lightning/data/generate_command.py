@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     ruler = parser.add_argument_group("RULER")
     ruler.add_argument("--essays", help="essay haystack (niah_single_2/3, multikey_1, multivalue, multiquery)")
     ruler.add_argument("--qa_file", help="qa_1: SQuAD v2 dev json; qa_2: HotpotQA dev distractor json")
+    ruler.add_argument("--squad", help="qa_1's documents (SQuAD v2 dev json) when qa_2 is generated too")
+    ruler.add_argument("--hotpotqa", help="qa_2's documents (HotpotQA dev distractor json) when qa_1 is generated too")
     babilong = parser.add_argument_group("BABILong")
     babilong.add_argument(
         "--data_dir", help="BABILong data: a JSON/JSONL file, DIR/{task}.jsonl or DIR/{4k}/{task}.jsonl"
@@ -121,7 +123,7 @@ def _task_rows(args: argparse.Namespace, task: str, tokenizer: Any, chat: bool) 
             seed=args.seed,
             chat=chat,
             essays=args.essays,
-            qa_file=args.qa_file,
+            qa_file={"qa_1": args.squad, "qa_2": args.hotpotqa}.get(task) or args.qa_file,
         )
     from star_lightning.data import babilong
 

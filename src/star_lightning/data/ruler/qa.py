@@ -34,7 +34,8 @@ class QaDataset:
 
 def _load_json(path: str | pathlib.Path | None, task: str, expected: str) -> object:
     if path is None:
-        raise ConfigurationError(f"Task {task} needs documents: pass --qa_file PATH ({expected}).")
+        option = "--squad" if task == "qa_1" else "--hotpotqa"
+        raise ConfigurationError(f"Task {task} needs documents: pass {option} PATH or --qa_file PATH ({expected}).")
     source = pathlib.Path(path)
     if not source.is_file():
         raise ConfigurationError(f"--qa_file {source}: no such file ({task} needs {expected}).")
