@@ -11,6 +11,7 @@ derive from it.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 from jsonargparse import set_parsing_settings
@@ -64,10 +65,21 @@ class StarLightningCLI(LightningCLI):
         self.datamodule.resume_from = output
 
 
+# Lightning warnings that are expected here: one request per batch (no batch indices to infer), non-query hosts
+# return no prediction, and a dependency's own deprecation inside Lightning.
+_EXPECTED_WARNINGS = (
+    "Couldn't infer the batch indices",
+    "predict returned None",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
 def run_predict(argv: list[str] | None) -> int:
     """``argv`` None: LightningCLI reads the process's own command line (``star-lightning predict ...``)."""
     # Interpolations written from the config's root (``${model.block_size}``) resolve against the merged config.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    for message in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     StarLightningCLI(
         StarAttentionLM,
         RequestDataModule,
@@ -76,6 +88,7 @@ def run_predict(argv: list[str] | None) -> int:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=None,
         auto_configure_optimizers=False,
+        seed_everything_default=0,  # sampling has its own --model.seed; this only silences "no seed found"
     )
     return 0
 

@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"RULER: {', '.join(RULER_TASKS)}; BABILong: {', '.join(BABILONG_TASKS)}. Several tasks: a comma-"
         "separated list or 'all' (one file, requests numbered in order, each line naming its task)",
     )
-    parser.add_argument("--tokenizer", required=True, help="HF tokenizer: a local folder or a hub id already cached")
+    parser.add_argument(
+        "--tokenizer",
+        help="HF tokenizer: a local folder or a hub id already cached; default: the model shipped with star_lightning "
+        "(the one predict uses without --model.pretrained)",
+    )
     parser.add_argument(
         "--length", required=True, type=int, help="target sequence length in tokens (prompt + answer budget)"
     )
@@ -102,6 +106,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.length <= 0 or args.num_samples <= 0:
         raise ConfigurationError("--length and --num_samples must be positive integers.")
     tasks = parse_tasks(args.benchmark, args.task)
+    if args.tokenizer is None:
+        from star_lightning.assets import default_model_path
+
+        args.tokenizer = str(default_model_path())
     tokenizer = _load_tokenizer(args.tokenizer, args.trust_remote_code)
     chat = _use_chat(args.chat_template, tokenizer)
     rows: list[dict[str, Any]] = []
