@@ -52,6 +52,46 @@ def test_sbatch_two_tasks_writes_every_request_once(
     assert time.monotonic() - start < 90
 
 
+def _scalars(log_dir: Path) -> dict[str, dict[int, list[float]]]:
+    """Every scalar of the TensorBoard event files under ``log_dir``, read back with tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = {path.parent for path in log_dir.rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars: dict[str, dict[int, list[float]]] = {}
+    for tag in events.Tags()["scalars"]:
+        for event in events.Scalars(tag):
+            scalars.setdefault(tag, {}).setdefault(event.step, []).append(event.value)
+    return scalars
+
+
+def test_sbatch_two_by_two_groups_split_the_requests_and_log_them(
+    slurm_cluster: SlurmCluster, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """4 tasks as 2 data-parallel groups of 2 hosts: every request written once, each by one group, all logged."""
+    count = 7  # odd: the groups get 4 and 3 requests, and no request is repeated to even them out
+    data = write_requests(tmp_path / "requests.jsonl", count)
+    output = tmp_path / "predictions.jsonl"
+    args = predict_args(tiny_model_dir, data, output, "--trainer.strategy.context_parallel_size", "2")[1:]
+    args = [arg for arg in args if arg not in ("--trainer.accelerator", "cpu")]
+    _, text = _sbatch(slurm_cluster, tmp_path, [*CPU_OPTIONS, "--ntasks-per-node=4"], args)
+    indices = read_indices(output)
+    assert sorted(indices) == list(range(count)), text
+    scalars = _scalars(tmp_path / "lightning_logs")
+    groups = scalars["request/data_parallel_group"]
+    assert sorted(groups) == list(range(count)) and all(len(values) == 1 for values in groups.values())
+    served = {group: {step for step, values in groups.items() if values[0] == group} for group in (0.0, 1.0)}
+    assert served[0.0] and served[1.0] and not served[0.0] & served[1.0]
+    for step in range(count):
+        # The two hosts of a group hold disjoint blocks that make up the whole context.
+        local = scalars["host0/local_context_tokens"][step][0] + scalars["host1/local_context_tokens"][step][0]
+        assert local == scalars["request/context_tokens"][step][0]
+        assert scalars["request/phase2_bytes"][step][0] > 0  # the Phase 2 merge moved partials between hosts
+        assert scalars["request/phase1_s"][step][0] > 0 and scalars["request/peak_mem_gib"][step][0] > 0
+        assert 0 < scalars["request/new_tokens"][step][0] <= 8
+
+
 def test_sbatch_outside_slurm_explains_how_to_submit() -> None:
     result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 2

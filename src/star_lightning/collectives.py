@@ -46,6 +46,8 @@ class DistributedContextGroup:
         return self._bytes
 
     def gather_partials(self, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+        if self.size == 1:  # a data-parallel-only layout: nothing to gather
+            return out.unsqueeze(0), lse.unsqueeze(0)
         packed = pack_partials(out, lse).to(self._device).contiguous()  # [B, H, L, D + 1]
         gathered = torch.empty((self.size, *packed.shape), dtype=packed.dtype, device=packed.device)
         if dist.get_backend(self._group) == dist.Backend.NCCL:
@@ -56,6 +58,8 @@ class DistributedContextGroup:
         return unpack_partials(gathered.to(out.device), out.dtype)  # [N, B, H, L, D], [N, B, H, L]
 
     def broadcast_from_query_host(self, tensor: Tensor) -> Tensor:
+        if self.size == 1:
+            return tensor
         local = tensor.to(self._device)
         dist.broadcast(local, src=self._ranks[self.query_host], group=self._group)
         if self.rank == self.query_host:

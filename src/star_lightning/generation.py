@@ -8,12 +8,14 @@ whether they store the new tokens (the query host) -- the cache and the attentio
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 from transformers import DynamicCache, PretrainedConfig
 
 from star_lightning.attention.star import AttentionStep
@@ -21,6 +23,9 @@ from star_lightning.cache import StarKVCache
 from star_lightning.context_group import ContextGroup, is_query_host
 from star_lightning.partition import BlockPlan, plan_blocks, split_evenly
 from star_lightning.sampling import SamplingConfig, choose_token
+
+# Names of the phases in PyTorch profiler traces (``--trainer.profiler pytorch``).
+PHASE1, PHASE2_QUERY, PHASE2_DECODE = "star_lightning/phase1", "star_lightning/phase2_query", "star_lightning/decode"
 
 AttentionMethod = Literal["star", "ring", "dense"]
 DecodeMode = Literal["auto", "eager", "static", "graph"]
@@ -93,6 +98,16 @@ class GenerationResult:
 
 
 StopCheck = Callable[[list[int]], bool]
+PhaseListener = Callable[[str], None]
+
+
+@contextmanager
+def _phase(name: str, on_phase: PhaseListener | None) -> Iterator[None]:
+    """A named range in profiler traces, announced to ``on_phase``."""
+    if on_phase is not None:
+        on_phase(name)
+    with record_function(name):
+        yield
 
 
 def model_devices(model: nn.Module) -> list[torch.device]:
@@ -365,6 +380,7 @@ def generate_star(
     star: StarSettings,
     settings: GenerationSettings,
     stop_check: StopCheck | None = None,
+    on_phase: PhaseListener | None = None,
 ) -> GenerationResult:
     """One request with Star Attention (or the ring baseline) over the hosts of ``group``."""
     device = context_ids.device
@@ -378,18 +394,26 @@ def generate_star(
     stats = RequestStats(context_tokens=context_length, query_tokens=query_length)
     bytes_before = group.bytes_moved
     t0 = time.perf_counter()
-    if star.attention == "ring":
-        cache = prefill_ring(model, context_ids, group, extra_capacity=extra, backend=star.backend)
-    else:
-        plan = plan_blocks(context_length, star.block_size, group.size, star.anchor_block_size, star.use_anchor)
-        cache = prefill_star(
-            model, context_ids, plan, group, extra_capacity=extra, reuse_anchor=star.reuse_anchor, backend=star.backend
-        )
+    with _phase(PHASE1, on_phase):
+        if star.attention == "ring":
+            cache = prefill_ring(model, context_ids, group, extra_capacity=extra, backend=star.backend)
+        else:
+            plan = plan_blocks(context_length, star.block_size, group.size, star.anchor_block_size, star.use_anchor)
+            cache = prefill_star(
+                model,
+                context_ids,
+                plan,
+                group,
+                extra_capacity=extra,
+                reuse_anchor=star.reuse_anchor,
+                backend=star.backend,
+            )
+        _synchronize(devices)
     stats.local_context_tokens = cache.context_length()
-    _synchronize(devices)
     t1 = time.perf_counter()
-    first_logits = encode_query(model, cache, query_ids, context_length, group, star.backend)
-    _synchronize(devices)
+    with _phase(PHASE2_QUERY, on_phase):
+        first_logits = encode_query(model, cache, query_ids, context_length, group, star.backend)
+        _synchronize(devices)
     t2 = time.perf_counter()
     start = context_length + query_length
     decoder = None
@@ -404,8 +428,9 @@ def generate_star(
         return decode_step(model, cache, token_ids, start + i, group, star.backend)
 
     try:
-        tokens = sample_loop(first_logits, next_logits, group, settings, stop_check)
-        _synchronize(devices)
+        with _phase(PHASE2_DECODE, on_phase):
+            tokens = sample_loop(first_logits, next_logits, group, settings, stop_check)
+            _synchronize(devices)
     finally:
         if decoder is not None:
             decoder.close()
@@ -429,6 +454,7 @@ def generate_dense(
     group: ContextGroup,
     settings: GenerationSettings,
     stop_check: StopCheck | None = None,
+    on_phase: PhaseListener | None = None,
 ) -> GenerationResult:
     """The global-attention reference: the model's own attention over context + query in one process."""
     if group.size != 1:
@@ -444,20 +470,23 @@ def generate_dense(
     stats = RequestStats(context_tokens=context_length, local_context_tokens=context_length, query_tokens=query_length)
     cache = DynamicCache(config=_config(model))
     t0 = time.perf_counter()
-    _forward(model, context_ids, _positions(0, context_length, device), cache)
-    _synchronize(devices)
+    with _phase(PHASE1, on_phase):
+        _forward(model, context_ids, _positions(0, context_length, device), cache)
+        _synchronize(devices)
     t1 = time.perf_counter()
     start = context_length + query_length
-    first_logits = _forward(model, query_ids, _positions(context_length, start, device), cache)
-    _synchronize(devices)
+    with _phase(PHASE2_QUERY, on_phase):
+        first_logits = _forward(model, query_ids, _positions(context_length, start, device), cache)
+        _synchronize(devices)
     t2 = time.perf_counter()
 
     def next_logits(token: int, i: int) -> Tensor:
         token_ids = torch.tensor([[token]], device=device)  # [1, 1]
         return _forward(model, token_ids, _positions(start + i, start + i + 1, device), cache)
 
-    tokens = sample_loop(first_logits, next_logits, group, settings, stop_check)
-    _synchronize(devices)
+    with _phase(PHASE2_DECODE, on_phase):
+        tokens = sample_loop(first_logits, next_logits, group, settings, stop_check)
+        _synchronize(devices)
     t3 = time.perf_counter()
     stats.phase1_s, stats.query_s, stats.decode_s = t1 - t0, t2 - t1, t3 - t2
     stats.new_tokens = len(tokens)
@@ -473,8 +502,12 @@ def generate(
     star: StarSettings,
     settings: GenerationSettings,
     stop_check: StopCheck | None = None,
+    on_phase: PhaseListener | None = None,
 ) -> GenerationResult:
-    """Dispatch on the attention method; ``context_ids`` and ``query_ids`` are ``[1, L]`` on the model's device."""
+    """Dispatch on the attention method; ``context_ids`` and ``query_ids`` are ``[1, L]`` on the model's device.
+
+    ``on_phase`` is told the name of each phase as it starts (a progress display).
+    """
     if star.attention == "dense":
-        return generate_dense(model, context_ids, query_ids, group, settings, stop_check)
-    return generate_star(model, context_ids, query_ids, group, star, settings, stop_check)
+        return generate_dense(model, context_ids, query_ids, group, settings, stop_check, on_phase)
+    return generate_star(model, context_ids, query_ids, group, star, settings, stop_check, on_phase)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -92,6 +93,8 @@ class StarAttentionLM(LightningModule):
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self.last_stats: dict[str, float] = {}
+        # Told each phase's name as it starts (``star_lightning/phase1``, ...), e.g. by the progress display.
+        self.phase_listeners: list[Callable[[str], None]] = []
 
     def resolved_pretrained(self) -> str:
         if self.pretrained is not None:
@@ -140,6 +143,10 @@ class StarAttentionLM(LightningModule):
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         return any(stop in text for stop in self.stop_strings)
 
+    def _announce_phase(self, name: str) -> None:
+        for listener in self.phase_listeners:
+            listener(name)
+
     def decode_text(self, token_ids: list[int]) -> str:
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         for stop in self.stop_strings:
@@ -176,6 +183,7 @@ class StarAttentionLM(LightningModule):
                 self.star_settings,
                 self.generation_settings(index, request.get("max_new_tokens")),
                 self._stop_check if self.stop_strings else None,
+                self._announce_phase if self.phase_listeners else None,
             )
         except ValueError as error:
             raise ConfigurationError(f"request {index}: {error}") from None

@@ -2,7 +2,8 @@
 
 Lightning's bar counts the batches of this run on rank 0's data-parallel group; on a resumed or data-parallel job
 that is not the job's progress. This callback rewrites the bar's description after each request:
-``req 37/200 | prefill 4.1s ttft 4.3s 21 tok/s``, and ``req 37/200 | 38: prefill+decode`` while request 38 runs.
+``req 37/200 | prefill 4.1s ttft 4.3s 21 tok/s``, and ``req 37/200 | 38: phase1`` (then ``phase2_query``,
+``decode``) while request 38 runs, from the phase names the module announces.
 Requests done by the other data-parallel groups are estimated as rank 0's group's count (the groups advance in
 step, each taking every ``data_parallel_size``-th request).
 """
@@ -23,6 +24,8 @@ class RequestProgress(Callback):
         self._resumed = 0
         self._total = 0
         self._data_parallel_size = 1
+        self._trainer: pl.Trainer | None = None
+        self._current = ""
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -32,6 +35,21 @@ class RequestProgress(Callback):
         self._resumed = self._total - remaining
         layout = getattr(trainer.strategy, "layout", None)
         self._data_parallel_size = layout.data_parallel_size if layout is not None else 1
+        self._trainer = trainer
+        listeners = getattr(pl_module, "phase_listeners", None)
+        if isinstance(listeners, list) and self._on_phase not in listeners:
+            listeners.append(self._on_phase)
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        listeners = getattr(pl_module, "phase_listeners", None)
+        if isinstance(listeners, list) and self._on_phase in listeners:
+            listeners.remove(self._on_phase)
+        self._trainer = None
+
+    def _on_phase(self, name: str) -> None:
+        if self._trainer is not None:
+            self._describe(self._trainer, f"{self._current}: {name.rsplit('/', 1)[-1]}")
 
     def _describe(self, trainer: pl.Trainer, text: str) -> None:
         bar = trainer.progress_bar_callback
@@ -50,7 +68,7 @@ class RequestProgress(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         index = batch.get("index", batch_idx) if isinstance(batch, dict) else batch_idx
-        self._describe(trainer, f"req {self._done(batch_idx)}/{self._total} | {index}: prefill+decode")
+        self._current = f"req {self._done(batch_idx)}/{self._total} | {index}"
 
     @override
     def on_predict_batch_end(
