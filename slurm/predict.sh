@@ -9,6 +9,12 @@
 # `star-lightning predict`; --trainer.num_nodes / --trainer.devices / --trainer.accelerator are derived from the
 # allocation here (Lightning needs them to match it) and must not be given again.
 #
+# Hosts of several GPUs (a model that does not fit one GPU, e.g. 70B in bf16): set gpus_per_host in the config or
+# with --trainer.strategy.gpus_per_host G, and run one task per host: --ntasks-per-node = GPUs per node / G, with
+# all GPUs of the node visible to every task (--gpus-per-node, not --gpus-per-task); task r of a node takes GPUs
+# r*G .. r*G+G-1. Example, 4 hosts of 2 GPUs for one request at a time:
+#   sbatch --nodes 1 --ntasks-per-node 4 --gpus-per-node 8 slurm/predict.sh --config configs/ruler/llama-3.1-70b-32k.yaml
+#
 # Environment:
 #   STAR_ACCELERATOR=cpu   CPU-only cluster (gloo); submit with --gpus-per-node=0 and --ntasks-per-node=N.
 #   STAR_LIGHTNING=path    the star-lightning executable (default: the one on PATH, e.g. of an activated venv).
