@@ -31,14 +31,15 @@ def _request(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return context.to(device), query.to(device)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 decodes with the Triton kernel
 @pytest.mark.parametrize("attention", ["star", "dense"])
-def test_layers_over_two_gpus_give_the_tokens_of_one(tiny_model_dir: Path, attention: str) -> None:
+def test_layers_over_two_gpus_give_the_tokens_of_one(tiny_model_dir: Path, attention: str, dtype: torch.dtype) -> None:
     star = StarSettings(attention=attention, block_size=64, decode="eager")
     settings = GenerationSettings(max_new_tokens=8)
     results = {}
     for gpus in (1, 2):
         devices = [torch.device("cuda", i) for i in range(gpus)]
-        model = load_model(str(tiny_model_dir), dtype=torch.float32, devices=devices, attention=attention)
+        model = load_model(str(tiny_model_dir), dtype=dtype, devices=devices, attention=attention)
         assert len(model_devices(model)) == gpus
         with torch.no_grad():
             results[gpus] = generate(model, *_request(devices[0]), SingleHostGroup(), star, settings)
@@ -55,7 +56,7 @@ def test_cli_with_gpus_per_host_two(tiny_model_dir: Path, tmp_path: Path) -> Non
     for gpus in ("1", "2"):
         output = tmp_path / f"out{gpus}.jsonl"
         args = ["predict", "--model.pretrained", str(tiny_model_dir), "--model.block_size", "64",
-                "--model.dtype", "float32", "--model.max_new_tokens", "6", "--data.path", str(data),
+                "--model.dtype", "bfloat16", "--model.decode", "eager", "--model.max_new_tokens", "6", "--data.path", str(data),
                 "--output", str(output), "--trainer.accelerator", "gpu", "--trainer.devices", "1",
                 "--trainer.strategy.gpus_per_host", gpus, "--trainer.logger", "false"]  # fmt: skip
         assert main(args) == 0

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from transformers import PreTrainedModel
 
 from star_lightning.attention.kernels import validate_backend
 from star_lightning.context_group import ContextGroup, SingleHostGroup, is_query_host
@@ -119,6 +120,11 @@ class StarAttentionLM(LightningModule):
             trust_remote_code=self.trust_remote_code,
         )
         self.tokenizer = load_tokenizer(source, trust_remote_code=self.trust_remote_code)
+        # Every rank reads the same weights from the same files. Lightning's predict setup would otherwise broadcast
+        # all of them from rank 0 (gigabytes for an 8B model), which also fails for a model spread over several GPUs.
+        self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_parameters()] + [
+            name for name, _ in self.named_buffers()
+        ]
 
     def context_group(self) -> ContextGroup:
         strategy = self._trainer.strategy if self._trainer is not None else None
@@ -163,7 +169,11 @@ class StarAttentionLM(LightningModule):
             raise ConfigurationError(f"request {request.get('index')}: the context encodes to no tokens")
         if not query:
             raise ConfigurationError(f"request {request.get('index')}: the query encodes to no tokens")
-        device = self.device
+        # The embedding's device: the module's own, or the first GPU of a host the layers are spread over (the
+        # module is not moved there as a whole).
+        embedding = self.model.get_input_embeddings() if isinstance(self.model, PreTrainedModel) else None
+        weight = getattr(embedding, "weight", None)
+        device = weight.device if isinstance(weight, torch.Tensor) else self.device
         return torch.tensor([context], device=device), torch.tensor([query], device=device)  # [1, T], [1, Lq]
 
     def run_request(self, request: dict[str, Any]) -> GenerationResult:

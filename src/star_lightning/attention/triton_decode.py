@@ -187,6 +187,15 @@ def split_kv_attention(
     ``valid_length`` is a one-element integer tensor on the GPU (no host sync; default: all ``Lk`` keys).
     Returns ``out`` ``[B, Hq, Lq, D]`` in the query's dtype and ``lse`` ``[B, Hq, Lq]`` float32 (natural log).
     """
+    # Triton launches on the current device: make it the tensors' own (a model spread over several GPUs has layers
+    # on devices other than the current one, and a launch there would run on the wrong device's stream).
+    with torch.cuda.device(query.device):
+        return _split_kv_attention(query, key, value, scale=scale, causal=causal, valid_length=valid_length)
+
+
+def _split_kv_attention(
+    query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool, valid_length: Tensor | None
+) -> tuple[Tensor, Tensor]:
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, capacity = key.shape[1], key.shape[2]
     groups = q_heads // kv_heads
