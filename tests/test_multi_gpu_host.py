@@ -57,7 +57,8 @@ def test_cli_with_gpus_per_host_two(tiny_model_dir: Path, tmp_path: Path) -> Non
         output = tmp_path / f"out{gpus}.jsonl"
         args = ["predict", "--model.pretrained", str(tiny_model_dir), "--model.block_size", "64",
                 "--model.dtype", "bfloat16", "--model.decode", "eager", "--model.max_new_tokens", "6",
-                "--data.path", str(data), "--output", str(output), "--trainer.accelerator", "gpu", "--trainer.devices", "1",
+                "--data.path", str(data), "--output", str(output), "--trainer.accelerator", "gpu",
+                "--trainer.devices", "1",
                 "--trainer.strategy.gpus_per_host", gpus, "--trainer.logger", "false"]  # fmt: skip
         assert main(args) == 0
         outputs[gpus] = [json.loads(line)["pred"] for line in output.read_text().splitlines()]
