@@ -20,12 +20,14 @@ class StarFabricStrategy(ContextParallelMixin, DDPStrategy):
         self,
         *,
         context_parallel_size: int | None = None,
+        gpus_per_host: int = 1,
         timeout_s: float = 600.0,
         process_group_backend: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
             context_parallel_size=context_parallel_size,
+            gpus_per_host=gpus_per_host,
             timeout_s=timeout_s,
             process_group_backend=process_group_backend,
             **kwargs,

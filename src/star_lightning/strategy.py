@@ -21,6 +21,9 @@ class StarStrategy(ContextParallelMixin, DDPStrategy):
     Args:
         context_parallel_size: hosts per request; unset = all ranks form one group. The world size must be a
             multiple of it; the quotient is the number of requests processed at once.
+        gpus_per_host: GPUs one model copy is spread over (its layers split evenly, run one after the other: the
+            memory of all of them at the speed of one), for models that do not fit one GPU. One process per host:
+            run GPUs per node / gpus_per_host processes per node. Needs the ``multi-gpu`` extra (accelerate).
         timeout_s: how long a collective may wait before the job fails, so a dead rank ends the job instead of
             hanging it.
         process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPUs by default.
@@ -32,12 +35,14 @@ class StarStrategy(ContextParallelMixin, DDPStrategy):
         self,
         *,
         context_parallel_size: int | None = None,
+        gpus_per_host: int = 1,
         timeout_s: float = 600.0,
         process_group_backend: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
             context_parallel_size=context_parallel_size,
+            gpus_per_host=gpus_per_host,
             timeout_s=timeout_s,
             process_group_backend=process_group_backend,
             **kwargs,
