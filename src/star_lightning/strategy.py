@@ -8,8 +8,6 @@ by reporting ``(data_parallel_size, data_parallel_rank)`` to Lightning's sampler
 
 from __future__ import annotations
 
-from typing import Any
-
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
 from star_lightning.context_parallel import ContextParallelMixin
@@ -30,23 +28,6 @@ class StarStrategy(ContextParallelMixin, DDPStrategy):
     """
 
     strategy_name = "star"
-
-    def __init__(
-        self,
-        *,
-        context_parallel_size: int | None = None,
-        gpus_per_host: int = 1,
-        timeout_s: float = 600.0,
-        process_group_backend: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            context_parallel_size=context_parallel_size,
-            gpus_per_host=gpus_per_host,
-            timeout_s=timeout_s,
-            process_group_backend=process_group_backend,
-            **kwargs,
-        )
 
 
 if StarStrategy.strategy_name not in StrategyRegistry:
