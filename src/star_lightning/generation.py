@@ -149,9 +149,7 @@ def _config(model: nn.Module) -> PretrainedConfig:
 
 
 def _num_layers(model: nn.Module) -> int:
-    config = _config(model)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text_config.num_hidden_layers)
+    return int(_config(model).get_text_config().num_hidden_layers)
 
 
 def prefill_star(
