@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from star_lightning.collectives import DistributedContextGroup, new_context_group
-from star_lightning.context_group import ContextGroup
+from star_lightning.context_group import ContextGroup, is_query_host
 from star_lightning.errors import ConfigurationError
 from star_lightning.topology import ParallelLayout, host_gpu_indices, make_layout
 
@@ -36,7 +36,7 @@ class ContextParallelMixin:
         **kwargs: Any,
     ) -> None:
         super().__init__(  # type: ignore[call-arg]
-            timeout=timedelta(seconds=max(timeout_s, 1e-3)), process_group_backend=process_group_backend, **kwargs
+            timeout=timedelta(seconds=timeout_s), process_group_backend=process_group_backend, **kwargs
         )
         self._timeout_s = timeout_s
         self._context_parallel_size = context_parallel_size
@@ -114,8 +114,7 @@ class ContextParallelMixin:
 
     @property
     def is_query_host(self) -> bool:
-        group = self.context_group
-        return group.rank == group.query_host
+        return is_query_host(self.context_group)
 
     @property
     def data_parallel_rank(self) -> int:
