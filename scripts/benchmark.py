@@ -530,9 +530,9 @@ def versions() -> dict[str, str]:
 
 def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     from star_lightning.attention import kernels
-    from star_lightning.collectives import new_context_group
     from star_lightning.models import use_star_attention
-    from star_lightning.topology import ParallelLayout
+    from star_lightning.parallel.layout import ParallelLayout
+    from star_lightning.parallel.torch_group import new_context_groups
 
     started = time.perf_counter()
     out_dir = Path(args.out)
@@ -591,7 +591,8 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     log(f"model built: {sum(p.numel() for p in model.parameters()) / 1e9:.3f} B parameters")
 
     host_counts = sorted({h for h in args.hosts if h <= world and world % h == 0})
-    groups = {h: new_context_group(ParallelLayout(world, h), rank, device) for h in host_counts}
+    timeout = datetime.timedelta(seconds=args.collective_timeout_s)
+    groups = {h: new_context_groups(ParallelLayout(world, h), rank, device, timeout)[0] for h in host_counts}
     records: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     env["native_gqa"] = {}

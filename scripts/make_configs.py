@@ -70,7 +70,7 @@ trainer:
   accelerator: cpu
   devices: 2
   strategy:
-    class_path: star_lightning.strategy.StarStrategy
+    class_path: star_lightning.parallel.strategy.StarStrategy
     init_args:
       context_parallel_size: 2
   logger:
@@ -127,7 +127,7 @@ def render(model: Model, benchmark: Benchmark, length: int, method: str) -> str:
         f"  path: {data}",
         "trainer:",
         "  strategy:",
-        "    class_path: star_lightning.strategy.StarStrategy",
+        "    class_path: star_lightning.parallel.strategy.StarStrategy",
         "    init_args:",
         f"      context_parallel_size: {hosts}",
         f"      gpus_per_host: {gpus}",

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from star_lightning.data import babilong
-from star_lightning.data.generate_command import main as generate_main
-from star_lightning.scoring import main as score_main
+from star_lightning.bench import babilong
+from star_lightning.bench.generate import main as generate_main
+from star_lightning.bench.scoring import main as score_main
 from tokenizer_factory import build_tokenizer
 
 SAMPLES = [

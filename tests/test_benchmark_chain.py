@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from star_lightning.bench.metrics import string_match_all
+from star_lightning.bench.results import main as results_main
 from star_lightning.cli import main as cli_main
-from star_lightning.metrics import string_match_all
-from star_lightning.results import main as results_main
 from tokenizer_factory import build_tokenizer
 
 LENGTHS = (384, 512)

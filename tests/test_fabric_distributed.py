@@ -6,10 +6,10 @@ import torch
 from lightning.fabric import Fabric
 
 from model_zoo import random_tokens, tiny_model
-from star_lightning.context_group import SingleHostGroup
-from star_lightning.fabric import StarFabricStrategy
 from star_lightning.generation import GenerationSettings, StarSettings, generate
 from star_lightning.models import use_star_attention
+from star_lightning.parallel.fabric import StarFabricStrategy
+from star_lightning.parallel.group import SingleHostGroup
 
 SETTINGS = StarSettings(block_size=16, anchor_block_size=8)
 

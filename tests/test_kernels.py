@@ -12,9 +12,9 @@ import torch
 
 from model_zoo import random_tokens, tiny_model
 from star_lightning.attention import kernels, triton_decode
-from star_lightning.context_group import SingleHostGroup
 from star_lightning.generation import GenerationSettings, StarSettings, generate_star
 from star_lightning.models import use_star_attention
+from star_lightning.parallel.group import SingleHostGroup
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

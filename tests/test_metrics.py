@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from star_lightning.metrics import (
+from star_lightning.bench.metrics import (
     BabilongAccuracy,
     StringMatchAll,
     StringMatchPart,

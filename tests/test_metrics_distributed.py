@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from distributed_utils import run_on_ranks
-from star_lightning.metrics import BabilongAccuracy, StringMatchAll, StringMatchPart
+from star_lightning.bench.metrics import BabilongAccuracy, StringMatchAll, StringMatchPart
 
 SHARDS = {
     0: (["alpha beta", "gamma"], [["alpha", "beta"], ["gamma", "delta"]]),

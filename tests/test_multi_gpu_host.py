@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from star_lightning.cli import main
-from star_lightning.context_group import SingleHostGroup
 from star_lightning.generation import GenerationSettings, StarSettings, generate, model_devices
 from star_lightning.models import load_model
+from star_lightning.parallel.group import SingleHostGroup
 
 pytestmark = [
     pytest.mark.gpu,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from star_lightning.errors import ConfigurationError
+from star_lightning.parallel.layout import make_layout
 from star_lightning.partition import plan_blocks
-from star_lightning.topology import make_layout
 
 
 def test_blocks_cover_the_context_and_hosts_get_contiguous_runs() -> None:
@@ -55,7 +55,7 @@ def test_layout_splits_world_into_contiguous_context_parallel_groups() -> None:
 
 
 def test_hosts_of_several_gpus_take_consecutive_gpus_of_their_node() -> None:
-    from star_lightning.topology import host_gpu_indices
+    from star_lightning.parallel.layout import host_gpu_indices
 
     common = {"gpus_per_host": 2, "processes_per_node": 4, "accelerator": "cuda"}
     assert [host_gpu_indices(local_rank=r, visible_gpus=8, **common) for r in range(4)] == [
@@ -76,7 +76,7 @@ def test_hosts_of_several_gpus_take_consecutive_gpus_of_their_node() -> None:
     ],
 )
 def test_hosts_of_several_gpus_are_validated_with_the_fix(visible: int, accelerator: str, message: str) -> None:
-    from star_lightning.topology import host_gpu_indices
+    from star_lightning.parallel.layout import host_gpu_indices
 
     with pytest.raises(ConfigurationError, match=message):
         host_gpu_indices(

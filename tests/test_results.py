@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from star_lightning.results import build_table, collect_scores, main, method_from_path, parse_run
+from star_lightning.bench.results import build_table, collect_scores, main, method_from_path, parse_run
 
 
 def predictions(path: Path, task: str, length: int, correct: int, total: int = 4) -> Path:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from star_lightning.data.generate_command import RULER_TASKS
-from star_lightning.data.generate_command import main as generate_main
-from star_lightning.data.ruler import TASKS, generate_samples
-from star_lightning.data.ruler.fitting import largest_fitting
+from star_lightning.bench.generate import main as generate_main
+from star_lightning.bench.generate import parse_tasks
+from star_lightning.bench.ruler import TASKS, generate_samples
+from star_lightning.bench.ruler.fitting import largest_fitting
+from star_lightning.bench.scoring import metric_for
 from star_lightning.errors import ConfigurationError
-from star_lightning.scoring import RULER_METRIC_BY_TASK
 from tokenizer_factory import build_tokenizer
 
 LENGTH = 2048
@@ -315,6 +315,9 @@ def test_qa_warns_when_every_document_fits(sources, tokenizers) -> None:
     assert row["input_context"].count("Document ") == 120
 
 
-def test_task_lists_agree() -> None:
-    assert list(TASKS) == RULER_TASKS == list(RULER_METRIC_BY_TASK)
-    assert {task: spec.metric for task, spec in TASKS.items()} == RULER_METRIC_BY_TASK
+def test_generate_and_score_read_the_task_definitions() -> None:
+    """One registry: ``generate --task all`` yields RULER's tasks in order, and ``score`` uses each task's metric."""
+    assert parse_tasks("ruler", "all") == list(TASKS) and len(TASKS) == 13
+    assert all(metric_for(task) == spec.metric for task, spec in TASKS.items())
+    assert parse_tasks("babilong", "all") == ["qa1", "qa2", "qa3", "qa4", "qa5"]
+    assert {metric_for(task) for task in parse_tasks("babilong", "all")} == {"babilong"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from star_lightning.scoring import main, metric_for
+from star_lightning.bench.scoring import main, metric_for
 
 
 def write(path: Path, records: list[dict]) -> Path:

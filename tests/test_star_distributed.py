@@ -7,8 +7,6 @@ import torch
 
 from distributed_utils import run_on_ranks
 from model_zoo import random_tokens, tiny_model
-from star_lightning.collectives import DistributedContextGroup
-from star_lightning.context_group import SingleHostGroup
 from star_lightning.generation import (
     GenerationSettings,
     StarSettings,
@@ -18,6 +16,8 @@ from star_lightning.generation import (
     prefill_star,
 )
 from star_lightning.models import use_star_attention
+from star_lightning.parallel.group import SingleHostGroup
+from star_lightning.parallel.torch_group import DistributedContextGroup
 from star_lightning.partition import plan_blocks
 from star_lightning.sampling import SamplingConfig
 

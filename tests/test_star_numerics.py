@@ -11,7 +11,6 @@ import torch
 from transformers import DynamicCache
 
 from model_zoo import FAMILIES, random_tokens, tiny_model
-from star_lightning.context_group import SingleHostGroup
 from star_lightning.errors import ConfigurationError
 from star_lightning.generation import (
     GenerationSettings,
@@ -21,6 +20,7 @@ from star_lightning.generation import (
     prefill_star,
 )
 from star_lightning.models import check_attention_servable, use_star_attention
+from star_lightning.parallel.group import SingleHostGroup
 from star_lightning.partition import plan_blocks
 
 CONTEXT, QUERY, NEW = 70, 5, 6

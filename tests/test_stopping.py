@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from star_lightning.context_group import SingleHostGroup
 from star_lightning.generation import GenerationSettings, sample_loop
+from star_lightning.parallel.group import SingleHostGroup
 
 
 def _scripted(tokens: list[int], vocab: int = 10):

@@ -1,11 +1,11 @@
 """star_lightning: Star Attention inference for HuggingFace causal LMs on Lightning clusters."""
 
 from star_lightning.attention.star import register_star_attention
-from star_lightning.fabric import StarFabricStrategy
 from star_lightning.generation import GenerationSettings, StarSettings, generate
 from star_lightning.module import StarAttentionLM
+from star_lightning.parallel.fabric import StarFabricStrategy
+from star_lightning.parallel.strategy import StarStrategy
 from star_lightning.partition import plan_blocks
-from star_lightning.strategy import StarStrategy
 
 __all__ = [
     "GenerationSettings",

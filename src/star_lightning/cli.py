@@ -24,17 +24,18 @@ from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
 
-USAGE = """usage: star-lightning {predict,generate,score} ...
+USAGE = """usage: star-lightning {predict,generate,score,table} ...
 
   predict   run Star Attention (or ring/dense) over a JSONL file of requests
   generate  write a benchmark request set (RULER, BABILong) as JSONL
   score     score a predictions JSONL file
+  table     tabulate and plot prediction files: task x length x attention method
 
 Run 'star-lightning COMMAND --help' for a command's options.
 """
 
 TRAINER_DEFAULTS: dict[str, Any] = {
-    "strategy": {"class_path": "star_lightning.strategy.StarStrategy"},
+    "strategy": {"class_path": "star_lightning.parallel.strategy.StarStrategy"},
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "lightning_logs", "name": "predict"},
@@ -57,12 +58,14 @@ class StarLightningCLI(LightningCLI):
             help="JSONL file of predictions; an existing file is resumed (its requests are skipped)",
         )
 
+        # The data module skips what the output holds: it learns the path here, not from an attribute set later.
+        parser.link_arguments("output", "data.output")
+
     def before_predict(self) -> None:
         output = self.config["predict"]["output"]
         writer = JsonlPredictionWriter(output)
         callbacks: list[Any] = self.trainer.callbacks  # type: ignore[attr-defined]
         callbacks.extend([writer, PhaseProfiler(), RequestProgress()])
-        self.datamodule.resume_from = output
 
 
 # Lightning warnings that are expected here: one request per batch (no batch indices to infer), non-query hosts
@@ -104,13 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         if command == "predict":
             return run_predict(None if argv is None else rest)
         if command == "generate":
-            from star_lightning.data.generate_command import main as generate_main
+            from star_lightning.bench.generate import main as generate_main
 
             return generate_main(rest)
         if command == "score":
-            from star_lightning.scoring import main as score_main
+            from star_lightning.bench.scoring import main as score_main
 
             return score_main(rest)
+        if command == "table":
+            from star_lightning.bench.results import main as table_main
+
+            return table_main(rest)
     except ConfigurationError as error:
         print(f"star-lightning {command}: error: {error}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from transformers import DynamicCache, PretrainedConfig
 
 from star_lightning.attention.star import AttentionStep
 from star_lightning.cache import StarKVCache
-from star_lightning.context_group import ContextGroup, is_query_host
+from star_lightning.parallel.group import ContextGroup, is_query_host
 from star_lightning.partition import BlockPlan, plan_blocks, split_evenly
 from star_lightning.sampling import SamplingConfig, choose_token
 

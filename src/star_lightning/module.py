@@ -10,15 +10,14 @@ from lightning.pytorch import LightningModule
 from transformers import PreTrainedModel
 
 from star_lightning.attention.kernels import validate_backend
-from star_lightning.context_group import ContextGroup, SingleHostGroup, is_query_host
+from star_lightning.data.jsonl import prediction_record
 from star_lightning.errors import ConfigurationError
 from star_lightning.generation import GenerationResult, GenerationSettings, StarSettings, generate
 from star_lightning.models import DTypeName, load_model, load_tokenizer, resolve_dtype, resolve_pretrained
+from star_lightning.parallel.group import ContextGroup, SingleHostGroup, is_query_host
+from star_lightning.parallel.mixin import ContextParallelMixin
 from star_lightning.partition import validate_block_sizes
 from star_lightning.sampling import SamplingConfig
-
-# Fields of a request that are inputs, not references: not copied into the prediction record.
-_INPUT_FIELDS = ("input_context", "input_query")
 
 
 class StarAttentionLM(LightningModule):
@@ -111,7 +110,7 @@ class StarAttentionLM(LightningModule):
         source = self.resolved_pretrained()
         strategy = self._trainer.strategy if self._trainer is not None else None
         root = strategy.root_device if strategy is not None else torch.device("cpu")
-        devices = list(getattr(strategy, "host_devices", [root]))
+        devices = strategy.host_devices if isinstance(strategy, ContextParallelMixin) else [root]
         self.model = load_model(
             source,
             dtype=resolve_dtype(self.dtype_name, root),
@@ -120,16 +119,10 @@ class StarAttentionLM(LightningModule):
             trust_remote_code=self.trust_remote_code,
         )
         self.tokenizer = load_tokenizer(source, trust_remote_code=self.trust_remote_code)
-        # Every rank reads the same weights from the same files. Lightning's predict setup would otherwise broadcast
-        # all of them from rank 0 (gigabytes for an 8B model), which also fails for a model spread over several GPUs.
-        self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_parameters()] + [
-            name for name, _ in self.named_buffers()
-        ]
 
     def context_group(self) -> ContextGroup:
         strategy = self._trainer.strategy if self._trainer is not None else None
-        group = getattr(strategy, "context_group", None)
-        return group if group is not None else SingleHostGroup()
+        return strategy.context_group if isinstance(strategy, ContextParallelMixin) else SingleHostGroup()
 
     def generation_settings(self, request_index: int, request_max_new_tokens: int | None = None) -> GenerationSettings:
         eos = self.tokenizer.eos_token_id
@@ -216,6 +209,4 @@ class StarAttentionLM(LightningModule):
         }
         if not is_query_host(self.context_group()):
             return None
-        record = {key: value for key, value in batch.items() if key not in _INPUT_FIELDS}
-        record["pred"] = self.decode_text(result.token_ids)
-        return record
+        return prediction_record(batch, self.decode_text(result.token_ids))

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from star_lightning.attention.kernels import attention_with_lse
 from star_lightning.attention.merge import merge_pair
-from star_lightning.context_group import ContextGroup
+from star_lightning.parallel.group import ContextGroup
 
 
 def ring_attention(

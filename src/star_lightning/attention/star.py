@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 from star_lightning.attention.kernels import attention_with_lse
 from star_lightning.attention.merge import merge_partials
 from star_lightning.attention.ring import ring_attention
-from star_lightning.context_group import ContextGroup, SingleHostGroup
+from star_lightning.parallel.group import ContextGroup, SingleHostGroup
 
 ATTENTION_NAME = "star_lightning"
 

@@ -13,88 +13,22 @@ checkpoints, and running a collective inside the signal handler) are replaced fo
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import signal
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
+from star_lightning.data.jsonl import append_prediction, completed_indices, repair_torn_tail
+from star_lightning.parallel.mixin import ContextParallelMixin
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def read_completed_indices(path: str | Path) -> set[int]:
-    """Indices of the complete lines of a predictions file (a torn last line does not count)."""
-    path = Path(path)
-    if not path.exists():
-        return set()
-    done: set[int] = set()
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if not line.endswith("\n"):
-                break
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("index"), int):
-                done.add(record["index"])
-    return done
-
-
-def repair_torn_tail(path: str | Path) -> None:
-    """Cut a partial last line left by a job that died while writing it."""
-    path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with path.open("r+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        data = handle.read()
-        if data.endswith(b"\n"):
-            return
-        handle.truncate(data.rfind(b"\n") + 1)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def append_record(path: str | Path, record: dict[str, Any]) -> None:
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def context_parallel_cpu_group(trainer: pl.Trainer) -> dist.ProcessGroup | None:
-    """A gloo group of this rank's context-parallel group, for small per-request agreements; None without one.
-
-    Every rank must call it (in the same order). The ranks of a context-parallel group process the same requests in
-    lockstep, so a collective per request is safe on it; on the world it is not (data-parallel groups may get
-    different numbers of requests).
-    """
-    layout = getattr(trainer.strategy, "layout", None)
-    if layout is None or not (dist.is_available() and dist.is_initialized()):
-        return None
-    timeout = getattr(trainer.strategy, "_timeout", None) or timedelta(minutes=10)
-    mine = None
-    for ranks in layout.all_context_parallel_groups():
-        group = dist.new_group(ranks, backend="gloo", timeout=timeout)
-        if trainer.global_rank in ranks:
-            mine = group
-    return mine
 
 
 class PredictionStopped(SystemExit):
@@ -111,18 +45,19 @@ class JsonlPredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output = Path(output)
         self._signal: int = 0
-        self._group: dist.ProcessGroup | None = None
+        self._strategy: ContextParallelMixin | None = None
         self._previous_handlers: dict[int, Any] = {}
 
     def completed_indices(self) -> set[int]:
-        return read_completed_indices(self.output)
+        return completed_indices(self.output)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.is_global_zero:
             self.output.parent.mkdir(parents=True, exist_ok=True)
             repair_torn_tail(self.output)
-        self._group = context_parallel_cpu_group(trainer)
+        strategy = trainer.strategy
+        self._strategy = strategy if isinstance(strategy, ContextParallelMixin) else None
         trainer.strategy.barrier("prediction_writer_setup")
 
     def _note_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -150,11 +85,9 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     def _agreed_signal(self) -> int:
         """The largest signal number any rank of the context-parallel group received (0 = none)."""
-        if self._group is None:
+        if self._strategy is None:
             return self._signal
-        flag = torch.tensor([self._signal])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return int(flag.item())
+        return self._strategy.agree_max_in_context_group(self._signal)
 
     def _stop(self, trainer: pl.Trainer, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -189,7 +122,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         if prediction is not None:
-            append_record(self.output, prediction)
+            append_prediction(self.output, prediction)
         signum = self._agreed_signal()
         if signum:
             self._stop(trainer, signum)

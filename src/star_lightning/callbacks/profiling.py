@@ -19,17 +19,15 @@ rank 0's group in TensorBoard -- the predictions file keeps everything.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from star_lightning.callbacks.prediction_writer import context_parallel_cpu_group
+from star_lightning.parallel.mixin import ContextParallelMixin
 
 _HOST_KEYS = ("phase1_s", "local_context_tokens", "peak_mem_gib", "phase2_bytes")
 
@@ -59,8 +57,7 @@ class PhaseProfiler(Callback):
     """Logs each request's Phase 1 / Phase 2 figures per host to the trainer's loggers (TensorBoard by default)."""
 
     def __init__(self) -> None:
-        self._group: dist.ProcessGroup | None = None
-        self._world: dist.ProcessGroup | None = None
+        self._strategy: ContextParallelMixin | None = None
         self._pending: list[tuple[int, dict[str, float]]] = []
         self._enabled = True
 
@@ -70,17 +67,14 @@ class PhaseProfiler(Callback):
         if not self._enabled:
             rank_zero_warn("PhaseProfiler: the trainer has no logger (--trainer.logger false); nothing is logged")
             return
-        self._group = context_parallel_cpu_group(trainer)
-        if self._group is not None:
-            timeout = getattr(trainer.strategy, "_timeout", None) or timedelta(minutes=10)
-            self._world = dist.new_group(backend="gloo", timeout=timeout)
+        strategy = trainer.strategy
+        self._strategy = strategy if isinstance(strategy, ContextParallelMixin) else None
         self._pending = []
 
-    def _context_rank(self, trainer: pl.Trainer) -> tuple[int, int]:
-        layout = getattr(trainer.strategy, "layout", None)
-        if layout is None:
+    def _context_rank(self) -> tuple[int, int]:
+        if self._strategy is None:
             return 0, 0
-        return layout.data_parallel_rank(trainer.global_rank), layout.context_parallel_rank(trainer.global_rank)
+        return self._strategy.data_parallel_rank, self._strategy.context_parallel_rank
 
     def _log(self, trainer: pl.Trainer, step: int, metrics: dict[str, float]) -> None:
         for logger in trainer.loggers:
@@ -105,11 +99,8 @@ class PhaseProfiler(Callback):
             raise RuntimeError(
                 f"PhaseProfiler needs {type(pl_module).__name__}.last_stats filled by predict_step (a dict of floats)"
             )
-        per_host: list[Any] = [stats]
-        if self._group is not None:
-            per_host = [None] * dist.get_world_size(self._group)
-            dist.all_gather_object(per_host, stats, group=self._group)
-        data_parallel_rank, context_rank = self._context_rank(trainer)
+        per_host = [stats] if self._strategy is None else self._strategy.gather_in_context_group(stats)
+        data_parallel_rank, context_rank = self._context_rank()
         if context_rank != 0:
             return
         metrics = request_scalars(per_host, data_parallel_rank)
@@ -121,10 +112,9 @@ class PhaseProfiler(Callback):
 
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._enabled or self._world is None:
+        if not self._enabled or self._strategy is None:
             return
-        everyone: list[Any] = [None] * dist.get_world_size(self._world)
-        dist.all_gather_object(everyone, self._pending, group=self._world)
+        everyone = self._strategy.gather_in_world(self._pending)
         self._pending = []
         if trainer.is_global_zero:
             for pending in everyone[1:]:

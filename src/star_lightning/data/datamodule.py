@@ -1,4 +1,4 @@
-"""The predict DataModule: requests from a JSONL file, minus those a previous run already wrote.
+"""The predict DataModule: requests from a JSONL file, minus those the output file already holds.
 
 Each item is one request (no collation): a context-parallel group works on one request at a time. Lightning
 splits the items between data-parallel groups through the strategy's sampler settings.
@@ -11,8 +11,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from star_lightning.callbacks.prediction_writer import read_completed_indices
-from star_lightning.data.requests import read_requests
+from star_lightning.data.jsonl import completed_indices, read_requests
 
 
 class RequestDataset(Dataset[dict[str, Any]]):
@@ -33,16 +32,15 @@ class RequestDataModule(LightningDataModule):
         path: JSONL file, one request a line (``input_context``, ``input_query``, optional ``index``,
             ``output``/``outputs`` and other fields copied to the predictions).
         limit: only the first ``limit`` requests (for a quick look).
-
-    ``resume_from`` (set by the command line to the output path) names a predictions file whose requests are
-    skipped.
+        output: the predictions file (the command line links ``--output`` here); the requests it already holds are
+            skipped, so a rerun resumes.
     """
 
-    def __init__(self, *, path: str, limit: int | None = None) -> None:
+    def __init__(self, *, path: str, limit: int | None = None, output: str | None = None) -> None:
         super().__init__()
         self.path = path
         self.limit = limit
-        self.resume_from: str | None = None
+        self.output = output
         self.requests: list[dict[str, Any]] = []
         self.total_requests = 0
 
@@ -56,12 +54,12 @@ class RequestDataModule(LightningDataModule):
 
     def _completed_indices(self) -> set[int]:
         """Requests an earlier run already wrote; read once and broadcast so every rank splits the same list."""
-        if self.resume_from is None:
+        if self.output is None:
             return set()
         trainer = self.trainer
         if trainer is None:
-            return read_completed_indices(self.resume_from)
-        done = read_completed_indices(self.resume_from) if trainer.is_global_zero else set()
+            return completed_indices(self.output)
+        done = completed_indices(self.output) if trainer.is_global_zero else set()
         return trainer.strategy.broadcast(done, src=0)
 
     def predict_dataloader(self) -> DataLoader[dict[str, Any]]:

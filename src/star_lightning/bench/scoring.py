@@ -16,15 +16,11 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from star_lightning.data.jsonl_io import read_jsonl
+from star_lightning.bench.metrics import BABILONG_LABELS, BabilongAccuracy, StringMatchAll, StringMatchPart
+from star_lightning.bench.tasks import METRIC_BY_TASK
+from star_lightning.data.jsonl import read_jsonl
 from star_lightning.errors import ConfigurationError
-from star_lightning.metrics import BABILONG_LABELS, BabilongAccuracy, StringMatchAll, StringMatchPart
 
-RULER_TASK_ORDER = (
-    "niah_single_1 niah_single_2 niah_single_3 niah_multikey_1 niah_multikey_2 niah_multikey_3 niah_multivalue "
-    "niah_multiquery vt cwe fwe qa_1 qa_2"
-).split()
-RULER_METRIC_BY_TASK = {task: "match_part" if task.startswith("qa_") else "match_all" for task in RULER_TASK_ORDER}
 METRICS = ("auto", "match_all", "match_part", "babilong")
 
 
@@ -32,10 +28,8 @@ def metric_for(task: str, override: str = "auto") -> str:
     """The metric name for ``task``: ``match_all``, ``match_part`` or ``babilong``."""
     if override != "auto":
         return override
-    if task in RULER_METRIC_BY_TASK:
-        return RULER_METRIC_BY_TASK[task]
-    if task in BABILONG_LABELS:
-        return "babilong"
+    if task in METRIC_BY_TASK:
+        return METRIC_BY_TASK[task]
     raise ConfigurationError(f"No known metric for task {task!r}; pass --metric match_all|match_part|babilong.")
 
 

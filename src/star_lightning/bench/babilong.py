@@ -13,9 +13,9 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any
 
-from star_lightning.data.ruler.prompts import Prompt, count_tokens, render
+from star_lightning.bench.metrics import BABILONG_LABELS
+from star_lightning.bench.ruler.prompts import Prompt, count_tokens, render
 from star_lightning.errors import ConfigurationError
-from star_lightning.metrics import BABILONG_LABELS
 
 TASKS = tuple(BABILONG_LABELS)
 MAX_NEW_TOKENS = 20  # BABILong's evaluation generates at most 20 tokens

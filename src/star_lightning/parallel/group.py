@@ -1,6 +1,6 @@
 """What the attention math needs from "the other hosts", as an interface with a trivial one-host version.
 
-Model math depends on this protocol only; :mod:`star_lightning.collectives` implements it with
+Model math depends on this protocol only; :mod:`star_lightning.parallel.torch_group` implements it with
 ``torch.distributed`` for a real context-parallel group. Keeping the two apart lets the math run and be tested in
 one process, and keeps ``torch.distributed`` out of the attention code.
 """

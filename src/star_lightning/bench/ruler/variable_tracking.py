@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import string
 
-from star_lightning.data.ruler import prompts
+from star_lightning.bench.ruler import prompts
 
 NOISE_LINE = prompts.NOISE_SENTENCES + "\n"
 

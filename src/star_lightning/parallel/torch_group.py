@@ -6,12 +6,14 @@ ring attention (the exact baseline) passes K/V around the ring. Bytes sent are c
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from star_lightning.context_group import pack_partials, unpack_partials
-from star_lightning.topology import ParallelLayout
+from star_lightning.parallel.group import pack_partials, unpack_partials
+from star_lightning.parallel.layout import ParallelLayout
 
 
 class DistributedContextGroup:
@@ -28,6 +30,11 @@ class DistributedContextGroup:
         self._ranks = list(ranks)
         self._rank = self._ranks.index(dist.get_rank())
         self._bytes = 0
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The ``torch.distributed`` group (None: the world)."""
+        return self._group
 
     @property
     def rank(self) -> int:
@@ -68,7 +75,7 @@ class DistributedContextGroup:
 
     def close(self) -> None:
         """Destroy the subgroup (the world group belongs to Lightning): no communicator outlives the job."""
-        if self._group is not None and dist.is_initialized():
+        if self._group is not None and dist.is_initialized() and self._group is not dist.group.WORLD:
             dist.destroy_process_group(self._group)
             self._group = None
 
@@ -88,13 +95,26 @@ class DistributedContextGroup:
         return received.to(home)
 
 
-def new_context_group(layout: ParallelLayout, global_rank: int, device: torch.device) -> DistributedContextGroup:
-    """Create every context-parallel process group (all ranks must take part) and return this rank's."""
-    mine: DistributedContextGroup | None = None
+def new_context_groups(
+    layout: ParallelLayout, global_rank: int, device: torch.device, timeout: timedelta
+) -> tuple[DistributedContextGroup, dist.ProcessGroup | None]:
+    """Create every context-parallel group and its gloo twin (all ranks must take part) and return this rank's.
+
+    The twin is None for a group of one host (nothing to agree on). With a gloo world and one group, the world is
+    both.
+    """
+    mine: tuple[DistributedContextGroup, dist.ProcessGroup | None] | None = None
+    gloo_world = dist.get_backend() == dist.Backend.GLOO
     for ranks in layout.all_context_parallel_groups():
-        group = dist.new_group(ranks) if layout.data_parallel_size > 1 else None
+        group = dist.new_group(ranks, timeout=timeout) if layout.data_parallel_size > 1 else None
+        if len(ranks) == 1:
+            cpu_group = None
+        elif gloo_world:
+            cpu_group = group if group is not None else dist.group.WORLD
+        else:
+            cpu_group = dist.new_group(ranks, backend="gloo", timeout=timeout)
         if global_rank in ranks:
-            mine = DistributedContextGroup(group, ranks, device)
+            mine = (DistributedContextGroup(group, ranks, device), cpu_group)
     if mine is None:
         raise RuntimeError(f"rank {global_rank} is in no context-parallel group of {layout}")
     return mine

@@ -1,8 +1,9 @@
 """The context-parallel part shared by the Trainer strategy and the Fabric strategy.
 
 Lightning's Trainer and Fabric have separate strategy class trees; this mixin, placed before their DDP strategy
-in the bases, adds the layout ``world = data_parallel x context_parallel``, the process groups, the sampler split
-and hosts of several GPUs to either of them.
+in the bases, adds the layout ``world = data_parallel x context_parallel``, every process group the job uses, the
+sampler split and hosts of several GPUs to either of them. Callbacks never build groups: they ask the strategy
+(:meth:`gather_in_context_group`, :meth:`agree_max_in_context_group`, :meth:`gather_in_world`).
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from star_lightning.collectives import DistributedContextGroup, new_context_group
-from star_lightning.context_group import ContextGroup, is_query_host
 from star_lightning.errors import ConfigurationError
-from star_lightning.topology import ParallelLayout, host_gpu_indices, make_layout
+from star_lightning.parallel.group import ContextGroup, is_query_host
+from star_lightning.parallel.layout import ParallelLayout, host_gpu_indices, make_layout
+from star_lightning.parallel.torch_group import DistributedContextGroup, new_context_groups
 
 
 class ContextParallelMixin:
-    """Stores the settings in ``__init__``; builds the topology in ``setup_environment``."""
+    """Stores the settings in ``__init__``; builds the layout and the process groups in ``setup_environment``."""
 
     world_size: int
     global_rank: int
@@ -44,6 +46,10 @@ class ContextParallelMixin:
         self._host_gpus: list[int] | None = None
         self._layout: ParallelLayout | None = None
         self._context_group: DistributedContextGroup | None = None
+        # The CPU (gloo) twins of the context-parallel group and of the world, for small per-request agreements
+        # (stop signals, profiler figures) that must not wait behind the accelerator's queue.
+        self._context_cpu_group: dist.ProcessGroup | None = None
+        self._world_cpu_group: dist.ProcessGroup | None = None
 
     def _validate_settings(self) -> None:
         # Here rather than in __init__: the command line reports these errors itself (jsonargparse would wrap them).
@@ -59,11 +65,17 @@ class ContextParallelMixin:
                 "--trainer.strategy.gpus_per_host 1 (one GPU per process) or the GPUs one model copy needs"
             )
 
+    def validate_layout(self, world_size: int) -> ParallelLayout:
+        """The layout for ``world_size`` processes, or a :class:`ConfigurationError` naming every value and the fix.
+
+        Callable before any process starts (the command line checks the layout before weights load)."""
+        self._validate_settings()
+        return make_layout(world_size, self._context_parallel_size)
+
     def setup_environment(self) -> None:
         # The settings, the layout and the GPUs are validated before the process group exists, so a bad value fails
         # fast on every rank and before any weights are read.
-        self._validate_settings()
-        self._layout = make_layout(self.world_size, self._context_parallel_size)
+        self._layout = self.validate_layout(self.world_size)
         if self._gpus_per_host > 1:
             self._host_gpus = host_gpu_indices(
                 gpus_per_host=self._gpus_per_host,
@@ -73,12 +85,32 @@ class ContextParallelMixin:
                 accelerator=super().root_device.type,  # type: ignore[misc]
             )
         super().setup_environment()  # type: ignore[misc]
-        self._context_group = new_context_group(self._layout, self.global_rank, self.root_device)
+        self._create_groups()
+
+    def _create_groups(self) -> None:
+        """Every rank creates every group, in the same order (``new_group`` is collective over the world)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        layout = self.layout
+        timeout = timedelta(seconds=self._timeout_s)
+        self._context_group, self._context_cpu_group = new_context_groups(
+            layout, self.global_rank, self.root_device, timeout
+        )
+        self._world_cpu_group = (
+            None if dist.get_backend() == dist.Backend.GLOO else dist.new_group(backend="gloo", timeout=timeout)
+        )
 
     def teardown(self) -> None:
+        owned = [self._context_cpu_group, self._world_cpu_group]
         if self._context_group is not None:
+            owned = [group for group in owned if group is not self._context_group.process_group]
             self._context_group.close()
             self._context_group = None
+        for group in owned:
+            # The world group belongs to Lightning; only the subgroups made here are destroyed here.
+            if group is not None and dist.is_initialized() and group is not dist.group.WORLD:
+                dist.destroy_process_group(group)
+        self._context_cpu_group = self._world_cpu_group = None
         super().teardown()  # type: ignore[misc]
 
     @property
@@ -101,6 +133,11 @@ class ContextParallelMixin:
             super().model_to_device()  # type: ignore[misc]
 
     @property
+    def timeout(self) -> timedelta:
+        """How long a collective may wait for a peer before the job fails."""
+        return timedelta(seconds=self._timeout_s)
+
+    @property
     def layout(self) -> ParallelLayout:
         if self._layout is None:
             raise RuntimeError(f"{type(self).__name__}.layout is built when the processes start; it was read before")
@@ -121,6 +158,35 @@ class ContextParallelMixin:
         return self.layout.data_parallel_rank(self.global_rank)
 
     @property
+    def context_parallel_rank(self) -> int:
+        return self.layout.context_parallel_rank(self.global_rank)
+
+    @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         """All ranks of a context-parallel group get the same requests; the data-parallel groups split them."""
         return {"num_replicas": self.layout.data_parallel_size, "rank": self.data_parallel_rank}
+
+    def gather_in_context_group(self, obj: Any) -> list[Any]:
+        """Every host's ``obj``, in host order. Safe per request: a group's ranks work on the same requests."""
+        if self._context_cpu_group is None:
+            return [obj]
+        gathered: list[Any] = [None] * self.layout.context_parallel_size
+        dist.all_gather_object(gathered, obj, group=self._context_cpu_group)
+        return gathered
+
+    def agree_max_in_context_group(self, value: int) -> int:
+        """The largest ``value`` any host of the context-parallel group holds (e.g. a received stop signal)."""
+        if self._context_cpu_group is None:
+            return value
+        flag = torch.tensor([value])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._context_cpu_group)
+        return int(flag.item())
+
+    def gather_in_world(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` in rank order; only where all ranks get there (not per request: groups may get
+        different numbers of requests)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return [obj]
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj, group=self._world_cpu_group)
+        return gathered

@@ -11,7 +11,7 @@ import pathlib
 import random
 from dataclasses import dataclass
 
-from star_lightning.data.ruler import prompts
+from star_lightning.bench.ruler import prompts
 from star_lightning.errors import ConfigurationError
 
 

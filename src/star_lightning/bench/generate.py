@@ -12,14 +12,9 @@ import sys
 import warnings
 from typing import Any
 
-from star_lightning.data.jsonl_io import write_jsonl_atomic
+from star_lightning.bench.tasks import BABILONG_TASKS, RULER_TASKS, tasks_of
+from star_lightning.data.jsonl import write_jsonl_atomic
 from star_lightning.errors import ConfigurationError
-
-RULER_TASKS = (
-    "niah_single_1 niah_single_2 niah_single_3 niah_multikey_1 niah_multikey_2 niah_multikey_3 niah_multivalue "
-    "niah_multiquery vt cwe fwe qa_1 qa_2"
-).split()
-BABILONG_TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +83,7 @@ def _use_chat(mode: str, tokenizer: Any) -> bool:
 
 def parse_tasks(benchmark: str, spec: str) -> list[str]:
     """``niah_single_1``, ``qa1,qa2`` or ``all`` -> the benchmark's task names, in the order given."""
-    known = RULER_TASKS if benchmark == "ruler" else BABILONG_TASKS
+    known = tasks_of("ruler" if benchmark == "ruler" else "babilong")
     tasks = list(known) if spec == "all" else [task.strip() for task in spec.split(",") if task.strip()]
     unknown = [task for task in tasks if task not in known]
     if unknown or not tasks:
@@ -121,7 +116,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _task_rows(args: argparse.Namespace, task: str, tokenizer: Any, chat: bool) -> list[dict[str, Any]]:
     if args.benchmark == "ruler":
-        from star_lightning.data.ruler import generate_samples
+        from star_lightning.bench.ruler import generate_samples
 
         return generate_samples(
             task,
@@ -133,7 +128,7 @@ def _task_rows(args: argparse.Namespace, task: str, tokenizer: Any, chat: bool) 
             essays=args.essays,
             qa_file={"qa_1": args.squad, "qa_2": args.hotpotqa}.get(task) or args.qa_file,
         )
-    from star_lightning.data import babilong
+    from star_lightning.bench import babilong
 
     rows = babilong.generate_samples(
         task,

@@ -7,9 +7,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from star_lightning.data.ruler import prompts
-from star_lightning.data.ruler.haystacks import essay_prefix, split_sentences
-from star_lightning.data.ruler.words import needle_key
+from star_lightning.bench.ruler import prompts
+from star_lightning.bench.ruler.haystacks import essay_prefix, split_sentences
+from star_lightning.bench.ruler.words import needle_key
 
 HaystackKind = Literal["noise", "essay", "needle"]
 NeedleKind = Literal["words", "numbers", "uuids"]

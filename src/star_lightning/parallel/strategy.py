@@ -8,9 +8,14 @@ by reporting ``(data_parallel_size, data_parallel_rank)`` to Lightning's sampler
 
 from __future__ import annotations
 
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from typing import Any
 
-from star_lightning.context_parallel import ContextParallelMixin
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from typing_extensions import override
+
+from star_lightning.parallel.mixin import ContextParallelMixin
 
 
 class StarStrategy(ContextParallelMixin, DDPStrategy):
@@ -29,10 +34,28 @@ class StarStrategy(ContextParallelMixin, DDPStrategy):
 
     strategy_name = "star"
 
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        """DDP's setup without its weight broadcast: every rank read the same weights from the same files, so
+        sending them all from rank 0 (gigabytes for an 8B model, impossible for a model spread over several GPUs)
+        would only cost time. Inference only: there is nothing to train."""
+        if trainer.state.fn == TrainerFn.FITTING:
+            raise RuntimeError("StarStrategy runs inference (predict); it cannot train a model")
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.setup_precision_plugin()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name,
+            cls,
+            description="Star Attention inference: data x context parallel groups with a query host",
+        )
+
 
 if StarStrategy.strategy_name not in StrategyRegistry:
-    StrategyRegistry.register(
-        StarStrategy.strategy_name,
-        StarStrategy,
-        description="Star Attention inference: data x context parallel groups with a query host",
-    )
+    StarStrategy.register_strategies(StrategyRegistry)

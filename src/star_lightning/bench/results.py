@@ -17,13 +17,12 @@ import sys
 from dataclasses import dataclass
 from typing import Any, cast
 
-from star_lightning.data.jsonl_io import read_jsonl
+from star_lightning.bench.scoring import score_records
+from star_lightning.bench.tasks import TASK_ORDER
+from star_lightning.data.jsonl import read_jsonl
 from star_lightning.errors import ConfigurationError
-from star_lightning.metrics import BABILONG_LABELS
-from star_lightning.scoring import RULER_METRIC_BY_TASK, score_records
 
 METHODS = ("star", "dense", "ring")
-TASK_ORDER = (*RULER_METRIC_BY_TASK, *BABILONG_LABELS)
 
 
 @dataclass(frozen=True)
@@ -178,7 +177,7 @@ def plot(table: dict[str, Any], path: pathlib.Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="results_table.py",
+        prog="star-lightning table",
         description="Tabulate prediction files as task x length x attention (star/dense/ring) with star/global.",
     )
     parser.add_argument("--run", action="append", default=[], help="attention=star|dense|ring,path=FILE[,length=N]")
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigurationError("nothing to tabulate: give --run attention=...,path=... or --dir DIR.")
         table = build_table(collect_scores(runs))
     except ConfigurationError as error:
-        print(f"results_table: error: {error}", file=sys.stderr)
+        print(f"star-lightning table: error: {error}", file=sys.stderr)
         return 2
     prefix = pathlib.Path(args.out)
     prefix.parent.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 import string
 
-from star_lightning.data.ruler import prompts
-from star_lightning.data.ruler.words import vocabulary
+from star_lightning.bench.ruler import prompts
+from star_lightning.bench.ruler.words import vocabulary
 
 
 def _numbered(words: list[str]) -> str:

@@ -8,10 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from star_lightning.data.ruler import niah, qa, variable_tracking, word_extraction
-from star_lightning.data.ruler.fitting import largest_fitting
-from star_lightning.data.ruler.haystacks import load_essay_words
-from star_lightning.data.ruler.prompts import Prompt, count_tokens, render
+from star_lightning.bench.ruler import niah, qa, variable_tracking, word_extraction
+from star_lightning.bench.ruler.fitting import largest_fitting
+from star_lightning.bench.ruler.haystacks import load_essay_words
+from star_lightning.bench.ruler.prompts import Prompt, count_tokens, render
 from star_lightning.errors import ConfigurationError
 
 Kind = Literal["niah", "vt", "cwe", "fwe", "qa_squad", "qa_hotpotqa"]

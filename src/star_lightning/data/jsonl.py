@@ -1,0 +1,182 @@
+"""Requests in, predictions out: the one owner of star_lightning's JSONL files.
+
+Every JSONL file is read line by line through :func:`read_records`, whose errors name the file and the line (bad
+JSON, a non-object, bytes that are not UTF-8). On top of it:
+
+- requests: :func:`read_requests` validates each line (``input_context``, ``input_query``, optional ``index``,
+  ``max_new_tokens``, references and any other fields, which are copied into the prediction);
+- predictions: :func:`append_prediction` appends one record in one ``write`` under an exclusive ``flock`` and
+  fsyncs it, :func:`repair_torn_tail` cuts a line a killed job left half-written, and :func:`completed_indices`
+  answers "what is done" (the indices of the complete lines);
+- whole files written at once (``generate``, tables): :func:`write_jsonl_atomic` (temp file, fsync, rename).
+
+The reference implementation's prepared RULER files read as they are.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from star_lightning.errors import ConfigurationError
+
+REQUIRED_FIELDS = ("input_context", "input_query")
+# Fields of a request that are inputs, not references: not copied into the prediction record.
+INPUT_FIELDS = REQUIRED_FIELDS
+
+
+def read_records(
+    path: str | os.PathLike[str], *, what: str = "JSONL file", tolerate_torn_tail: bool = False
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of ``path``.
+
+    A last line without its newline that is not valid JSON (a job killed while writing it) is skipped when
+    ``tolerate_torn_tail``; every other bad line raises a :class:`ConfigurationError` naming the file and line.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigurationError(f"{what} {str(source)!r} does not exist; check the path")
+    with source.open("rb") as handle:
+        data = handle.read()
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        where = f"{source}, line {number}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigurationError(
+                f"{where}: byte {error.start + 1} is not UTF-8 (0x{raw[error.start]:02x}); save the file as UTF-8"
+            ) from None
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            if tolerate_torn_tail and number == len(lines):  # the file does not end with a newline: cut short
+                return
+            raise ConfigurationError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise ConfigurationError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every record of a JSONL file (a torn last line is dropped)."""
+    return [record for _, record in read_records(path, tolerate_torn_tail=True)]
+
+
+def validate_request(request: dict[str, Any], where: str, default_index: int) -> dict[str, Any]:
+    """Check one request's fields; sets ``index`` to ``default_index`` when the line has none."""
+    for field in REQUIRED_FIELDS:
+        if field not in request:
+            raise ConfigurationError(
+                f"{where}: missing the field {field!r} (every request needs {' and '.join(REQUIRED_FIELDS)})"
+            )
+        if not isinstance(request[field], str):
+            raise ConfigurationError(f"{where}: {field!r} must be a string, got {type(request[field]).__name__}")
+    if not request["input_context"].strip():
+        raise ConfigurationError(f"{where}: 'input_context' is empty; Star Attention needs a context to encode")
+    if not request["input_query"].strip():
+        raise ConfigurationError(f"{where}: 'input_query' is empty; give the question to answer")
+    index = request.setdefault("index", default_index)
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise ConfigurationError(f"{where}: 'index' must be an integer, got {index!r}")
+    budget = request.get("max_new_tokens")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+        raise ConfigurationError(
+            f"{where}: 'max_new_tokens' must be a positive integer (this request's generation budget), got {budget!r}"
+        )
+    return request
+
+
+def read_requests(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All requests of a JSONL file, in file order; indices must be unique (they identify requests on resume)."""
+    requests: list[dict[str, Any]] = []
+    seen: dict[int, int] = {}
+    for number, record in read_records(path, what="input file (--data.path)"):
+        request = validate_request(record, f"{path}, line {number}", default_index=len(requests))
+        index = request["index"]
+        if index in seen:
+            raise ConfigurationError(
+                f"{path}, line {number}: index {index} was already used on line {seen[index]}; indices must be "
+                "unique (they identify requests when a job resumes)"
+            )
+        seen[index] = number
+        requests.append(request)
+    if not requests:
+        raise ConfigurationError(f"input file {str(path)!r} holds no requests")
+    return requests
+
+
+def prediction_record(request: dict[str, Any], pred: str) -> dict[str, Any]:
+    """What is written for a request: its fields except the inputs, and ``pred``."""
+    record = {key: value for key, value in request.items() if key not in INPUT_FIELDS}
+    record["pred"] = pred
+    return record
+
+
+def completed_indices(path: str | os.PathLike[str]) -> set[int]:
+    """Indices of the complete lines of a predictions file (a torn last line does not count)."""
+    if not Path(path).exists():
+        return set()
+    return {
+        record["index"]
+        for _, record in read_records(path, what="output file", tolerate_torn_tail=True)
+        if isinstance(record.get("index"), int) and not isinstance(record.get("index"), bool)
+    }
+
+
+def repair_torn_tail(path: str | os.PathLike[str]) -> None:
+    """Cut a partial last line left by a job that died while writing it."""
+    target = Path(path)
+    if not target.exists() or target.stat().st_size == 0:
+        return
+    with target.open("r+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        data = handle.read()
+        if data.endswith(b"\n"):
+            return
+        handle.truncate(data.rfind(b"\n") + 1)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def append_prediction(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """One line, one ``write``, under an exclusive lock (data-parallel groups share the file), fsynced."""
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> int:
+    """Write ``rows`` one JSON object a line via a temp file in the same folder, fsync and rename.
+
+    Returns the number of rows written. Readers see either the old file or the complete new one.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    return count
