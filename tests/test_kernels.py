@@ -12,7 +12,7 @@ import torch
 
 from model_zoo import random_tokens, tiny_model
 from star_lightning.attention import kernels, triton_decode
-from star_lightning.generation import GenerationSettings, StarSettings, generate_star
+from star_lightning.generation import GenerationSettings, StarSettings, generate
 from star_lightning.models import use_star_attention
 from star_lightning.parallel.group import SingleHostGroup
 
@@ -50,8 +50,8 @@ def test_math_with_valid_length_ignores_the_unfilled_tail(causal: bool, q_len: i
     k_buf, v_buf = k.clone(), v.clone()
     k_buf[:, :, valid:] = float("nan")
     v_buf[:, :, valid:] = float("nan")
-    kernels.attach_valid_length(k_buf, torch.tensor([valid], dtype=torch.int32))
-    out, lse = kernels.attention_with_lse(q, k_buf, v_buf, scale=0.3, causal=causal, backend="auto")
+    valid_length = torch.tensor([valid], dtype=torch.int32)
+    out, lse = kernels.attention_with_lse(q, k_buf, v_buf, scale=0.3, causal=causal, valid_length=valid_length)
     ref_out, ref_lse = _explicit(q, k[:, :, :valid], v[:, :, :valid], 0.3, causal)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
@@ -59,15 +59,17 @@ def test_math_with_valid_length_ignores_the_unfilled_tail(causal: bool, q_len: i
 
 def test_auto_kernel_choices_are_validated() -> None:
     with pytest.raises(ValueError, match="prefill kernel"):
-        kernels.set_auto_prefill_kernel("nope")
+        kernels.KernelChoice(prefill="nope")
     with pytest.raises(ValueError, match="decode kernel"):
-        kernels.set_auto_decode_kernel("nope")
+        kernels.KernelChoice(decode="nope")
+    with pytest.raises(ValueError, match="attention backend"):
+        kernels.KernelChoice(backend="nope")
 
 
 def test_triton_backend_refuses_cpu_with_a_clear_message() -> None:
     q, k, v = _qkv(4, 2, 1, 10, 8, torch.float32, "cpu", seed=0)
     with pytest.raises(ValueError, match="triton"):
-        kernels.attention_with_lse(q, k, v, scale=0.3, causal=True, backend="triton")
+        kernels.attention_with_lse(q, k, v, scale=0.3, causal=True, kernels=kernels.KernelChoice("triton"))
 
 
 @pytest.mark.parametrize("mode", ["static"])
@@ -82,7 +84,7 @@ def test_static_decode_equals_eager_decode(mode: str, attention: str) -> None:
     for decode in ("eager", mode):
         star = StarSettings(attention=attention, block_size=16, decode=decode)
         with torch.no_grad():
-            results[decode] = generate_star(model, context, query, SingleHostGroup(), star, settings)
+            results[decode] = generate(model, context, query, SingleHostGroup(), star, settings)
     assert results[mode].token_ids == results["eager"].token_ids
     assert results[mode].stats.decode_mode == mode
     assert len(results[mode].token_ids) == 7
@@ -105,7 +107,7 @@ def test_graph_decode_needs_cuda() -> None:
 @pytest.mark.parametrize(("q_len", "k_len", "causal"), [(64, 64, True), (48, 160, True), (1, 160, False), (1, 1, True)])
 def test_cpu_kernels_against_float64(backend: str, dtype: torch.dtype, q_len: int, k_len: int, causal: bool) -> None:
     q, k, v = _qkv(8, 2, q_len, k_len, 32, dtype, "cpu", seed=q_len + k_len)
-    out, lse = kernels.attention_with_lse(q, k, v, scale=32**-0.5, causal=causal, backend=backend)
+    out, lse = kernels.attention_with_lse(q, k, v, scale=32**-0.5, causal=causal, kernels=kernels.KernelChoice(backend))
     ref_out, ref_lse = _explicit(q, k, v, 32**-0.5, causal)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(out.double(), ref_out, rtol=tolerance, atol=tolerance)
@@ -115,14 +117,14 @@ def test_cpu_kernels_against_float64(backend: str, dtype: torch.dtype, q_len: in
 
 def test_auto_on_cpu_uses_the_flash_kernel_except_with_soft_capping() -> None:
     q, k, _ = _qkv(4, 2, 8, 8, 16, torch.float32, "cpu", seed=0)
-    assert kernels.resolve_backend("auto", q, k, softcap=None) == "sdpa"
-    assert kernels.resolve_backend("auto", q, k, softcap=30.0) == "math"
+    assert kernels.resolve_backend(kernels.KernelChoice(), q, k, softcap=None) == "sdpa"
+    assert kernels.resolve_backend(kernels.KernelChoice(), q, k, softcap=30.0) == "math"
 
 
 def test_cuda_only_backend_on_cpu_is_refused_by_name() -> None:
     q, k, v = _qkv(4, 2, 8, 8, 16, torch.float32, "cpu", seed=0)
     with pytest.raises(ValueError, match="'cudnn' attention backend needs CUDA"):
-        kernels.attention_with_lse(q, k, v, scale=0.25, causal=True, backend="cudnn")
+        kernels.attention_with_lse(q, k, v, scale=0.25, causal=True, kernels=kernels.KernelChoice("cudnn"))
 
 
 @pytest.mark.gpu
@@ -131,7 +133,9 @@ def test_cuda_only_backend_on_cpu_is_refused_by_name() -> None:
 @pytest.mark.parametrize(("q_len", "k_len", "causal"), [(256, 256, True), (256, 768, True), (128, 384, False)])
 def test_fused_prefill_kernels_against_float64(backend: str, q_len: int, k_len: int, causal: bool) -> None:
     q, k, v = _qkv(8, 2, q_len, k_len, 128, torch.bfloat16, "cuda", seed=q_len + k_len)
-    out, lse = kernels.attention_with_lse(q, k, v, scale=128**-0.5, causal=causal, backend=backend)
+    out, lse = kernels.attention_with_lse(
+        q, k, v, scale=128**-0.5, causal=causal, kernels=kernels.KernelChoice(backend)
+    )
     ref_out, ref_lse = _explicit(q, k, v, 128**-0.5, causal)
     assert float((out.double() - ref_out).norm() / ref_out.norm()) < 1e-2
     assert float((lse.double() - ref_lse).abs().max()) < 5e-2
@@ -147,8 +151,16 @@ def test_triton_split_kv_against_float64(q_len: int, causal: bool) -> None:
     k_buf, v_buf = k.clone(), v.clone()
     k_buf[:, :, valid:] = float("nan")
     v_buf[:, :, valid:] = float("nan")
-    kernels.attach_valid_length(k_buf, torch.tensor([valid], dtype=torch.int32, device="cuda"))
-    out, lse = kernels.attention_with_lse(q, k_buf, v_buf, scale=128**-0.5, causal=causal, backend="triton")
+    valid_length = torch.tensor([valid], dtype=torch.int32, device="cuda")
+    out, lse = kernels.attention_with_lse(
+        q,
+        k_buf,
+        v_buf,
+        scale=128**-0.5,
+        causal=causal,
+        kernels=kernels.KernelChoice("triton"),
+        valid_length=valid_length,
+    )
     ref_out, ref_lse = _explicit(q, k[:, :, :valid], v[:, :, :valid], 128**-0.5, causal)
     assert float((out.double() - ref_out).norm() / ref_out.norm()) < 1e-2
     assert float((lse.double() - ref_lse).abs().max()) < 5e-2
@@ -167,6 +179,6 @@ def test_graph_decode_replays_the_static_step(dtype: torch.dtype) -> None:
     for decode in ("static", "graph"):
         star = StarSettings(attention="star", block_size=100, decode=decode)
         with torch.no_grad():
-            results[decode] = generate_star(model, context, query, SingleHostGroup(), star, settings)
+            results[decode] = generate(model, context, query, SingleHostGroup(), star, settings)
     assert results["graph"].token_ids == results["static"].token_ids
     assert results["graph"].stats.decode_mode == "graph"

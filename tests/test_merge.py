@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from star_lightning.attention.kernels import attention_with_lse
+from star_lightning.attention.kernels import KernelChoice, attention_with_lse
 from star_lightning.attention.merge import merge_pair, merge_partials
 
 
@@ -33,7 +33,7 @@ def _qkv(lq: int, lk: int, seed: int):
 @pytest.mark.parametrize(("lq", "lk", "causal"), [(5, 5, True), (3, 11, True), (1, 9, False), (4, 7, False)])
 def test_math_kernel_matches_reference(lq: int, lk: int, causal: bool) -> None:
     q, k, v = _qkv(lq, lk, seed=lq * 100 + lk)
-    out, lse = attention_with_lse(q, k, v, scale=0.3, causal=causal, backend="math")
+    out, lse = attention_with_lse(q, k, v, scale=0.3, causal=causal, kernels=KernelChoice("math"))
     ref_out, ref_lse = _reference(q, k, v, 0.3, causal)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)

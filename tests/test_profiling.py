@@ -16,7 +16,8 @@ def test_pytorch_profiler_trace_shows_the_phases(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "in.jsonl"
-    rows = [{"input_context": "The grass is green. " * 30, "input_query": " Color?"} for _ in range(2)]
+    # Two different contexts: a repeated one would be answered over the kept KV, with no Phase 1 to trace.
+    rows = [{"input_context": f"The grass is green {i}. " * 30, "input_query": " Color?"} for i in range(2)]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     args = ["predict", "--model.pretrained", str(tiny_model_dir), "--model.block_size", "64",
             "--model.max_new_tokens", "4", "--data.path", str(data), "--output", "out.jsonl",
@@ -35,7 +36,8 @@ def test_progress_bar_names_the_request_count_and_the_running_phase(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = tmp_path / "in.jsonl"
-    rows = [{"input_context": "The grass is green. " * 30, "input_query": " Color?"} for _ in range(2)]
+    # Two different contexts: a repeated one would be answered over the kept KV, with no Phase 1 to trace.
+    rows = [{"input_context": f"The grass is green {i}. " * 30, "input_query": " Color?"} for i in range(2)]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     args = ["predict", "--model.pretrained", str(tiny_model_dir), "--model.block_size", "64",
             "--model.max_new_tokens", "4", "--data.path", str(data), "--output", str(tmp_path / "out.jsonl"),

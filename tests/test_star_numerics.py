@@ -11,12 +11,14 @@ import torch
 from transformers import DynamicCache
 
 from model_zoo import FAMILIES, random_tokens, tiny_model
+from star_lightning.cache import KVStore
 from star_lightning.errors import ConfigurationError
 from star_lightning.generation import (
     GenerationSettings,
     StarSettings,
     encode_query,
-    generate_star,
+    generate,
+    num_layers,
     prefill_star,
 )
 from star_lightning.models import check_attention_servable, use_star_attention
@@ -69,10 +71,17 @@ def _reference_block_kv(model, context: torch.Tensor, start: int, stop: int, anc
 
 
 def _star_cache(model, context: torch.Tensor, block: int, anchor: int | None, **kwargs):
+    """Phase 1 on one host; the store's layers as ``(keys, values)`` views and the store itself."""
     use_star_attention(model)
     plan = plan_blocks(context.shape[1], block, 1, anchor, kwargs.pop("use_anchor", True))
+    store = KVStore(num_layers(model), plan.local_context_length(0) + QUERY + NEW)
     with torch.no_grad():
-        return plan, prefill_star(model, context, plan, SingleHostGroup(), extra_capacity=QUERY + NEW, **kwargs)
+        prefill_star(model, context, plan, SingleHostGroup(), store, **kwargs)
+    return plan, store
+
+
+def _layers(store: KVStore) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [store.view(layer) for layer in range(store.num_layers)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -86,7 +95,7 @@ def test_one_block_star_equals_dense(family: str) -> None:
     _, cache = _star_cache(model, context, block=128, anchor=None)
     with torch.no_grad():
         star = encode_query(model, cache, query, CONTEXT, SingleHostGroup())
-        result = generate_star(
+        result = generate(
             model, context, query, SingleHostGroup(), StarSettings(block_size=128), GenerationSettings(NEW)
         )
     torch.testing.assert_close(star, dense, **_tol(model))
@@ -103,8 +112,7 @@ def test_phase1_kv_equals_blockwise_reference(family: str) -> None:
     for block in plan.blocks:
         anchor = 0 if block.index == 0 else plan.anchor_length
         reference = _reference_block_kv(model, context, block.start, block.end, anchor)
-        for layer, expected in zip(cache.star_layers, reference, strict=True):
-            keys, values = layer.context_view()
+        for (keys, values), expected in zip(_layers(cache), reference, strict=True):
             got = torch.cat([keys[:, :, block.start : block.end], values[:, :, block.start : block.end]], dim=-1)
             torch.testing.assert_close(got, expected, **_tol(model))
 
@@ -116,21 +124,23 @@ def test_without_anchor_blocks_see_only_themselves() -> None:
     assert plan.anchor_length == 0
     block = plan.blocks[2]
     reference = _reference_block_kv(model, context, block.start, block.end, anchor=0)
-    keys, values = cache.star_layers[1].context_view()
+    keys, values = cache.view(1)
     got = torch.cat([keys[:, :, block.start : block.end], values[:, :, block.start : block.end]], dim=-1)
     torch.testing.assert_close(got, reference[1], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
 def test_anchor_prefix_reuse_equals_recompute(family: str) -> None:
-    """The anchor's KV computed once and reused == recomputing (anchor, block) per block (float64)."""
+    """The anchor's KV computed once and reused (``host``; ``broadcast`` on one host takes it from the first block)
+    == recomputing (anchor, block) per block (``block``, the reference's way), float64."""
     model = tiny_model(family)
     context = random_tokens(CONTEXT, seed=5)
-    _, reused = _star_cache(model, context, block=16, anchor=12, reuse_anchor=True)
-    _, recomputed = _star_cache(model, context, block=16, anchor=12, reuse_anchor=False)
-    for a, b in zip(reused.star_layers, recomputed.star_layers, strict=True):
-        torch.testing.assert_close(a.context_view()[0], b.context_view()[0], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(a.context_view()[1], b.context_view()[1], rtol=1e-12, atol=1e-12)
+    stores = {source: _star_cache(model, context, block=16, anchor=12, anchor_source=source)[1]
+              for source in ("broadcast", "host", "block")}  # fmt: skip
+    for source in ("broadcast", "host"):
+        for (k_a, v_a), (k_b, v_b) in zip(_layers(stores[source]), _layers(stores["block"]), strict=True):
+            torch.testing.assert_close(k_a, k_b, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(v_a, v_b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
@@ -140,8 +150,7 @@ def test_phase2_equals_attention_over_the_cached_kv(family: str) -> None:
     context, query = random_tokens(CONTEXT, seed=6), random_tokens(QUERY, seed=7)
     _, cache = _star_cache(model, context, block=16, anchor=16)
     reference_cache = DynamicCache(config=model.config)
-    for index, layer in enumerate(cache.star_layers):
-        keys, values = layer.context_view()
+    for index, (keys, values) in enumerate(_layers(cache)):
         reference_cache.update(keys.clone(), values.clone(), index)
     with torch.no_grad():
         star = encode_query(model, cache, query, CONTEXT, SingleHostGroup())
@@ -157,9 +166,10 @@ def test_unfilled_cache_slots_are_never_attended() -> None:
     context, query = random_tokens(CONTEXT, seed=8), random_tokens(QUERY, seed=9)
     _, clean = _star_cache(model, context, block=16, anchor=16)
     _, poisoned = _star_cache(model, context, block=16, anchor=16)
-    for layer in poisoned.star_layers:
-        layer.keys[:, :, layer.length :] = float("nan")
-        layer.values[:, :, layer.length :] = float("nan")
+    for layer in range(poisoned.num_layers):
+        keys, values = poisoned.buffers(layer)
+        keys[:, :, poisoned.length :] = float("nan")
+        values[:, :, poisoned.length :] = float("nan")
     with torch.no_grad():
         expected = encode_query(model, clean, query, CONTEXT, SingleHostGroup())
         got = encode_query(model, poisoned, query, CONTEXT, SingleHostGroup())
@@ -187,7 +197,7 @@ def test_sliding_window_layers_beyond_the_window_are_refused() -> None:
     context, query = random_tokens(CONTEXT, seed=12), random_tokens(QUERY, seed=13)
     use_star_attention(model)
     with pytest.raises(ValueError, match="sliding-window"), torch.no_grad():
-        generate_star(model, context, query, SingleHostGroup(), StarSettings(block_size=16), GenerationSettings(2))
+        generate(model, context, query, SingleHostGroup(), StarSettings(block_size=16), GenerationSettings(2))
 
 
 def test_model_without_attention_interface_is_refused_by_name() -> None:

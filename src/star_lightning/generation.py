@@ -1,16 +1,22 @@
-"""Running one request: Phase 1 (``prefill_*``), Phase 2 query encoding and decoding, and the token loop.
+"""Running one request: Phase 1 (``prefill_*``), Phase 2 (``encode_query``, ``decode_step``), the token loop.
 
-Each phase is a small function, so it can be timed, profiled and compiled on its own. All hosts of a
-context-parallel group run the same calls in the same order; they differ only in the blocks they own and in
-whether they store the new tokens (the query host) -- the cache and the attention step encode that.
+Each phase is a small function that builds one :class:`~star_lightning.attention.step.ForwardStep` per forward,
+so it can be timed, profiled and compiled on its own (as gpt-fast's ``prefill``/``decode_one_token``). All hosts of
+a context-parallel group run the same calls in the same order; they differ only in the blocks they own and in
+whether they store the new tokens (the query host).
+
+:func:`encode_context` (Phase 1, any method) returns this host's share of the encoded context; :func:`answer`
+(Phase 2) answers one query over it; :func:`generate` does both, and reuses a kept context when the next request
+shares it (exact: the store is rolled back to the context, so nothing of the last query remains).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -18,17 +24,21 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 from transformers import DynamicCache, PretrainedConfig
 
-from star_lightning.attention.star import AttentionStep
-from star_lightning.cache import StarKVCache
+from star_lightning.attention.anchor import AnchorPrefix, BroadcastAnchor, KeptAnchor, ReceivedAnchor
+from star_lightning.attention.kernels import KernelChoice, sdpa_priority
+from star_lightning.attention.step import ForwardStep, StaticSlot
+from star_lightning.cache import KVStore
 from star_lightning.parallel.group import ContextGroup, is_query_host
-from star_lightning.partition import BlockPlan, plan_blocks, split_evenly
+from star_lightning.partition import BlockPlan, RingLayout, RingPlan, plan_blocks, plan_ring
 from star_lightning.sampling import SamplingConfig, choose_token
 
 # Names of the phases in PyTorch profiler traces (``--trainer.profiler pytorch``).
 PHASE1, PHASE2_QUERY, PHASE2_DECODE = "star_lightning/phase1", "star_lightning/phase2_query", "star_lightning/decode"
 
 AttentionMethod = Literal["star", "ring", "dense"]
+AnchorSource = Literal["broadcast", "host", "block"]
 DecodeMode = Literal["auto", "eager", "static", "graph"]
+ANCHOR_SOURCES: tuple[str, ...] = ("broadcast", "host", "block")
 
 
 @dataclass(frozen=True)
@@ -39,12 +49,20 @@ class StarSettings:
     block_size: int = 4096
     anchor_block_size: int | None = None
     use_anchor: bool = True
-    reuse_anchor: bool = True
+    anchor_source: AnchorSource = "broadcast"
+    """Where hosts get the anchor's K/V (:mod:`star_lightning.attention.anchor`): ``broadcast`` from host 0,
+    ``host`` (each host computes it once), ``block`` (recomputed before every block). With one host, ``broadcast``
+    and ``host`` are the same (host 0 takes it from its own first block)."""
+    ring_layout: RingLayout = "zigzag"
     backend: str = "auto"
     decode: DecodeMode = "auto"
     """Phase 2 decoding of star/ring: ``eager`` (one forward per token over the growing cache), ``static`` (static
     shapes: the preallocated cache with a device-side valid length), ``graph`` (``static`` captured once as a CUDA
     graph and replayed per token: no Python or launch overhead); ``auto`` is ``graph`` on CUDA, ``eager`` else."""
+
+    def __post_init__(self) -> None:
+        if self.anchor_source not in ANCHOR_SOURCES:
+            raise ValueError(f"anchor_source must be one of {', '.join(ANCHOR_SOURCES)}, got {self.anchor_source!r}")
 
 
 @dataclass(frozen=True)
@@ -68,11 +86,13 @@ class RequestStats:
     local_context_tokens: int = 0
     query_tokens: int = 0
     new_tokens: int = 0
+    context_reused: bool = False
     phase1_s: float = 0.0
     query_s: float = 0.0
     decode_s: float = 0.0
     decode_setup_s: float = 0.0
     decode_mode: str = "eager"
+    phase1_bytes: int = 0
     phase2_bytes: int = 0
     peak_mem_bytes: int = 0
 
@@ -91,14 +111,39 @@ class RequestStats:
         return self.phase1_s + self.query_s + self.decode_setup_s + self.decode_s
 
 
+StopCheck = Callable[[list[int]], bool]
+PhaseListener = Callable[[str], None]
+
+
+@dataclass
+class EncodedContext:
+    """This host's share of an encoded context (Phase 1's result), kept to answer every query that shares it.
+
+    ``store``: star/ring's KV store (this host's blocks or chunks); ``cache``: dense's transformers cache. ``key``
+    identifies the context's tokens and every setting that shaped its KV.
+    """
+
+    key: str
+    context_length: int
+    local_length: int
+    store: KVStore | None = None
+    cache: DynamicCache | None = None
+    phase1_s: float = 0.0
+    phase1_bytes: int = 0
+
+    def rollback(self) -> None:
+        """Forget what the last query and its generated tokens added; keep the context."""
+        if self.store is not None:
+            self.store.truncate(self.local_length)
+        if self.cache is not None:
+            self.cache.crop(self.context_length)
+
+
 @dataclass
 class GenerationResult:
     token_ids: list[int]
     stats: RequestStats
-
-
-StopCheck = Callable[[list[int]], bool]
-PhaseListener = Callable[[str], None]
+    context: EncodedContext
 
 
 @contextmanager
@@ -121,19 +166,21 @@ def _synchronize(devices: list[torch.device]) -> None:
             torch.cuda.synchronize(device)
 
 
-def _forward(
-    model: nn.Module, ids: Tensor, positions: Tensor, cache: object, step: AttentionStep | None = None
-) -> Tensor:
-    """One forward; returns the last position's logits ``[V]``."""
-    kwargs = {} if step is None else {"star_step": step}
+def _forward(model: nn.Module, ids: Tensor, positions: Tensor, step: ForwardStep) -> Tensor:
+    """One forward of star/ring (our attention keeps the KV, so no transformers cache); the last logits ``[V]``."""
     output = model(
         input_ids=ids,  # [1, L]
         position_ids=positions,  # [1, L]
-        past_key_values=cache,
-        use_cache=True,
+        use_cache=False,
         logits_to_keep=1,
-        **kwargs,
+        star_step=step,
     )
+    return output.logits[0, -1]  # [V]
+
+
+def _dense_forward(model: nn.Module, ids: Tensor, positions: Tensor, cache: DynamicCache) -> Tensor:
+    """One forward of the model's own attention over its own cache; the last logits ``[V]``."""
+    output = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return output.logits[0, -1]  # [V]
 
 
@@ -148,8 +195,23 @@ def _config(model: nn.Module) -> PretrainedConfig:
     return config
 
 
-def _num_layers(model: nn.Module) -> int:
+def num_layers(model: nn.Module) -> int:
     return int(_config(model).get_text_config().num_hidden_layers)
+
+
+def kv_shape(model: nn.Module) -> tuple[int, int]:
+    """``(KV heads, head dim)`` of one attention layer, from the config (the anchor's receive buffers need them
+    before the forward that fills them)."""
+    config = _config(model).get_text_config()
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return kv_heads, int(head_dim)
+
+
+def _model_dtype_and_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    parameter = next(model.parameters())
+    return parameter.dtype, parameter.device
 
 
 def prefill_star(
@@ -157,87 +219,121 @@ def prefill_star(
     context_ids: Tensor,
     plan: BlockPlan,
     group: ContextGroup,
+    store: KVStore,
     *,
-    extra_capacity: int,
-    reuse_anchor: bool = True,
-    backend: str = "auto",
-) -> StarKVCache:
-    """Phase 1 on this host: encode its blocks, each after the anchor, with no communication.
+    anchor_source: AnchorSource = "broadcast",
+    kernels: KernelChoice | None = None,
+) -> int:
+    """Phase 1 on this host: encode its blocks, each after the anchor; returns the bytes it sent.
 
-    The anchor's KV is computed once and reused as a prefix cache for every block (exact under causal
-    attention); ``reuse_anchor=False`` recomputes ``(anchor, block)`` per block as the reference implementation.
+    ``broadcast``: host 0 sends each layer's anchor K/V while it encodes the first block; the others receive it
+    (posted before their forward, waited for layer by layer) and never run the anchor's forward. ``host``: a host
+    without the first block runs the anchor's forward once and keeps its K/V. ``block``: every non-first block is a
+    forward of ``(anchor, block)`` (the reference implementation's way; only the block's K/V is stored).
     """
+    kernels = KernelChoice() if kernels is None else kernels
     device = context_ids.device
-    host = group.rank
-    blocks = plan.blocks_of(host)
-    capacity = plan.local_context_length(host) + extra_capacity
-    cache = StarKVCache(_num_layers(model), capacity)
-    step = AttentionStep(kind="local", causal=True, backend=backend, last_position=plan.context_length - 1)
+    layers = num_layers(model)
+    blocks = list(plan.blocks_of(group.rank))
     anchor = plan.anchor_length
-    remaining = list(blocks)
-    if remaining and remaining[0].index == 0:
-        first = remaining.pop(0)
-        cache.set_mode("block")
-        _forward(
-            model, context_ids[:, first.start : first.end], _positions(first.start, first.end, device), cache, step
-        )
-        if anchor and reuse_anchor:
-            cache.use_context_prefix_as_anchor(anchor)
-    elif anchor and reuse_anchor and remaining:
-        cache.set_mode("anchor")
-        _forward(model, context_ids[:, :anchor], _positions(0, anchor, device), cache, step)
-    for block in remaining:
+    bytes_before = group.bytes_moved
+
+    base = ForwardStep(phase="block", group=group, kernels=kernels, store=store, last_position=plan.context_length - 1)
+
+    prefix: AnchorPrefix | None = None  # where this host's blocks get the anchor's K/V
+    sink: KeptAnchor | None = None  # the forward that computes the anchor's K/V hands them here
+    received: ReceivedAnchor | None = None
+    owns_first = bool(blocks) and blocks[0].index == 0
+    broadcast = anchor_source == "broadcast" and group.size > 1
+    if anchor and anchor_source != "block":
+        if owns_first:
+            sink = BroadcastAnchor(layers, anchor, group) if broadcast else KeptAnchor(layers, anchor)
+        elif broadcast:
+            dtype, root = _model_dtype_and_device(model)
+            heads, head_dim = kv_shape(model)
+            received = ReceivedAnchor(group, layers, (1, heads, anchor, head_dim), dtype, root)
+        else:
+            sink = KeptAnchor(layers, anchor)
+            _forward(
+                model,
+                context_ids[:, :anchor],
+                _positions(0, anchor, device),
+                replace(base, keep_new=False, share_anchor=sink),
+            )
+        prefix = received if received is not None else sink
+    for block in blocks:
         block_ids = context_ids[:, block.start : block.end]  # [1, l]
         block_positions = _positions(block.start, block.end, device)
-        if anchor and not reuse_anchor:
-            cache.set_mode("block_recompute", recompute_anchor_length=anchor)
+        if block.index == 0:
+            _forward(model, block_ids, block_positions, replace(base, share_anchor=sink))
+        elif anchor and anchor_source == "block":
             ids = torch.cat([context_ids[:, :anchor], block_ids], dim=1)  # [1, a + l]
             positions = torch.cat([_positions(0, anchor, device), block_positions], dim=1)  # [1, a + l]
-            _forward(model, ids, positions, cache, step)
+            _forward(model, ids, positions, replace(base, skip=anchor))
         else:
-            cache.set_mode("block")
-            _forward(model, block_ids, block_positions, cache, step)
-    cache.drop_anchor()
-    return cache
+            _forward(model, block_ids, block_positions, replace(base, anchor=prefix))
+    if isinstance(sink, BroadcastAnchor):
+        sink.finish()
+    if received is not None:
+        received.finish()
+    return group.bytes_moved - bytes_before
 
 
 def prefill_ring(
-    model: nn.Module, context_ids: Tensor, group: ContextGroup, *, extra_capacity: int, backend: str = "auto"
-) -> StarKVCache:
-    """Phase 1 of the exact baseline: the context in ``size`` contiguous chunks, global causal ring attention."""
-    total = context_ids.shape[1]
-    if total < group.size:
-        raise ValueError(f"ring attention needs at least one context token per host ({group.size}), got {total}")
-    spans = split_evenly(total, group.size)
-    start, stop = spans[group.rank]
-    lengths = tuple(b - a for a, b in spans)
-    cache = StarKVCache(_num_layers(model), (stop - start) + extra_capacity)
-    cache.set_mode("block")
-    step = AttentionStep(kind="ring", group=group, backend=backend, last_position=total - 1, ring_lengths=lengths)
-    _forward(model, context_ids[:, start:stop], _positions(start, stop, context_ids.device), cache, step)
-    return cache
+    model: nn.Module,
+    context_ids: Tensor,
+    plan: RingPlan,
+    group: ContextGroup,
+    store: KVStore,
+    *,
+    kernels: KernelChoice | None = None,
+) -> int:
+    """Phase 1 of the exact baseline: this host's chunks in one forward, global causal ring attention; returns the
+    bytes it sent."""
+    kernels = KernelChoice() if kernels is None else kernels
+    spans = plan.spans_of(group.rank)
+    device = context_ids.device
+    ids = torch.cat([context_ids[:, start:stop] for start, stop in spans], dim=1)  # [1, L_local]
+    positions = torch.cat([_positions(start, stop, device) for start, stop in spans], dim=1)  # [1, L_local]
+    bytes_before = group.bytes_moved
+    step = ForwardStep(
+        phase="ring", group=group, kernels=kernels, store=store, ring=plan, last_position=plan.context_length - 1
+    )
+    _forward(model, ids, positions, step)
+    return group.bytes_moved - bytes_before
 
 
 def encode_query(
-    model: nn.Module, cache: StarKVCache, query_ids: Tensor, start: int, group: ContextGroup, backend: str = "auto"
+    model: nn.Module,
+    store: KVStore,
+    query_ids: Tensor,
+    start: int,
+    group: ContextGroup,
+    kernels: KernelChoice | None = None,
 ) -> Tensor:
     """Phase 2 for the query tokens: every host attends with them to its local KV; the partials are merged."""
-    cache.set_mode("query", store_new_tokens=is_query_host(group))
     stop = start + query_ids.shape[1]
-    step = AttentionStep(
-        kind="distributed", causal=is_query_host(group), group=group, backend=backend, last_position=stop - 1
+    step = ForwardStep(
+        phase="query",
+        group=group,
+        kernels=KernelChoice() if kernels is None else kernels,
+        store=store,
+        keep_new=is_query_host(group),
+        last_position=stop - 1,
     )
-    return _forward(model, query_ids, _positions(start, stop, query_ids.device), cache, step)
+    return _forward(model, query_ids, _positions(start, stop, query_ids.device), step)
 
 
 def decode_step(
-    model: nn.Module, cache: StarKVCache, token: Tensor, position: int, group: ContextGroup, backend: str = "auto"
+    model: nn.Module,
+    store: KVStore,
+    token: Tensor,
+    position: int,
+    group: ContextGroup,
+    kernels: KernelChoice | None = None,
 ) -> Tensor:
     """Phase 2 for one generated token (``token`` ``[1, 1]``), the same on every host."""
-    step = AttentionStep(
-        kind="distributed", causal=is_query_host(group), group=group, backend=backend, last_position=position
-    )
-    return _forward(model, token, _positions(position, position + 1, token.device), cache, step)
+    return encode_query(model, store, token, position, group, kernels)
 
 
 def resolve_decode_mode(mode: str, devices: list[torch.device]) -> str:
@@ -266,17 +362,30 @@ class StaticDecoder:
     """
 
     def __init__(
-        self, model: nn.Module, cache: StarKVCache, group: ContextGroup, backend: str, last_position: int, graph: bool
+        self,
+        model: nn.Module,
+        store: KVStore,
+        group: ContextGroup,
+        kernels: KernelChoice,
+        last_position: int,
+        graph: bool,
     ) -> None:
-        self.model, self.cache, self.group, self.use_graph = model, cache, group, graph
-        device = cache.star_layers[0].buffers()[0].device
+        self.model, self.store, self.group, self.use_graph = model, store, group, graph
+        device = store.device
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
         self.positions = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
-        self.step = AttentionStep(
-            kind="distributed",
-            causal=is_query_host(group),
+        self.slot = StaticSlot(
+            write_slot=torch.zeros(1, dtype=torch.long, device=device),
+            valid_length=torch.zeros(1, dtype=torch.int32, device=device),
+        )
+        self.keep_new = is_query_host(group)
+        self.step = ForwardStep(
+            phase="query",
             group=group,
-            backend=backend,
+            kernels=kernels,
+            store=store,
+            keep_new=self.keep_new,
+            static=self.slot,
             last_position=last_position,
         )
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -284,10 +393,9 @@ class StaticDecoder:
         self.bytes_per_step = 0
         self.replays = 0
         self.setup_s = 0.0
-        cache.begin_static_decode(store_new_tokens=is_query_host(group))
 
     def _run(self) -> Tensor:
-        return _forward(self.model, self.ids, self.positions, self.cache, self.step)
+        return _forward(self.model, self.ids, self.positions, self.step)
 
     def _capture(self) -> None:
         t0 = time.perf_counter()
@@ -306,9 +414,13 @@ class StaticDecoder:
         self.setup_s = time.perf_counter() - t0
 
     def __call__(self, token: int, position: int) -> Tensor:
+        length = self.store.length
+        if self.keep_new and length >= self.store.capacity:
+            raise RuntimeError(f"KV store overflow: {length} + 1 tokens exceed the capacity {self.store.capacity}")
         self.ids.fill_(token)
         self.positions.fill_(position)
-        self.cache.prepare_static_step()
+        self.slot.write_slot.fill_(length)
+        self.slot.valid_length.fill_(length + 1 if self.keep_new else length)
         if not self.use_graph:
             logits = self._run()
         else:
@@ -318,13 +430,18 @@ class StaticDecoder:
             self.graph.replay()
             self.replays += 1
             logits = self.logits
-        self.cache.finish_static_step()
+        if self.keep_new:
+            self.store.advance(1)
         return logits
+
+    @property
+    def replayed_bytes(self) -> int:
+        """Bytes the replays moved (the capture pass counted one step's bytes without moving them)."""
+        return self.bytes_per_step * (self.replays - 1) if self.replays else 0
 
     def close(self) -> None:
         self.graph = None
         self.logits = None
-        self.cache.end_static_decode()
 
 
 def sample_loop(
@@ -370,61 +487,110 @@ def _peak_memory_bytes(devices: list[torch.device]) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def generate_star(
+def context_key(context_ids: Tensor, star: StarSettings, group: ContextGroup) -> str:
+    """What identifies an encoded context: its tokens, the layout of hosts and every setting that shaped its KV."""
+    digest = hashlib.sha256(context_ids.detach().cpu().numpy().tobytes()).hexdigest()
+    shape = (star.attention, star.block_size, star.anchor_block_size, star.use_anchor, star.ring_layout)
+    return f"{digest}:{context_ids.shape[1]}:{shape}:{group.rank}/{group.size}"
+
+
+def encode_context(
     model: nn.Module,
     context_ids: Tensor,
+    group: ContextGroup,
+    star: StarSettings,
+    *,
+    extra_capacity: int,
+    kernels: KernelChoice | None = None,
+) -> EncodedContext:
+    """Phase 1 of any method on this host, timed: the context's KV, ready for queries (``extra_capacity`` positions
+    of room for the query and generated tokens on the query host)."""
+    kernels = KernelChoice(backend=star.backend) if kernels is None else kernels
+    devices = model_devices(model)
+    context_length = context_ids.shape[1]
+    key = context_key(context_ids, star, group)
+    t0 = time.perf_counter()
+    if star.attention == "dense":
+        if group.size != 1:
+            raise ValueError(
+                f"dense attention runs each request in one process, but the context-parallel group has {group.size} "
+                "hosts; set --trainer.strategy.context_parallel_size 1 (the devices then split the requests) or use "
+                "--model.attention star/ring"
+            )
+        cache = DynamicCache(config=_config(model))
+        with sdpa_priority(kernels, context_ids.device, context_length):
+            _dense_forward(model, context_ids, _positions(0, context_length, context_ids.device), cache)
+        _synchronize(devices)
+        return EncodedContext(key, context_length, context_length, cache=cache, phase1_s=time.perf_counter() - t0)
+    if star.attention == "ring":
+        ring = plan_ring(context_length, group.size, star.ring_layout)
+        local = ring.local_context_length(group.rank)
+        store = KVStore(num_layers(model), local + extra_capacity)
+        sent = prefill_ring(model, context_ids, ring, group, store, kernels=kernels)
+    else:
+        plan = plan_blocks(context_length, star.block_size, group.size, star.anchor_block_size, star.use_anchor)
+        local = plan.local_context_length(group.rank)
+        store = KVStore(num_layers(model), local + extra_capacity)
+        sent = prefill_star(model, context_ids, plan, group, store, anchor_source=star.anchor_source, kernels=kernels)
+    _synchronize(devices)
+    return EncodedContext(key, context_length, local, store=store, phase1_s=time.perf_counter() - t0, phase1_bytes=sent)
+
+
+def answer(
+    model: nn.Module,
+    context: EncodedContext,
     query_ids: Tensor,
     group: ContextGroup,
     star: StarSettings,
     settings: GenerationSettings,
+    *,
+    kernels: KernelChoice | None = None,
     stop_check: StopCheck | None = None,
     on_phase: PhaseListener | None = None,
-) -> GenerationResult:
-    """One request with Star Attention (or the ring baseline) over the hosts of ``group``."""
-    device = context_ids.device
+) -> tuple[list[int], RequestStats]:
+    """Phase 2, timed: encode the query over the encoded context, then decode until EOS, a stop or the budget."""
+    kernels = KernelChoice(backend=star.backend) if kernels is None else kernels
     devices = model_devices(model)
-    context_length, query_length = context_ids.shape[1], query_ids.shape[1]
+    query_length = query_ids.shape[1]
     if query_length == 0:
         raise ValueError("the query is empty: every request needs a non-empty 'input_query'")
-    mode = resolve_decode_mode(star.decode, devices)
-    _reset_peak_memory(devices)
-    extra = query_length + settings.max_new_tokens if is_query_host(group) else 0
-    stats = RequestStats(context_tokens=context_length, query_tokens=query_length)
+    device = query_ids.device
+    start = context.context_length + query_length
+    stats = RequestStats(
+        context_tokens=context.context_length, local_context_tokens=context.local_length, query_tokens=query_length
+    )
     bytes_before = group.bytes_moved
     t0 = time.perf_counter()
-    with _phase(PHASE1, on_phase):
-        if star.attention == "ring":
-            cache = prefill_ring(model, context_ids, group, extra_capacity=extra, backend=star.backend)
-        else:
-            plan = plan_blocks(context_length, star.block_size, group.size, star.anchor_block_size, star.use_anchor)
-            cache = prefill_star(
-                model,
-                context_ids,
-                plan,
-                group,
-                extra_capacity=extra,
-                reuse_anchor=star.reuse_anchor,
-                backend=star.backend,
-            )
-        _synchronize(devices)
-    stats.local_context_tokens = cache.context_length()
+    decoder: StaticDecoder | None = None
+    if context.store is not None:
+        store = context.store
+        if is_query_host(group):
+            store.ensure_capacity(context.local_length + query_length + settings.max_new_tokens)
+        with _phase(PHASE2_QUERY, on_phase):
+            first_logits = encode_query(model, store, query_ids, context.context_length, group, kernels)
+            _synchronize(devices)
+        stats.decode_mode = resolve_decode_mode(star.decode, devices)
+        if stats.decode_mode != "eager" and settings.max_new_tokens > 1:
+            last = start + settings.max_new_tokens - 1
+            decoder = StaticDecoder(model, store, group, kernels, last, graph=stats.decode_mode == "graph")
+
+        def next_logits(token: int, i: int) -> Tensor:
+            if decoder is not None:
+                return decoder(token, start + i)
+            return decode_step(model, store, torch.tensor([[token]], device=device), start + i, group, kernels)
+
+    else:
+        cache = context.cache
+        assert cache is not None
+        with _phase(PHASE2_QUERY, on_phase):
+            first_logits = _dense_forward(model, query_ids, _positions(context.context_length, start, device), cache)
+            _synchronize(devices)
+
+        def next_logits(token: int, i: int) -> Tensor:
+            ids = torch.tensor([[token]], device=device)  # [1, 1]
+            return _dense_forward(model, ids, _positions(start + i, start + i + 1, device), cache)
+
     t1 = time.perf_counter()
-    with _phase(PHASE2_QUERY, on_phase):
-        first_logits = encode_query(model, cache, query_ids, context_length, group, star.backend)
-        _synchronize(devices)
-    t2 = time.perf_counter()
-    start = context_length + query_length
-    decoder = None
-    if mode != "eager" and settings.max_new_tokens > 1:
-        last = start + settings.max_new_tokens - 1
-        decoder = StaticDecoder(model, cache, group, star.backend, last, graph=mode == "graph")
-
-    def next_logits(token: int, i: int) -> Tensor:
-        if decoder is not None:
-            return decoder(token, start + i)
-        token_ids = torch.tensor([[token]], device=device)  # [1, 1]
-        return decode_step(model, cache, token_ids, start + i, group, star.backend)
-
     try:
         with _phase(PHASE2_DECODE, on_phase):
             tokens = sample_loop(first_logits, next_logits, group, settings, stop_check)
@@ -432,64 +598,13 @@ def generate_star(
     finally:
         if decoder is not None:
             decoder.close()
-    t3 = time.perf_counter()
-    stats.phase1_s, stats.query_s = t1 - t0, t2 - t1
-    stats.decode_mode = mode
-    stats.decode_setup_s = decoder.setup_s if decoder is not None else 0.0
-    stats.decode_s = t3 - t2 - stats.decode_setup_s
-    stats.new_tokens = len(tokens)
-    # The capture pass counted one step's bytes without moving them; every replay moves them.
-    replayed = decoder.bytes_per_step * (decoder.replays - 1) if decoder is not None and decoder.replays else 0
-    stats.phase2_bytes = group.bytes_moved - bytes_before + replayed
-    stats.peak_mem_bytes = _peak_memory_bytes(devices)
-    return GenerationResult(tokens, stats)
-
-
-def generate_dense(
-    model: nn.Module,
-    context_ids: Tensor,
-    query_ids: Tensor,
-    group: ContextGroup,
-    settings: GenerationSettings,
-    stop_check: StopCheck | None = None,
-    on_phase: PhaseListener | None = None,
-) -> GenerationResult:
-    """The global-attention reference: the model's own attention over context + query in one process."""
-    if group.size != 1:
-        raise ValueError(
-            f"dense attention runs each request in one process, but the context-parallel group has {group.size} "
-            "hosts; set --trainer.strategy.context_parallel_size 1 (the devices then split the requests) or use "
-            "--model.attention star/ring"
-        )
-    device = context_ids.device
-    devices = model_devices(model)
-    _reset_peak_memory(devices)
-    context_length, query_length = context_ids.shape[1], query_ids.shape[1]
-    stats = RequestStats(context_tokens=context_length, local_context_tokens=context_length, query_tokens=query_length)
-    cache = DynamicCache(config=_config(model))
-    t0 = time.perf_counter()
-    with _phase(PHASE1, on_phase):
-        _forward(model, context_ids, _positions(0, context_length, device), cache)
-        _synchronize(devices)
-    t1 = time.perf_counter()
-    start = context_length + query_length
-    with _phase(PHASE2_QUERY, on_phase):
-        first_logits = _forward(model, query_ids, _positions(context_length, start, device), cache)
-        _synchronize(devices)
     t2 = time.perf_counter()
-
-    def next_logits(token: int, i: int) -> Tensor:
-        token_ids = torch.tensor([[token]], device=device)  # [1, 1]
-        return _forward(model, token_ids, _positions(start + i, start + i + 1, device), cache)
-
-    with _phase(PHASE2_DECODE, on_phase):
-        tokens = sample_loop(first_logits, next_logits, group, settings, stop_check)
-        _synchronize(devices)
-    t3 = time.perf_counter()
-    stats.phase1_s, stats.query_s, stats.decode_s = t1 - t0, t2 - t1, t3 - t2
+    stats.query_s = t1 - t0
+    stats.decode_setup_s = decoder.setup_s if decoder is not None else 0.0
+    stats.decode_s = t2 - t1 - stats.decode_setup_s
     stats.new_tokens = len(tokens)
-    stats.peak_mem_bytes = _peak_memory_bytes(devices)
-    return GenerationResult(tokens, stats)
+    stats.phase2_bytes = group.bytes_moved - bytes_before + (decoder.replayed_bytes if decoder is not None else 0)
+    return tokens, stats
 
 
 def generate(
@@ -501,11 +616,33 @@ def generate(
     settings: GenerationSettings,
     stop_check: StopCheck | None = None,
     on_phase: PhaseListener | None = None,
+    *,
+    kernels: KernelChoice | None = None,
+    kept: EncodedContext | None = None,
 ) -> GenerationResult:
-    """Dispatch on the attention method; ``context_ids`` and ``query_ids`` are ``[1, L]`` on the model's device.
+    """One request; ``context_ids`` and ``query_ids`` are ``[1, L]`` on the model's device.
 
+    ``kept``: the context the previous request encoded (``GenerationResult.context``); when this request's context
+    is the same (same tokens, same settings), Phase 1 is skipped and the kept context answers (``phase1_s`` 0).
     ``on_phase`` is told the name of each phase as it starts (a progress display).
     """
-    if star.attention == "dense":
-        return generate_dense(model, context_ids, query_ids, group, settings, stop_check, on_phase)
-    return generate_star(model, context_ids, query_ids, group, star, settings, stop_check, on_phase)
+    kernels = KernelChoice(backend=star.backend) if kernels is None else kernels
+    devices = model_devices(model)
+    _reset_peak_memory(devices)
+    extra = query_ids.shape[1] + settings.max_new_tokens if is_query_host(group) else 0
+    reused = kept is not None and kept.key == context_key(context_ids, star, group)
+    if reused:
+        assert kept is not None
+        context = kept
+        context.rollback()
+    else:
+        with _phase(PHASE1, on_phase):
+            context = encode_context(model, context_ids, group, star, extra_capacity=extra, kernels=kernels)
+    tokens, stats = answer(
+        model, context, query_ids, group, star, settings, kernels=kernels, stop_check=stop_check, on_phase=on_phase
+    )
+    stats.context_reused = reused
+    stats.phase1_s = 0.0 if reused else context.phase1_s
+    stats.phase1_bytes = 0 if reused else context.phase1_bytes
+    stats.peak_mem_bytes = _peak_memory_bytes(devices)
+    return GenerationResult(tokens, stats, context)

@@ -9,10 +9,18 @@ import torch
 from lightning.pytorch import LightningModule
 from transformers import PreTrainedModel
 
-from star_lightning.attention.kernels import validate_backend
+from star_lightning.attention.kernels import KernelChoice, validate_backend
 from star_lightning.data.jsonl import prediction_record
 from star_lightning.errors import ConfigurationError
-from star_lightning.generation import GenerationResult, GenerationSettings, StarSettings, generate
+from star_lightning.generation import (
+    EncodedContext,
+    GenerationResult,
+    GenerationSettings,
+    RequestStats,
+    StarSettings,
+    context_key,
+    generate,
+)
 from star_lightning.models import DTypeName, load_model, load_tokenizer, resolve_dtype, resolve_pretrained
 from star_lightning.parallel.group import ContextGroup, SingleHostGroup, is_query_host
 from star_lightning.parallel.mixin import ContextParallelMixin
@@ -30,8 +38,14 @@ class StarAttentionLM(LightningModule):
         block_size: context tokens per block (star).
         anchor_block_size: leading tokens of the first block that prefix every other block; unset = block_size.
         anchor: ``False`` switches the anchor block off (an ablation: blocks see only themselves).
-        reuse_anchor: compute the anchor's KV once per host and reuse it (exact); ``False`` recomputes it for
-            every block as the reference implementation does (slower, same result).
+        anchor_source: where a host gets the anchor's K/V (all exact, same predictions): ``broadcast`` (host 0 sends
+            each layer's anchor K/V while it encodes the first block; the others never run the anchor's forward),
+            ``host`` (each host computes it once and reuses it for its blocks), ``block`` (recomputed before every
+            block, the reference implementation's way). With one host, ``broadcast`` is ``host``.
+        ring_layout: chunks of the exact ring baseline (``--model.attention ring``): ``zigzag`` (host h holds chunks
+            h and 2H-1-h: balanced causal work) or ``contiguous`` (host h holds chunk h). Same predictions.
+        reuse_context: when a request's context is the one the previous request encoded (same tokens), skip Phase 1
+            and answer over the kept KV (exact); ``false`` re-encodes every request (for comparison).
         max_new_tokens: tokens to generate at most per request; a request's own ``max_new_tokens`` field (which
             ``star-lightning generate`` writes, per task) lowers it for that request.
         temperature: 0 = greedy; otherwise sampling with this temperature.
@@ -55,7 +69,9 @@ class StarAttentionLM(LightningModule):
         block_size: int = 4096,
         anchor_block_size: int | None = None,
         anchor: bool = True,
-        reuse_anchor: bool = True,
+        anchor_source: Literal["broadcast", "host", "block"] = "broadcast",
+        ring_layout: Literal["zigzag", "contiguous"] = "zigzag",
+        reuse_context: bool = True,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -82,17 +98,23 @@ class StarAttentionLM(LightningModule):
             block_size=block_size,
             anchor_block_size=anchor_block_size,
             use_anchor=anchor,
-            reuse_anchor=reuse_anchor,
+            anchor_source=anchor_source,
+            ring_layout=ring_layout,
             backend=backend,
             decode=decode,
         )
+        self.reuse_context = reuse_context
         self.max_new_tokens = max_new_tokens
         self.stop_strings = tuple(stop_strings or ())
         self.dtype_name = dtype
         self.trust_remote_code = trust_remote_code
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
-        self.last_stats: dict[str, float] = {}
+        # One kernel choice per loaded model: what ``auto`` resolves to, and what it learns (a cuDNN refusal).
+        self.kernels = KernelChoice(backend=backend)
+        # The context the last request encoded on this host, kept for the next request that shares it.
+        self.kept_context: EncodedContext | None = None
+        self.last_stats: RequestStats | None = None
         # Told each phase's name as it starts (``star_lightning/phase1``, ...), e.g. by the progress display.
         self.phase_listeners: list[Callable[[str], None]] = []
 
@@ -177,36 +199,34 @@ class StarAttentionLM(LightningModule):
             raise RuntimeError("configure_model() did not load a model")
         context_ids, query_ids = self.encode_request(request)
         index = int(request.get("index", 0))
+        group = self.context_group()
+        kept = self.kept_context
+        if kept is not None and kept.key != context_key(context_ids, self.star_settings, group):
+            kept = None
+        self.kept_context = None  # a context that is not reused is freed before the next one is encoded
         try:
-            return generate(
+            result = generate(
                 model,
                 context_ids,
                 query_ids,
-                self.context_group(),
+                group,
                 self.star_settings,
                 self.generation_settings(index, request.get("max_new_tokens")),
                 self._stop_check if self.stop_strings else None,
                 self._announce_phase if self.phase_listeners else None,
+                kernels=self.kernels,
+                kept=kept,
             )
         except ValueError as error:
             raise ConfigurationError(f"request {index}: {error}") from None
+        if self.reuse_context:
+            self.kept_context = result.context
+        return result
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any] | None:
         """One request (``batch`` is a request dict); the prediction record on the query host, None elsewhere."""
         result = self.run_request(batch)
-        stats = result.stats
-        self.last_stats = {
-            "phase1_s": stats.phase1_s,
-            "ttft_s": stats.ttft_s,
-            "decode_s": stats.decode_s,
-            "decode_ms_per_token": stats.decode_ms_per_token,
-            "decode_tokens_per_s": (stats.new_tokens - 1) / stats.decode_s if stats.decode_s > 0 else 0.0,
-            "new_tokens": float(stats.new_tokens),
-            "context_tokens": float(stats.context_tokens),
-            "local_context_tokens": float(stats.local_context_tokens),
-            "peak_mem_gib": stats.peak_mem_bytes / 2**30,
-            "phase2_bytes": float(stats.phase2_bytes),
-        }
+        self.last_stats = result.stats
         if not is_query_host(self.context_group()):
             return None
         return prediction_record(batch, self.decode_text(result.token_ids))

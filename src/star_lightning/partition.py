@@ -1,4 +1,4 @@
-"""The block plan of Star Attention's Phase 1: which tokens form which block, and which host owns it.
+"""Who encodes which context tokens: Star Attention's block plan, and the ring baseline's chunk plan.
 
 Pure bookkeeping (no torch, no torch.distributed) so that every rank derives the same plan from the same
 numbers, and so that the plan can be checked before any weights are loaded.
@@ -7,6 +7,7 @@ numbers, and so that the plan can be checked before any weights are loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from star_lightning.errors import ConfigurationError
 
@@ -112,3 +113,58 @@ def plan_blocks(
     spans = split_evenly(len(blocks), num_hosts)
     host_blocks = tuple(blocks[a:b] for a, b in spans)
     return BlockPlan(context_length, block_size, anchor_length, num_hosts, blocks, host_blocks)
+
+
+RingLayout = Literal["zigzag", "contiguous"]
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """The ring baseline's context chunks and which host holds which.
+
+    ``contiguous``: ``H`` chunks, host ``h`` holds chunk ``h`` (the last host has the most causal work: it attends
+    to every earlier chunk). ``zigzag``: ``2H`` chunks, host ``h`` holds chunks ``h`` and ``2H-1-h``, so every host
+    has the same causal work (the layout of ring-flash-attention's zigzag ring and of Llama 3's context parallelism).
+    """
+
+    context_length: int
+    num_hosts: int
+    layout: RingLayout
+    chunks: tuple[tuple[int, int], ...]
+    host_chunks: tuple[tuple[int, ...], ...]
+
+    def spans_of(self, host: int) -> tuple[tuple[int, int], ...]:
+        """The ``[start, end)`` spans of the host's chunks, in context order."""
+        return tuple(self.chunks[i] for i in self.host_chunks[host])
+
+    def chunk_lengths_of(self, host: int) -> tuple[int, ...]:
+        return tuple(end - start for start, end in self.spans_of(host))
+
+    def local_context_length(self, host: int) -> int:
+        return sum(self.chunk_lengths_of(host))
+
+    @property
+    def query_host(self) -> int:
+        return self.num_hosts - 1
+
+
+def plan_ring(context_length: int, num_hosts: int, layout: RingLayout = "zigzag") -> RingPlan:
+    """Cut the context into balanced chunks for ``num_hosts`` hosts in the given layout."""
+    if layout not in ("zigzag", "contiguous"):
+        raise ConfigurationError(f"ring_layout must be zigzag or contiguous, got {layout!r}; set --model.ring_layout")
+    if num_hosts <= 0:
+        raise ConfigurationError(f"num_hosts must be positive, got {num_hosts}")
+    parts = 2 * num_hosts if layout == "zigzag" else num_hosts
+    if context_length < parts:
+        raise ConfigurationError(
+            f"the context of {context_length} tokens is too short for a {layout} ring over {num_hosts} hosts (it needs "
+            f"at least {parts} tokens: one per chunk); use fewer hosts, --model.ring_layout contiguous, or "
+            "--model.attention dense"
+        )
+    chunks = tuple(split_evenly(context_length, parts))
+    host_chunks: tuple[tuple[int, ...], ...]
+    if layout == "zigzag":
+        host_chunks = tuple((h, parts - 1 - h) for h in range(num_hosts))
+    else:
+        host_chunks = tuple((h,) for h in range(num_hosts))
+    return RingPlan(context_length, num_hosts, layout, chunks, host_chunks)

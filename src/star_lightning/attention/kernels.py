@@ -13,21 +13,22 @@ One entry point, :func:`attention_with_lse`, with interchangeable backends:
 - ``flash_attn``: the flash-attn package, when installed (the ``flash`` extra).
 
 ``auto`` takes, on CUDA, ``triton`` (else ``math``) for short queries and the preferred fused kernel for long ones
-(:func:`set_auto_prefill_kernel`; flash-attn when installed); on CPU, ``sdpa``; ``math`` wherever logits are
-soft-capped.
+(:class:`KernelChoice`; flash-attn when installed); on CPU, ``sdpa``; ``math`` wherever logits are soft-capped.
 
 Causality is always *bottom-right aligned*: query ``i`` of ``Lq`` sees keys ``0 .. Lk - Lq + i``. That is what a
 block preceded by an anchor prefix, and a query following a cached context, both need.
 
-A key buffer may carry a *valid length* (:func:`attach_valid_length`): a one-element device tensor saying how
-many of its keys are real. A static-shape decode step (one captured CUDA graph replayed as the cache grows)
-passes the whole preallocated cache buffer that way; only the first ``valid`` keys are attended to.
+A call may give a *valid length*: a one-element device tensor saying how many of the keys are real. A static-shape
+decode step (one captured CUDA graph replayed as the cache grows) passes the whole preallocated cache buffer with
+it; only the first ``valid`` keys are attended to.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import warnings
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -39,52 +40,36 @@ from star_lightning.attention.merge import merge_pair
 Backend = Literal["auto", "math", "triton", "sdpa", "cudnn", "flash_attn"]
 BACKENDS: tuple[str, ...] = ("auto", "math", "triton", "sdpa", "cudnn", "flash_attn")
 PREFILL_KERNELS: tuple[str, ...] = ("sdpa", "cudnn")
+DECODE_KERNELS: tuple[str, ...] = ("triton", "math")
 
 # Bound on the float32 score tile of the math backend (elements), ~256 MiB.
 _MAX_SCORE_ELEMENTS = 64 * 1024 * 1024
 # Queries up to this length count as "short" (decoding, short queries) for ``auto``.
 _SHORT_QUERY = 16
-_VALID_LENGTH_ATTR = "_star_valid_length"
-# cuDNN's attention ran at 578-599 TFLOP/s on an H200 against flash's 338-347 on the star-block shapes of the 128K
-# benchmark (benchmarks/results.md); ``auto`` falls back to flash where cuDNN refuses a call.
-_auto_prefill_kernel = "cudnn"
-_auto_decode_kernel = "triton"
-# Whether the fused kernels take K/V with fewer heads than Q (None: not probed yet in this process).
-_native_gqa: dict[str, bool | None] = {"sdpa": None, "cudnn": None}
 
 
-def set_auto_prefill_kernel(name: str) -> None:
-    """Choose the fused kernel ``auto`` uses for long CUDA queries (``sdpa`` or ``cudnn``)."""
-    global _auto_prefill_kernel
-    if name not in PREFILL_KERNELS:
-        raise ValueError(f"unknown prefill kernel {name!r}; choose one of {', '.join(PREFILL_KERNELS)}")
-    _auto_prefill_kernel = name
+@dataclass
+class KernelChoice:
+    """Which kernel each attention call uses: the user's ``backend``, and what ``auto`` resolves to on CUDA.
 
+    One object per engine (per loaded model), passed with every call, so the choice is a per-call setting (two
+    engines in one process may choose differently). ``auto`` takes ``prefill`` for long CUDA queries (cuDNN ran at
+    578-599 TFLOP/s on an H200 against flash's 338-347 on the star-block shapes of the 128K benchmark) and
+    ``decode`` for short ones. What the object learns while running is kept on it: a cuDNN refusal switches
+    ``auto`` to flash (``sdpa``), and whether each fused kernel takes grouped K/V heads without copies.
+    """
 
-def auto_prefill_kernel() -> str:
-    return _auto_prefill_kernel
+    backend: str = "auto"
+    prefill: str = "cudnn"
+    decode: str = "triton"
+    native_gqa: dict[str, bool | None] = field(default_factory=lambda: {"sdpa": None, "cudnn": None})
 
-
-def set_auto_decode_kernel(name: str) -> None:
-    """Choose the kernel ``auto`` uses for short CUDA queries (``triton`` where it runs, or ``math``)."""
-    global _auto_decode_kernel
-    if name not in ("triton", "math"):
-        raise ValueError(f"unknown decode kernel {name!r}; choose triton or math")
-    _auto_decode_kernel = name
-
-
-def auto_decode_kernel() -> str:
-    return _auto_decode_kernel
-
-
-def attach_valid_length(buffer: Tensor, valid_length: Tensor | None) -> Tensor:
-    """Mark ``buffer`` ``[B, H, C, D]`` as holding ``valid_length`` (device tensor ``[1]``) real keys; None clears."""
-    setattr(buffer, _VALID_LENGTH_ATTR, valid_length)
-    return buffer
-
-
-def valid_length_of(buffer: Tensor) -> Tensor | None:
-    return getattr(buffer, _VALID_LENGTH_ATTR, None)
+    def __post_init__(self) -> None:
+        validate_backend(self.backend)
+        if self.prefill not in PREFILL_KERNELS:
+            raise ValueError(f"unknown prefill kernel {self.prefill!r}; choose one of {', '.join(PREFILL_KERNELS)}")
+        if self.decode not in DECODE_KERNELS:
+            raise ValueError(f"unknown decode kernel {self.decode!r}; choose one of {', '.join(DECODE_KERNELS)}")
 
 
 def flash_attn_available() -> bool:
@@ -102,23 +87,23 @@ def validate_backend(backend: str) -> None:
 
 
 def resolve_backend(
-    backend: str, query: Tensor, key: Tensor, softcap: float | None, value: Tensor | None = None
+    kernels: KernelChoice, query: Tensor, key: Tensor, softcap: float | None, value: Tensor | None = None
 ) -> str:
     """Pick the kernel for one call: split-KV for short CUDA queries, fused kernels for long ones, math otherwise."""
-    if backend != "auto":
-        return backend
+    if kernels.backend != "auto":
+        return kernels.backend
     if query.device.type == "cpu":
         return "math" if softcap is not None else "sdpa"
     fused_ok = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
     if not fused_ok:
         return "math"
     if query.shape[2] <= _SHORT_QUERY:
-        short_ok = _auto_decode_kernel == "triton" and softcap is None
+        short_ok = kernels.decode == "triton" and softcap is None
         short_ok = short_ok and triton_decode.supports(query, key, key if value is None else value)
         return "triton" if short_ok else "math"
     if flash_attn_available():
         return "flash_attn"
-    return "math" if softcap is not None else _auto_prefill_kernel
+    return "math" if softcap is not None else kernels.prefill
 
 
 def attention_with_lse(
@@ -129,14 +114,15 @@ def attention_with_lse(
     scale: float,
     causal: bool,
     softcap: float | None = None,
-    backend: str = "auto",
+    kernels: KernelChoice | None = None,
+    valid_length: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of ``query`` ``[B, Hq, Lq, D]`` over ``key``/``value`` ``[B, Hkv, Lk, D]``.
 
     Returns ``out`` ``[B, Hq, Lq, Dv]`` in the query's dtype and ``lse`` ``[B, Hq, Lq]`` (natural log, float32 or
     float64). With ``causal`` the mask is bottom-right aligned (needs ``Lk >= Lq``). A query with no visible key
-    (``Lk == 0``) gets ``out = 0`` and ``lse = -inf``, which the merge ignores. A ``key`` carrying a valid length
-    (:func:`attach_valid_length`) is attended to over its first ``valid`` keys only (``triton`` or ``math``).
+    (``Lk == 0``) gets ``out = 0`` and ``lse = -inf``, which the merge ignores. With ``valid_length`` (a device
+    tensor ``[1]``) only the first ``valid_length`` keys are attended to (``triton`` or ``math``).
     """
     if query.shape[1] % key.shape[1] != 0:
         raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key/value heads ({key.shape[1]})")
@@ -146,8 +132,9 @@ def attention_with_lse(
         out = query.new_zeros(*query.shape[:-1], value.shape[-1])
         lse = torch.full(query.shape[:-1], float("-inf"), device=query.device, dtype=_lse_dtype(query))
         return out, lse
-    valid = valid_length_of(key)
-    chosen = resolve_backend(backend, query, key, softcap, value)
+    kernels = KernelChoice() if kernels is None else kernels
+    valid = valid_length
+    chosen = resolve_backend(kernels, query, key, softcap, value)
     if chosen == "triton":
         if softcap is not None:
             raise ValueError("the 'triton' backend has no logit soft-capping; use --model.backend math or auto")
@@ -163,16 +150,16 @@ def attention_with_lse(
         return _flash_attn_attention(query, key, value, scale=scale, causal=causal, softcap=softcap)
     if softcap is not None:
         raise ValueError(f"the {chosen!r} backend has no logit soft-capping; use --model.backend math or flash_attn")
-    if backend == "auto" and chosen == "cudnn":
+    if kernels.backend == "auto" and chosen == "cudnn":
         try:
-            return _fused_attention("cudnn", query, key, value, scale=scale, causal=causal)
+            return _fused_attention(kernels, "cudnn", query, key, value, scale=scale, causal=causal)
         except RuntimeError as error:
             warnings.warn(
                 f"cuDNN attention failed ({error}); 'auto' uses the flash kernel (sdpa) from now on", stacklevel=2
             )
-            set_auto_prefill_kernel("sdpa")
+            kernels.prefill = "sdpa"
             chosen = "sdpa"
-    return _fused_attention(chosen, query, key, value, scale=scale, causal=causal)
+    return _fused_attention(kernels, chosen, query, key, value, scale=scale, causal=causal)
 
 
 def _lse_dtype(query: Tensor) -> torch.dtype:
@@ -232,35 +219,36 @@ def _repeat_kv(x: Tensor, groups: int) -> Tensor:
 
 
 def _fused_attention(
-    kernel: str, query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool
+    kernels: KernelChoice, kernel: str, query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool
 ) -> tuple[Tensor, Tensor]:
     """A fused kernel (``sdpa``: flash, ``cudnn``); bottom-right causality is a visible prefix merged with a square
     causal part (these kernels align causal masks top-left)."""
     q_len, k_len = query.shape[2], key.shape[2]
     if not causal or q_len == k_len:
-        return _fused_call(kernel, query, key, value, scale=scale, causal=causal)
+        return _fused_call(kernels, kernel, query, key, value, scale=scale, causal=causal)
     prefix = k_len - q_len
-    out_p, lse_p = _fused_call(kernel, query, key[:, :, :prefix], value[:, :, :prefix], scale=scale, causal=False)
-    out_c, lse_c = _fused_call(kernel, query, key[:, :, prefix:], value[:, :, prefix:], scale=scale, causal=True)
+    k_p, v_p, k_c, v_c = key[:, :, :prefix], value[:, :, :prefix], key[:, :, prefix:], value[:, :, prefix:]
+    out_p, lse_p = _fused_call(kernels, kernel, query, k_p, v_p, scale=scale, causal=False)
+    out_c, lse_c = _fused_call(kernels, kernel, query, k_c, v_c, scale=scale, causal=True)
     return merge_pair(out_p, lse_p, out_c, lse_c)
 
 
 def _fused_call(
-    kernel: str, query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool
+    kernels: KernelChoice, kernel: str, query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool
 ) -> tuple[Tensor, Tensor]:
     """One fused call; K/V are passed with their own (fewer) heads when the kernel takes them, else repeated."""
     groups = query.shape[1] // key.shape[1]
     if query.device.type == "cpu":  # the CPU flash kernel takes grouped K/V heads
         return _fused_op(kernel, query, key, value, scale=scale, causal=causal)
-    if groups > 1 and _native_gqa[kernel] is not False:
+    if groups > 1 and kernels.native_gqa[kernel] is not False:
         try:
             result = _fused_op(kernel, query, key, value, scale=scale, causal=causal)
-            _native_gqa[kernel] = True
+            kernels.native_gqa[kernel] = True
             return result
         except RuntimeError:
-            if _native_gqa[kernel]:
+            if kernels.native_gqa[kernel]:
                 raise
-            _native_gqa[kernel] = False
+            kernels.native_gqa[kernel] = False
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)  # [B, Hq, Lk, D]
     return _fused_op(kernel, query, key, value, scale=scale, causal=causal)
 
@@ -288,11 +276,6 @@ def _fused_op(
     return out, lse[..., :q_len].float()
 
 
-def native_gqa_status() -> dict[str, bool | None]:
-    """Whether each fused kernel was seen taking grouped K/V heads without copies (None: not tried yet)."""
-    return dict(_native_gqa)
-
-
 def _flash_attn_attention(
     query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool, softcap: float | None
 ) -> tuple[Tensor, Tensor]:
@@ -308,3 +291,22 @@ def _flash_attn_attention(
         return_attn_probs=True,
     )
     return out.transpose(1, 2), lse[..., : query.shape[2]].float()  # [B, Hq, Lq, D], [B, Hq, Lq]
+
+
+def sdpa_priority(kernels: KernelChoice, device: torch.device, query_length: int) -> AbstractContextManager[object]:
+    """The dense baseline (transformers' own ``sdpa`` attention) with the same Phase 1 kernel as star and ring.
+
+    For long CUDA queries, PyTorch's SDPA is told to try ``kernels.prefill`` first (cuDNN by default); short ones
+    (decoding) keep PyTorch's own order, since cuDNN builds a new plan for every new cache length."""
+    if device.type != "cuda" or query_length <= _SHORT_QUERY or kernels.backend not in ("auto", "cudnn", "sdpa"):
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = SDPBackend.CUDNN_ATTENTION if (kernels.backend == "cudnn" or kernels.prefill == "cudnn") else None
+    if kernels.backend == "sdpa" or first is None:
+        return nullcontext()
+    order = [first, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # a torch without priorities: PyTorch's own order
+        return nullcontext()

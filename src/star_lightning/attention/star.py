@@ -1,12 +1,9 @@
 """Star Attention as a transformers attention function (registered as ``"star_lightning"``).
 
-The engine passes a :class:`AttentionStep` through the model's forward kwargs (``star_step=...``); every
-attention layer then runs the same step on its local q/k/v:
-
-- ``local``: Phase 1, a block (optionally after its anchor prefix), causal, no communication;
-- ``distributed``: Phase 2, attention over this host's cache with log-sum-exp, then the exact merge of every
-  host's partial (each host merges the same gathered partials, so all hosts continue with identical bits);
-- ``ring``: the exact ring-attention baseline for the context.
+The engine calls the model with ``use_cache=False`` and a :class:`~star_lightning.attention.step.ForwardStep` in the
+forward kwargs (``star_step=...``); every attention layer gets its freshly projected, rotated q/k/v and the step,
+and does the rest here: store what the step says into the host's KV store, compose the anchor prefix with the block
+(Phase 1), attend over the store and merge every host's partial exactly (Phase 2), or run the ring (baseline).
 
 Masks are built here, not by transformers: requests are processed one at a time and blocks ragged, so there is
 no padding; causality is the only mask, and it is applied bottom-right aligned by the kernels. This function is
@@ -16,32 +13,15 @@ therefore deliberately not registered in ``AttentionMaskInterface`` (transformer
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
 from star_lightning.attention.kernels import attention_with_lse
-from star_lightning.attention.merge import merge_partials
+from star_lightning.attention.merge import merge_pair, merge_partials
 from star_lightning.attention.ring import ring_attention
-from star_lightning.parallel.group import ContextGroup, SingleHostGroup
+from star_lightning.attention.step import ForwardStep
 
 ATTENTION_NAME = "star_lightning"
-
-StepKind = Literal["local", "distributed", "ring"]
-
-
-@dataclass
-class AttentionStep:
-    """What every attention layer does in the current forward."""
-
-    kind: StepKind
-    causal: bool = True
-    group: ContextGroup = field(default_factory=SingleHostGroup)
-    backend: str = "auto"
-    last_position: int = 0
-    ring_lengths: tuple[int, ...] = ()
 
 
 def star_attention_forward(
@@ -54,7 +34,7 @@ def star_attention_forward(
     dropout: float = 0.0,
     softcap: float | None = None,
     sliding_window: int | None = None,
-    star_step: AttentionStep | None = None,
+    star_step: ForwardStep | None = None,
     **kwargs: object,
 ) -> tuple[Tensor, None]:
     """q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` -> ``([B, Lq, Hq, D], None)`` as transformers expects."""
@@ -67,26 +47,79 @@ def star_attention_forward(
         raise RuntimeError(
             "star_lightning builds its own causal masks; got an attention_mask (padding is not supported)"
         )
+    layer = getattr(module, "layer_idx", None)
+    if not isinstance(layer, int):
+        raise RuntimeError(f"{type(module).__name__} has no integer layer_idx; star_lightning cannot store its KV")
     if sliding_window is not None and star_step.last_position >= sliding_window:
         raise ValueError(
-            f"layer {getattr(module, 'layer_idx', '?')} uses sliding-window attention (window {sliding_window}) but "
-            f"the request reaches position {star_step.last_position}; Star Attention serves global-attention layers "
-            "only. Use requests shorter than the window, or a model without sliding-window layers"
+            f"layer {layer} uses sliding-window attention (window {sliding_window}) but the request reaches position "
+            f"{star_step.last_position}; Star Attention serves global-attention layers only. Use requests shorter "
+            "than the window, or a model without sliding-window layers"
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     step = star_step
-    if step.kind == "ring":
+    if step.phase == "block":
+        out = _block(step, layer, query, key, value, scale, softcap)
+    elif step.phase == "ring":
+        if step.store is None or step.ring is None:
+            raise RuntimeError("a ring step needs the host's KV store and the ring plan")
+        step.store.append(layer, key, value)
         out, _ = ring_attention(
-            query, key, value, step.group, step.ring_lengths, scale=scale, softcap=softcap, backend=step.backend
+            query, key, value, step.group, step.ring, scale=scale, softcap=softcap, kernels=step.kernels
         )
     else:
-        out, lse = attention_with_lse(
-            query, key, value, scale=scale, causal=step.causal, softcap=softcap, backend=step.backend
-        )
-        if step.kind == "distributed":
-            outs, lses = step.group.gather_partials(out, lse)  # [N, B, Hq, Lq, D], [N, B, Hq, Lq]
-            out, _ = merge_partials(outs, lses)
+        out = _query(step, layer, query, key, value, scale, softcap)
     return out.transpose(1, 2).contiguous(), None  # [B, Lq, Hq, D]
+
+
+def _block(
+    step: ForwardStep, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float, softcap: float | None
+) -> Tensor:
+    """Phase 1: store the block's K/V, hand the anchor on where asked, attend causally after the anchor prefix."""
+    if step.keep_new:
+        if step.store is None:
+            raise RuntimeError("a block step that keeps its K/V needs the host's KV store")
+        step.store.append(layer, key[:, :, step.skip :], value[:, :, step.skip :])
+    if step.share_anchor is not None:
+        # From the store where the forward stored (no second reference to the whole block's K/V), else the input.
+        keys, values = step.store.view(layer) if step.keep_new and step.store is not None else (key, value)
+        length = step.share_anchor.length
+        step.share_anchor.put(layer, keys[:, :, :length], values[:, :, :length])  # [B, Hkv, a, D]
+    out, lse = attention_with_lse(query, key, value, scale=scale, causal=True, softcap=softcap, kernels=step.kernels)
+    if step.anchor is not None:
+        anchor_keys, anchor_values = step.anchor.kv(layer, key)  # [B, Hkv, a, D]: every query sees all of it
+        anchor_out, anchor_lse = attention_with_lse(
+            query, anchor_keys, anchor_values, scale=scale, causal=False, softcap=softcap, kernels=step.kernels
+        )
+        out, lse = merge_pair(anchor_out, anchor_lse, out, lse)
+    return out
+
+
+def _query(
+    step: ForwardStep, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float, softcap: float | None
+) -> Tensor:
+    """Phase 2: attention over this host's store (the query host first appends the new tokens), then the exact merge
+    of every host's partial (each host merges the same gathered partials, so all continue with identical bits)."""
+    store = step.store
+    if store is None:
+        raise RuntimeError("a query step needs the host's KV store")
+    valid = None
+    if step.static is not None:
+        if step.keep_new:
+            store.write_at(layer, step.static.write_slot, key, value)
+        keys, values = store.buffers(layer)  # [B, Hkv, C, D]: the valid length marks the real keys
+        valid = step.static.valid_length
+    else:
+        if step.keep_new:
+            store.append(layer, key, value)
+        keys, values = store.view(layer)  # [B, Hkv, len, D]
+    out, lse = attention_with_lse(
+        query, keys, values, scale=scale, causal=step.keep_new, softcap=softcap, kernels=step.kernels,
+        valid_length=valid,
+    )  # fmt: skip
+    outs, lses = step.group.gather_partials(out, lse)  # [N, B, Hq, Lq, D], [N, B, Hq, Lq]
+    out, _ = merge_partials(outs, lses)
+    return out
 
 
 def register_star_attention() -> str:

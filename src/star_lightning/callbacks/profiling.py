@@ -1,15 +1,17 @@
 """TensorBoard scalars per request and per host: Phase 1 time, time to first token, decode speed, memory, traffic.
 
-After every request each rank has its figures in ``pl_module.last_stats``. The ranks of a context-parallel group
-gather them (they work on the same request in lockstep); the group's first rank turns them into scalars with the
-request index as the step:
+After every request each rank has its figures in ``pl_module.last_stats`` (a
+:class:`~star_lightning.generation.RequestStats`). The ranks of a context-parallel group gather them (they work on
+the same request in lockstep); the group's first rank turns them into scalars with the request index as the step:
 
-- ``request/*``: one value per request -- ``phase1_s`` (the slowest host), ``query_s`` and ``ttft_s`` (query
-  encoding and time to first token, on the query host), ``decode_s``, ``decode_tokens_per_s``, ``new_tokens``,
-  ``context_tokens``, ``phase2_bytes`` (bytes all hosts sent in Phase 2 collectives), ``peak_mem_gib`` (the largest
-  host) and ``data_parallel_group`` (which group served it);
+- ``request/*``: one value per request -- ``phase1_s`` (the slowest host; 0 for a reused context),
+  ``context_reused`` (1 when the request was answered over the previous request's kept context, else 0),
+  ``query_s`` and ``ttft_s`` (query encoding and time to first token, on the query host), ``decode_s``,
+  ``decode_tokens_per_s``, ``new_tokens``, ``context_tokens``, ``phase1_bytes`` (bytes all hosts sent in Phase 1:
+  the anchor broadcast, the ring's K/V), ``phase2_bytes`` (bytes all hosts sent in Phase 2 collectives),
+  ``peak_mem_gib`` (the largest host) and ``data_parallel_group`` (which group served it);
 - ``host{h}/*``: per host ``h`` of the context-parallel group -- ``phase1_s``, ``local_context_tokens``,
-  ``peak_mem_gib`` and ``phase2_bytes``.
+  ``peak_mem_gib``, ``phase1_bytes`` and ``phase2_bytes``.
 
 Only rank 0 writes (Lightning's loggers are rank-zero only): its own group's scalars are logged and flushed after
 each request; the other data-parallel groups' are sent to rank 0 when the predict loop ends (a collective over the
@@ -27,29 +29,39 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from star_lightning.generation import RequestStats
+from star_lightning.module import StarAttentionLM
 from star_lightning.parallel.mixin import ContextParallelMixin
 
-_HOST_KEYS = ("phase1_s", "local_context_tokens", "peak_mem_gib", "phase2_bytes")
+
+def decode_tokens_per_s(stats: RequestStats) -> float:
+    return (stats.new_tokens - 1) / stats.decode_s if stats.decode_s > 0 else 0.0
 
 
-def request_scalars(per_host: list[dict[str, float]], data_parallel_rank: int) -> dict[str, float]:
-    """The scalars of one request from every host's ``last_stats`` (host order; the last is the query host)."""
+def request_scalars(per_host: list[RequestStats], data_parallel_rank: int) -> dict[str, float]:
+    """The scalars of one request from every host's stats (host order; the last is the query host)."""
     query = per_host[-1]
+    gib = 2**30
     metrics = {
-        "request/phase1_s": max(stats["phase1_s"] for stats in per_host),
-        "request/query_s": query["ttft_s"] - query["phase1_s"],
-        "request/ttft_s": query["ttft_s"],
-        "request/decode_s": query["decode_s"],
-        "request/decode_tokens_per_s": query["decode_tokens_per_s"],
-        "request/new_tokens": query["new_tokens"],
-        "request/context_tokens": query["context_tokens"],
-        "request/phase2_bytes": sum(stats["phase2_bytes"] for stats in per_host),
-        "request/peak_mem_gib": max(stats["peak_mem_gib"] for stats in per_host),
+        "request/phase1_s": max(stats.phase1_s for stats in per_host),
+        "request/context_reused": float(query.context_reused),
+        "request/query_s": query.query_s,
+        "request/ttft_s": query.ttft_s,
+        "request/decode_s": query.decode_s,
+        "request/decode_tokens_per_s": decode_tokens_per_s(query),
+        "request/new_tokens": float(query.new_tokens),
+        "request/context_tokens": float(query.context_tokens),
+        "request/phase1_bytes": float(sum(stats.phase1_bytes for stats in per_host)),
+        "request/phase2_bytes": float(sum(stats.phase2_bytes for stats in per_host)),
+        "request/peak_mem_gib": max(stats.peak_mem_bytes for stats in per_host) / gib,
         "request/data_parallel_group": float(data_parallel_rank),
     }
     for host, stats in enumerate(per_host):
-        for key in _HOST_KEYS:
-            metrics[f"host{host}/{key}"] = float(stats[key])
+        metrics[f"host{host}/phase1_s"] = stats.phase1_s
+        metrics[f"host{host}/local_context_tokens"] = float(stats.local_context_tokens)
+        metrics[f"host{host}/peak_mem_gib"] = stats.peak_mem_bytes / gib
+        metrics[f"host{host}/phase1_bytes"] = float(stats.phase1_bytes)
+        metrics[f"host{host}/phase2_bytes"] = float(stats.phase2_bytes)
     return metrics
 
 
@@ -94,11 +106,10 @@ class PhaseProfiler(Callback):
     ) -> None:
         if not self._enabled:
             return
-        stats = dict(getattr(pl_module, "last_stats", {}))
-        if not stats:
-            raise RuntimeError(
-                f"PhaseProfiler needs {type(pl_module).__name__}.last_stats filled by predict_step (a dict of floats)"
-            )
+        stats = pl_module.last_stats if isinstance(pl_module, StarAttentionLM) else None
+        if stats is None:
+            name = type(pl_module).__name__
+            raise RuntimeError(f"PhaseProfiler needs a StarAttentionLM whose predict_step fills last_stats, not {name}")
         per_host = [stats] if self._strategy is None else self._strategy.gather_in_context_group(stats)
         data_parallel_rank, context_rank = self._context_rank()
         if context_rank != 0:

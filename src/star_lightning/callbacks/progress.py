@@ -16,6 +16,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressBar
 from typing_extensions import override
 
+from star_lightning.callbacks.profiling import decode_tokens_per_s
+from star_lightning.data.datamodule import RequestDataModule
+from star_lightning.module import StarAttentionLM
+from star_lightning.parallel.mixin import ContextParallelMixin
+
 
 class RequestProgress(Callback):
     """Sets the predict progress bar's description to the job's request count and the last request's phases."""
@@ -29,22 +34,24 @@ class RequestProgress(Callback):
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        datamodule = getattr(trainer, "datamodule", None)
-        remaining = len(getattr(datamodule, "requests", ()))
-        self._total = int(getattr(datamodule, "total_requests", remaining))
-        self._resumed = self._total - remaining
-        layout = getattr(trainer.strategy, "layout", None)
-        self._data_parallel_size = layout.data_parallel_size if layout is not None else 1
+        datamodule = getattr(trainer, "datamodule", None)  # a Trainer property type checkers do not see
+        if isinstance(datamodule, RequestDataModule):
+            self._total = datamodule.total_requests
+            self._resumed = self._total - len(datamodule.requests)
+        else:
+            self._total, self._resumed = len(trainer.predict_dataloaders or ()), 0
+        strategy = trainer.strategy
+        self._data_parallel_size = (
+            strategy.layout.data_parallel_size if isinstance(strategy, ContextParallelMixin) else 1
+        )
         self._trainer = trainer
-        listeners = getattr(pl_module, "phase_listeners", None)
-        if isinstance(listeners, list) and self._on_phase not in listeners:
-            listeners.append(self._on_phase)
+        if isinstance(pl_module, StarAttentionLM) and self._on_phase not in pl_module.phase_listeners:
+            pl_module.phase_listeners.append(self._on_phase)
 
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        listeners = getattr(pl_module, "phase_listeners", None)
-        if isinstance(listeners, list) and self._on_phase in listeners:
-            listeners.remove(self._on_phase)
+        if isinstance(pl_module, StarAttentionLM) and self._on_phase in pl_module.phase_listeners:
+            pl_module.phase_listeners.remove(self._on_phase)
         self._trainer = None
 
     def _on_phase(self, name: str) -> None:
@@ -80,11 +87,9 @@ class RequestProgress(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        stats = getattr(pl_module, "last_stats", {})
+        stats = pl_module.last_stats if isinstance(pl_module, StarAttentionLM) else None
         text = f"req {self._done(batch_idx + 1)}/{self._total}"
-        if stats:
-            text += (
-                f" | prefill {stats['phase1_s']:.1f}s ttft {stats['ttft_s']:.1f}s "
-                f"{stats['decode_tokens_per_s']:.0f} tok/s"
-            )
+        if stats is not None:
+            prefill = "reused" if stats.context_reused else f"{stats.phase1_s:.1f}s"
+            text += f" | prefill {prefill} ttft {stats.ttft_s:.1f}s {decode_tokens_per_s(stats):.0f} tok/s"
         self._describe(trainer, text)

@@ -1,8 +1,12 @@
 """What the attention math needs from "the other hosts", as an interface with a trivial one-host version.
 
 Model math depends on this protocol only; :mod:`star_lightning.parallel.torch_group` implements it with
-``torch.distributed`` for a real context-parallel group. Keeping the two apart lets the math run and be tested in
-one process, and keeps ``torch.distributed`` out of the attention code.
+``torch.distributed`` for a real context-parallel group and :mod:`star_lightning.parallel.simulated_group` plays one
+host of a larger group on one device (the benchmark). Keeping them apart lets the math run and be tested in one
+process, and keeps ``torch.distributed`` out of the attention code.
+
+Transfers that can overlap with compute have a start/wait split (as ring-flash-attention's ``send_recv_kv``): the
+``start_*`` call returns at once with a :class:`Transfer`; ``wait()`` gives the received tensor when it is needed.
 """
 
 from __future__ import annotations
@@ -11,6 +15,22 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+
+
+class Transfer(Protocol):
+    def wait(self) -> Tensor:
+        """Block (the host, or on CUDA the current stream) until the transfer is done; the received tensor."""
+        ...
+
+
+class Done:
+    """A transfer that completed when it started."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        self._tensor = tensor
+
+    def wait(self) -> Tensor:
+        return self._tensor
 
 
 class ContextGroup(Protocol):
@@ -26,7 +46,9 @@ class ContextGroup(Protocol):
     def query_host(self) -> int: ...
 
     @property
-    def bytes_moved(self) -> int: ...
+    def bytes_moved(self) -> int:
+        """Bytes this host has sent so far (payload), for the profiler."""
+        ...
 
     def gather_partials(self, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
         """Every host's ``(out, lse)`` stacked in host order: ``[N, ...]``."""
@@ -34,8 +56,13 @@ class ContextGroup(Protocol):
 
     def broadcast_from_query_host(self, tensor: Tensor) -> Tensor: ...
 
-    def ring_shift(self, tensor: Tensor, recv_shape: tuple[int, ...]) -> Tensor:
-        """Send ``tensor`` to host ``rank + 1``; return what host ``rank - 1`` sent (of ``recv_shape``)."""
+    def start_broadcast_from_first(self, tensor: Tensor) -> Transfer:
+        """Host 0 sends ``tensor`` to every other host; elsewhere ``tensor`` is the receive buffer (same shape and
+        dtype). Transfers started in the same order on every host are matched in that order."""
+        ...
+
+    def start_ring_shift(self, tensor: Tensor, recv_shape: tuple[int, ...]) -> Transfer:
+        """Send ``tensor`` to host ``rank + 1``; the transfer yields what host ``rank - 1`` sent (of ``recv_shape``)."""
         ...
 
 
@@ -53,8 +80,11 @@ class SingleHostGroup:
     def broadcast_from_query_host(self, tensor: Tensor) -> Tensor:
         return tensor
 
-    def ring_shift(self, tensor: Tensor, recv_shape: tuple[int, ...]) -> Tensor:
-        return tensor
+    def start_broadcast_from_first(self, tensor: Tensor) -> Transfer:
+        return Done(tensor)
+
+    def start_ring_shift(self, tensor: Tensor, recv_shape: tuple[int, ...]) -> Transfer:
+        return Done(tensor)
 
 
 def is_query_host(group: ContextGroup) -> bool:

@@ -1,18 +1,20 @@
 """The context-parallel group over ``torch.distributed``: the only collectives Star Attention needs.
 
-Phase 2 gathers one ``(out, lse)`` partial per host per layer, the query host broadcasts each chosen token, and
-ring attention (the exact baseline) passes K/V around the ring. Bytes sent are counted for the profiler.
+Phase 1 broadcasts the anchor's K/V from the first host (asynchronously, layer by layer), Phase 2 gathers one
+``(out, lse)`` partial per host per layer, the query host broadcasts each chosen token, and ring attention (the
+exact baseline) passes K/V around the ring while it computes. Bytes sent are counted for the profiler.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from star_lightning.parallel.group import pack_partials, unpack_partials
+from star_lightning.parallel.group import Done, Transfer, pack_partials, unpack_partials
 from star_lightning.parallel.layout import ParallelLayout
 
 
@@ -79,20 +81,47 @@ class DistributedContextGroup:
             dist.destroy_process_group(self._group)
             self._group = None
 
-    def ring_shift(self, tensor: Tensor, recv_shape: tuple[int, ...]) -> Tensor:
+    def start_broadcast_from_first(self, tensor: Tensor) -> Transfer:
+        if self.size == 1:
+            return Done(tensor)
         home = tensor.device
-        tensor = tensor.to(self._device).contiguous()
-        received = tensor.new_empty(recv_shape)
+        local = tensor.to(self._device).contiguous()
+        work = dist.broadcast(local, src=self._ranks[0], group=self._group, async_op=True)
+        if self.rank == 0:
+            self._bytes += local.numel() * local.element_size() * (self.size - 1)
+        return _Pending([work], local, home)
+
+    def start_ring_shift(self, tensor: Tensor, recv_shape: tuple[int, ...]) -> Transfer:
+        home = tensor.device
+        outgoing = tensor.to(self._device).contiguous()
+        received = outgoing.new_empty(recv_shape)
         send_to = self._ranks[(self.rank + 1) % self.size]
         recv_from = self._ranks[(self.rank - 1) % self.size]
         ops = [
-            dist.P2POp(dist.isend, tensor, send_to, group=self._group),
+            dist.P2POp(dist.isend, outgoing, send_to, group=self._group),
             dist.P2POp(dist.irecv, received, recv_from, group=self._group),
         ]
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
-        self._bytes += tensor.numel() * tensor.element_size()
-        return received.to(home)
+        works = dist.batch_isend_irecv(ops)
+        self._bytes += outgoing.numel() * outgoing.element_size()
+        # ``outgoing`` stays referenced until the transfer is waited on: its memory must outlive the send.
+        return _Pending(works, received, home, keep_alive=outgoing)
+
+
+class _Pending:
+    """A started ``torch.distributed`` transfer; ``wait`` gives the received tensor on the caller's device."""
+
+    def __init__(self, works: list[Any], result: Tensor, home: torch.device, keep_alive: Tensor | None = None) -> None:
+        self._works = works
+        self._result = result
+        self._home = home
+        self._keep_alive = keep_alive
+
+    def wait(self) -> Tensor:
+        for work in self._works:
+            work.wait()  # NCCL: the current stream waits (the host does not); gloo: the host waits
+        self._works = []
+        self._keep_alive = None
+        return self._result.to(self._home)
 
 
 def new_context_groups(

@@ -1,0 +1,62 @@
+"""One step object per forward: everything every attention layer needs to know about the current forward.
+
+The engine (:mod:`star_lightning.generation`) builds a :class:`ForwardStep` and passes it through the model's
+forward kwargs (``star_step=...``); the attention function (:mod:`star_lightning.attention.star`) reads it. Nothing
+else carries state between the engine and the layers: the KV store is a plain store, the anchor comes from the step.
+
+Phases:
+
+- ``block``: Phase 1, a context block (or the anchor alone), causal, no communication except the anchor's K/V
+  (given by ``anchor``; the first host hands its own to ``share_anchor``);
+- ``ring``: Phase 1 of the exact ring baseline over ``ring``'s chunks;
+- ``query``: Phase 2, the query or a generated token: attention over this host's store, then the exact merge of
+  every host's partial. The query host (``keep_new``) stores the new tokens and is causal among them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import Tensor
+
+from star_lightning.attention.anchor import AnchorPrefix, AnchorSink
+from star_lightning.attention.kernels import KernelChoice
+from star_lightning.cache import KVStore
+from star_lightning.parallel.group import ContextGroup, SingleHostGroup
+from star_lightning.partition import RingPlan
+
+Phase = Literal["block", "ring", "query"]
+
+
+@dataclass(frozen=True)
+class StaticSlot:
+    """Static-shape decoding: the new token's cache slot ``[1]`` (long) and the number of valid keys ``[1]`` (int32),
+    both device tensors set before each step, so one captured CUDA graph serves every step."""
+
+    write_slot: Tensor
+    valid_length: Tensor
+
+
+@dataclass(frozen=True)
+class ForwardStep:
+    """What every attention layer does in one forward.
+
+    ``store``: this host's KV store (read in Phase 2; None for a forward that stores and reads nothing, the anchor's
+    own forward). ``keep_new``: append this forward's K/V to ``store``, except its first ``skip`` positions (the
+    anchor recomputed before a block). ``anchor``: K/V attended to before the input's own; ``share_anchor``: where
+    the first ``anchor_length`` K/V of this forward go (kept, or sent to the other hosts). ``static``: Phase 2 with
+    static shapes. ``last_position``: the request's largest position (for sliding-window checks).
+    """
+
+    phase: Phase
+    group: ContextGroup = field(default_factory=SingleHostGroup)
+    kernels: KernelChoice = field(default_factory=KernelChoice)
+    store: KVStore | None = None
+    keep_new: bool = True
+    skip: int = 0
+    anchor: AnchorPrefix | None = None
+    share_anchor: AnchorSink | None = None
+    ring: RingPlan | None = None
+    static: StaticSlot | None = None
+    last_position: int = 0
