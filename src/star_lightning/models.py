@@ -141,9 +141,39 @@ def load_model(
     if len(devices) == 1:
         torch.nn.Module.to(model, devices[0])  # transformers' own `to` wrapper confuses type checkers
     model.eval()
-    if attention != "dense":
-        use_star_attention(model)
+    set_attention(model, attention)
     return model
+
+
+def build_model(
+    config: PretrainedConfig,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    attention: Literal["star", "ring", "dense"],
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A model of ``config`` with random weights made on ``device`` (same seed, same weights on every process), set
+    up as :func:`load_model` sets up loaded weights: benchmarks of real shapes without a download."""
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    set_attention(model, attention)
+    return model
+
+
+def set_attention(model: PreTrainedModel, attention: Literal["star", "ring", "dense"]) -> None:
+    """The attention ``predict`` runs for ``attention``: the model's own (``dense``) or Star Attention's."""
+    if attention == "dense":
+        model.set_attn_implementation("sdpa")
+    else:
+        use_star_attention(model)
 
 
 def use_star_attention(model: PreTrainedModel) -> None:

@@ -1,17 +1,19 @@
 """The predict DataModule: requests from a JSONL file, minus those the output file already holds.
 
-Each item is one request (no collation): a context-parallel group works on one request at a time. Lightning
-splits the items between data-parallel groups through the strategy's sampler settings.
+Each item is one request (no collation): a context-parallel group works on one request at a time. Requests that
+share a context run one after the other (so the group answers them over one encoded context), and the data-parallel
+groups split the requests by context, never splitting one (:class:`ContextShardSampler`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from star_lightning.data.jsonl import completed_indices, read_requests
+from star_lightning.data.jsonl import CONTEXT_ID, completed_indices, read_requests
 
 
 class RequestDataset(Dataset[dict[str, Any]]):
@@ -25,6 +27,43 @@ class RequestDataset(Dataset[dict[str, Any]]):
         return self.requests[item]
 
 
+def group_by_context(requests: list[dict[str, Any]]) -> list[list[int]]:
+    """Positions of the requests, grouped by context (its ``context_id``, else its text), in order of first use."""
+    groups: dict[object, list[int]] = {}
+    for position, request in enumerate(requests):
+        key = ("id", request[CONTEXT_ID]) if CONTEXT_ID in request else ("text", request["input_context"])
+        groups.setdefault(key, []).append(position)
+    return list(groups.values())
+
+
+def shard_by_context(requests: list[dict[str, Any]], num_shards: int, shard: int) -> list[int]:
+    """The positions one data-parallel group answers: whole contexts, each to the group with the fewest requests so
+    far (ties: the lowest group), so the groups get about the same number of requests and every rank agrees."""
+    loads = [0] * num_shards
+    mine: list[int] = []
+    for positions in group_by_context(requests):
+        target = min(range(num_shards), key=lambda group: (loads[group], group))
+        loads[target] += len(positions)
+        if target == shard:
+            mine.extend(positions)
+    return mine
+
+
+class ContextShardSampler(DistributedSampler[int]):
+    """This data-parallel group's share of the requests, by context. A ``DistributedSampler`` so that Lightning
+    keeps it (Lightning would otherwise split the requests line by line, separating those that share a context)."""
+
+    def __init__(self, dataset: RequestDataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.positions = shard_by_context(dataset.requests, num_replicas, rank)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
 class RequestDataModule(LightningDataModule):
     """Requests for ``predict``.
 
@@ -32,25 +71,32 @@ class RequestDataModule(LightningDataModule):
         path: JSONL file, one request a line (``input_context``, ``input_query``, optional ``index``,
             ``output``/``outputs`` and other fields copied to the predictions).
         limit: only the first ``limit`` requests (for a quick look).
+        contexts: a JSONL file of contexts, one ``{"context_id", "input_context"}`` a line, that requests name by
+            ``context_id`` instead of repeating ``input_context``.
         output: the predictions file (the command line links ``--output`` here); the requests it already holds are
             skipped, so a rerun resumes.
     """
 
-    def __init__(self, *, path: str, limit: int | None = None, output: str | None = None) -> None:
+    def __init__(
+        self, *, path: str, limit: int | None = None, contexts: str | None = None, output: str | None = None
+    ) -> None:
         super().__init__()
         self.path = path
         self.limit = limit
+        self.contexts = contexts
         self.output = output
         self.requests: list[dict[str, Any]] = []
         self.total_requests = 0
 
     def setup(self, stage: str) -> None:
-        requests = read_requests(self.path)
+        requests = read_requests(self.path, self.contexts)
         if self.limit is not None:
             requests = requests[: self.limit]
         self.total_requests = len(requests)
         done = self._completed_indices()
-        self.requests = [r for r in requests if r["index"] not in done]
+        remaining = [r for r in requests if r["index"] not in done]
+        # Requests sharing a context one after the other, contexts in order of first use.
+        self.requests = [remaining[p] for group in group_by_context(remaining) for p in group]
 
     def _completed_indices(self) -> set[int]:
         """Requests an earlier run already wrote; read once and broadcast so every rank splits the same list."""
@@ -63,4 +109,8 @@ class RequestDataModule(LightningDataModule):
         return trainer.strategy.broadcast(done, src=0)
 
     def predict_dataloader(self) -> DataLoader[dict[str, Any]]:
-        return DataLoader(RequestDataset(self.requests), batch_size=None, shuffle=False)
+        dataset = RequestDataset(self.requests)
+        trainer = self.trainer
+        split = trainer.distributed_sampler_kwargs if trainer is not None else None
+        replicas, rank = (split["num_replicas"], split["rank"]) if split else (1, 0)
+        return DataLoader(dataset, batch_size=None, sampler=ContextShardSampler(dataset, replicas, rank))

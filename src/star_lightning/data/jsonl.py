@@ -4,7 +4,10 @@ Every JSONL file is read line by line through :func:`read_records`, whose errors
 JSON, a non-object, bytes that are not UTF-8). On top of it:
 
 - requests: :func:`read_requests` validates each line (``input_context``, ``input_query``, optional ``index``,
-  ``max_new_tokens``, references and any other fields, which are copied into the prediction);
+  ``max_new_tokens``, references and any other fields, which are copied into the prediction). Requests may share a
+  context without repeating it: a line with ``context_id`` and ``input_context`` defines the context, later lines
+  give only ``context_id`` (contexts may also come from a separate file, one ``{"context_id", "input_context"}`` a
+  line);
 - predictions: :func:`append_prediction` appends one record in one ``write`` under an exclusive ``flock`` and
   fsyncs it, :func:`repair_torn_tail` cuts a line a killed job left half-written, and :func:`completed_indices`
   answers "what is done" (the indices of the complete lines);
@@ -28,6 +31,7 @@ from star_lightning.errors import ConfigurationError
 REQUIRED_FIELDS = ("input_context", "input_query")
 # Fields of a request that are inputs, not references: not copied into the prediction record.
 INPUT_FIELDS = REQUIRED_FIELDS
+CONTEXT_ID = "context_id"
 
 
 def read_records(
@@ -71,11 +75,12 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def validate_request(request: dict[str, Any], where: str, default_index: int) -> dict[str, Any]:
-    """Check one request's fields; sets ``index`` to ``default_index`` when the line has none."""
+    """Check one request's fields (its context resolved already); sets ``index`` to ``default_index`` if missing."""
     for field in REQUIRED_FIELDS:
         if field not in request:
             raise ConfigurationError(
-                f"{where}: missing the field {field!r} (every request needs {' and '.join(REQUIRED_FIELDS)})"
+                f"{where}: missing the field {field!r} (every request needs {' and '.join(REQUIRED_FIELDS)}, or "
+                f"'{CONTEXT_ID}' naming a context given before instead of 'input_context')"
             )
         if not isinstance(request[field], str):
             raise ConfigurationError(f"{where}: {field!r} must be a string, got {type(request[field]).__name__}")
@@ -94,12 +99,64 @@ def validate_request(request: dict[str, Any], where: str, default_index: int) ->
     return request
 
 
-def read_requests(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All requests of a JSONL file, in file order; indices must be unique (they identify requests on resume)."""
+class ContextBook:
+    """Contexts by ``context_id``: each given once (a contexts file, or the first request line that names it with
+    its text); a second definition with another text is an error naming both places."""
+
+    def __init__(self) -> None:
+        self._texts: dict[str, str] = {}
+        self._where: dict[str, str] = {}
+
+    def define(self, context_id: object, text: object, where: str) -> str:
+        if not isinstance(context_id, str) or not context_id:
+            raise ConfigurationError(f"{where}: '{CONTEXT_ID}' must be a non-empty string, got {context_id!r}")
+        if not isinstance(text, str):
+            raise ConfigurationError(f"{where}: 'input_context' must be a string, got {type(text).__name__}")
+        known = self._texts.get(context_id)
+        if known is None:
+            self._texts[context_id], self._where[context_id] = text, where
+            return text
+        if known != text:
+            raise ConfigurationError(
+                f"{where}: context {context_id!r} is defined again with a different 'input_context' (first given at "
+                f"{self._where[context_id]}); give each context once, or use another '{CONTEXT_ID}'"
+            )
+        return known  # the same text: one string object for every request that shares it
+
+    def text(self, context_id: object, where: str) -> str:
+        if not isinstance(context_id, str) or context_id not in self._texts:
+            raise ConfigurationError(
+                f"{where}: '{CONTEXT_ID}' {context_id!r} names no context given before; define it on an earlier line "
+                f"(with 'input_context') or in the contexts file (--data.contexts)"
+            )
+        return self._texts[context_id]
+
+
+def read_contexts(path: str | os.PathLike[str]) -> ContextBook:
+    """A contexts file: one ``{"context_id": ..., "input_context": ...}`` a line."""
+    book = ContextBook()
+    for number, record in read_records(path, what="contexts file (--data.contexts)"):
+        where = f"{path}, line {number}"
+        if CONTEXT_ID not in record or "input_context" not in record:
+            raise ConfigurationError(f"{where}: a contexts file line needs '{CONTEXT_ID}' and 'input_context'")
+        book.define(record[CONTEXT_ID], record["input_context"], where)
+    return book
+
+
+def read_requests(path: str | os.PathLike[str], contexts: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """All requests of a JSONL file, in file order, each with its ``input_context`` (resolved from ``context_id``);
+    indices must be unique (they identify requests on resume)."""
+    book = read_contexts(contexts) if contexts is not None else ContextBook()
     requests: list[dict[str, Any]] = []
     seen: dict[int, int] = {}
     for number, record in read_records(path, what="input file (--data.path)"):
-        request = validate_request(record, f"{path}, line {number}", default_index=len(requests))
+        where = f"{path}, line {number}"
+        if CONTEXT_ID in record:
+            if "input_context" in record:
+                record["input_context"] = book.define(record[CONTEXT_ID], record["input_context"], where)
+            else:
+                record["input_context"] = book.text(record[CONTEXT_ID], where)
+        request = validate_request(record, where, default_index=len(requests))
         index = request["index"]
         if index in seen:
             raise ConfigurationError(

@@ -1,0 +1,102 @@
+"""An ``H``-host request measured on one device: each host's Phase 1 share in turn, then the query host's Phase 2.
+
+Phase 1 has no communication besides the anchor's (star) or the ring's K/V, so one host's share run alone on one
+GPU takes that host's real Phase 1 compute time, through the product's own code path
+(:func:`~star_lightning.generation.encode_context` with a :class:`~star_lightning.parallel.simulated_group.
+SimulatedHostGroup`). What each host would send is counted; the caller models its time at a stated link speed. The
+query host, simulated last, keeps its context and answers the query, so Phase 2's local work and the merge over
+``H`` partials are measured too (the collectives' latency is not: the caller adds it from a measurement).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from star_lightning.attention.kernels import KernelChoice
+from star_lightning.generation import (
+    GenerationSettings,
+    RequestStats,
+    StarSettings,
+    answer,
+    encode_context,
+    model_devices,
+)
+from star_lightning.parallel.simulated_group import AnchorBoard, SimulatedHostGroup
+
+
+@dataclass
+class SimulatedRequest:
+    """Per host (``None`` where a host was not run): Phase 1 seconds, bytes it sends in Phase 1 (and per ring hop),
+    peak memory; the query host's Phase 2 stats and tokens."""
+
+    hosts: int
+    phase1_host_s: list[float | None]
+    phase1_host_bytes: list[int | None]
+    peak_host_bytes: list[int | None]
+    hop_bytes: list[list[int]] = field(default_factory=list)
+    phase2: RequestStats = field(default_factory=RequestStats)
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def phase1_s(self) -> float:
+        """The slowest host measured (Phase 1 ends when the last host is done)."""
+        return max(t for t in self.phase1_host_s if t is not None)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def simulate_request(
+    model: nn.Module,
+    context_ids: Tensor,
+    query_ids: Tensor,
+    hosts: int,
+    star: StarSettings,
+    settings: GenerationSettings,
+    *,
+    kernels: KernelChoice | None = None,
+    run_hosts: list[int] | None = None,
+) -> SimulatedRequest:
+    """Run the hosts of an ``hosts``-host request in turn (host 0 first, the query host last).
+
+    ``run_hosts`` limits the hosts run (for layouts whose hosts do the same work, as the zigzag ring); host 0 (star:
+    it sends the anchor) and the query host (it answers) always run.
+    """
+    kernels = KernelChoice(backend=star.backend) if kernels is None else kernels
+    device = model_devices(model)[0]
+    query_host = hosts - 1
+    chosen = sorted({0, query_host, *(run_hosts if run_hosts is not None else range(hosts))})
+    board = AnchorBoard()
+    result = SimulatedRequest(hosts, [None] * hosts, [None] * hosts, [None] * hosts)
+    extra = query_ids.shape[1] + settings.max_new_tokens
+    for host in chosen:
+        group = SimulatedHostGroup(host, hosts, board)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        _synchronize(device)
+        context = encode_context(
+            model, context_ids, group, star, extra_capacity=extra if host == query_host else 0, kernels=kernels
+        )
+        result.phase1_host_s[host] = context.phase1_s
+        result.phase1_host_bytes[host] = context.phase1_bytes
+        result.hop_bytes.append(list(group.hop_bytes))
+        if device.type == "cuda":
+            # The board is the simulation's own: a real receiver holds only its receive buffers (counted).
+            board_bytes = board.nbytes if host > 0 else 0
+            result.peak_host_bytes[host] = int(torch.cuda.max_memory_allocated(device)) - board_bytes
+        if host == query_host:
+            tokens, stats = answer(model, context, query_ids, group, star, settings, kernels=kernels)
+            result.phase2, result.token_ids = stats, tokens
+            if device.type == "cuda":
+                result.peak_host_bytes[host] = max(
+                    result.peak_host_bytes[host] or 0, int(torch.cuda.max_memory_allocated(device)) - board.nbytes
+                )
+        del context
+    board.messages.clear()
+    return result
