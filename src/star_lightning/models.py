@@ -121,16 +121,22 @@ def load_model(
     devices: list[torch.device],
     attention: Literal["star", "ring", "dense"],
     trust_remote_code: bool = False,
+    tensor_parallel: Any = None,
 ) -> PreTrainedModel:
     """Load weights (safetensors only) onto ``devices`` and switch the attention to Star Attention if asked.
 
-    One device holds the whole model; several (a host of several GPUs) hold a share of its layers each.
+    One device holds the whole model; several (a host of several GPUs) hold a share of its layers each; with
+    ``tensor_parallel`` (the host's 1-D device mesh) every GPU of the host holds its shard of every layer.
     """
     if not devices:
         raise ValueError("load_model needs at least one device")
     config = load_config(pretrained, trust_remote_code=trust_remote_code)
     if attention != "dense" and not trust_remote_code:
         check_attention_servable(config)
+    if tensor_parallel is not None:
+        from star_lightning.parallel.tensor_parallel import check_tensor_parallel
+
+        check_tensor_parallel(config, MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None), tensor_parallel.size())
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if len(devices) > 1:
         kwargs.update(host_device_map(devices))
@@ -138,6 +144,10 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(pretrained, attn_implementation="sdpa", **kwargs)
     except (OSError, ValueError) as error:
         raise ConfigurationError(f"could not load model weights from {pretrained!r}: {error}") from None
+    if tensor_parallel is not None:
+        from star_lightning.parallel.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, tensor_parallel)
     if len(devices) == 1:
         torch.nn.Module.to(model, devices[0])  # transformers' own `to` wrapper confuses type checkers
     model.eval()

@@ -132,13 +132,14 @@ class StarAttentionLM(LightningModule):
         source = self.resolved_pretrained()
         strategy = self._trainer.strategy if self._trainer is not None else None
         root = strategy.root_device if strategy is not None else torch.device("cpu")
-        devices = strategy.host_devices if isinstance(strategy, ContextParallelMixin) else [root]
+        star_strategy = strategy if isinstance(strategy, ContextParallelMixin) else None
         self.model = load_model(
             source,
             dtype=resolve_dtype(self.dtype_name, root),
-            devices=devices,
+            devices=star_strategy.host_devices if star_strategy is not None else [root],
             attention=self.star_settings.attention,
             trust_remote_code=self.trust_remote_code,
+            tensor_parallel=star_strategy.tensor_parallel_mesh if star_strategy is not None else None,
         )
         self.tokenizer = load_tokenizer(source, trust_remote_code=self.trust_remote_code)
 
@@ -227,6 +228,8 @@ class StarAttentionLM(LightningModule):
         """One request (``batch`` is a request dict); the prediction record on the query host, None elsewhere."""
         result = self.run_request(batch)
         self.last_stats = result.stats
-        if not is_query_host(self.context_group()):
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        writes = strategy.writes_predictions if isinstance(strategy, ContextParallelMixin) else None
+        if not (writes if writes is not None else is_query_host(self.context_group())):
             return None
         return prediction_record(batch, self.decode_text(result.token_ids))

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from star_lightning.attention.kernels import KernelChoice
 from star_lightning.generation import (
+    EncodedContext,
     GenerationSettings,
     RequestStats,
     StarSettings,
@@ -30,7 +31,8 @@ from star_lightning.parallel.simulated_group import AnchorBoard, SimulatedHostGr
 @dataclass
 class SimulatedRequest:
     """Per host (``None`` where a host was not run): Phase 1 seconds, bytes it sends in Phase 1 (and per ring hop),
-    peak memory; the query host's Phase 2 stats and tokens."""
+    peak memory; the query host's Phase 2 stats and tokens, and (``keep_context``) its encoded context and group, to
+    answer more queries over the same context."""
 
     hosts: int
     phase1_host_s: list[float | None]
@@ -39,6 +41,8 @@ class SimulatedRequest:
     hop_bytes: list[list[int]] = field(default_factory=list)
     phase2: RequestStats = field(default_factory=RequestStats)
     token_ids: list[int] = field(default_factory=list)
+    context: EncodedContext | None = None
+    query_group: SimulatedHostGroup | None = None
 
     @property
     def phase1_s(self) -> float:
@@ -61,11 +65,13 @@ def simulate_request(
     *,
     kernels: KernelChoice | None = None,
     run_hosts: list[int] | None = None,
+    keep_context: bool = False,
 ) -> SimulatedRequest:
     """Run the hosts of an ``hosts``-host request in turn (host 0 first, the query host last).
 
     ``run_hosts`` limits the hosts run (for layouts whose hosts do the same work, as the zigzag ring); host 0 (star:
-    it sends the anchor) and the query host (it answers) always run.
+    it sends the anchor) and the query host (it answers) always run. ``keep_context``: keep the query host's
+    encoded context (``SimulatedRequest.context``, with ``query_group``) to answer further queries over it.
     """
     kernels = KernelChoice(backend=star.backend) if kernels is None else kernels
     device = model_devices(model)[0]
@@ -93,6 +99,8 @@ def simulate_request(
         if host == query_host:
             tokens, stats = answer(model, context, query_ids, group, star, settings, kernels=kernels)
             result.phase2, result.token_ids = stats, tokens
+            if keep_context:
+                result.context, result.query_group = context, group
             if device.type == "cuda":
                 result.peak_host_bytes[host] = max(
                     result.peak_host_bytes[host] or 0, int(torch.cuda.max_memory_allocated(device)) - board.nbytes

@@ -1,8 +1,9 @@
 """The context-parallel part shared by the Trainer strategy and the Fabric strategy.
 
 Lightning's Trainer and Fabric have separate strategy class trees; this mixin, placed before their DDP strategy
-in the bases, adds the layout ``world = data_parallel x context_parallel``, every process group the job uses, the
-sampler split and hosts of several GPUs to either of them. Callbacks never build groups: they ask the strategy
+in the bases, adds the layout ``world = data_parallel x context_parallel x tensor_parallel`` as a device mesh with
+named axes, every process group the job uses, the sampler split, and hosts of several GPUs (tensor parallel, or
+layers spread over them) to either of them. Callbacks never build groups: they ask the strategy
 (:meth:`gather_in_context_group`, :meth:`agree_max_in_context_group`, :meth:`gather_in_world`).
 """
 
@@ -13,11 +14,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from star_lightning.errors import ConfigurationError
 from star_lightning.parallel.group import ContextGroup, is_query_host
-from star_lightning.parallel.layout import ParallelLayout, host_gpu_indices, make_layout
-from star_lightning.parallel.torch_group import DistributedContextGroup, new_context_groups
+from star_lightning.parallel.layout import AXES, ParallelLayout, host_gpu_indices, make_layout
+from star_lightning.parallel.torch_group import DistributedContextGroup
 
 
 class ContextParallelMixin:
@@ -33,6 +35,7 @@ class ContextParallelMixin:
         *,
         context_parallel_size: int | None = None,
         gpus_per_host: int = 1,
+        tensor_parallel_size: int = 1,
         timeout_s: float = 600.0,
         process_group_backend: str | None = None,
         **kwargs: Any,
@@ -43,12 +46,15 @@ class ContextParallelMixin:
         self._timeout_s = timeout_s
         self._context_parallel_size = context_parallel_size
         self._gpus_per_host = gpus_per_host
+        self._tensor_parallel_size = tensor_parallel_size
         self._host_gpus: list[int] | None = None
         self._layout: ParallelLayout | None = None
+        self._mesh: DeviceMesh | None = None
         self._context_group: DistributedContextGroup | None = None
-        # The CPU (gloo) twins of the context-parallel group and of the world, for small per-request agreements
-        # (stop signals, profiler figures) that must not wait behind the accelerator's queue.
-        self._context_cpu_group: dist.ProcessGroup | None = None
+        # CPU (gloo) groups for small per-request agreements (stop signals, profiler figures) that must not wait
+        # behind the accelerator's queue: the ranks working on the same requests (hosts and their tensor shards),
+        # and the world.
+        self._model_cpu_group: dist.ProcessGroup | None = None
         self._world_cpu_group: dist.ProcessGroup | None = None
 
     def _validate_settings(self) -> None:
@@ -64,13 +70,26 @@ class ContextParallelMixin:
                 f"gpus_per_host must be a positive number of GPUs, got {gpus!r}; set "
                 "--trainer.strategy.gpus_per_host 1 (one GPU per process) or the GPUs one model copy needs"
             )
+        if gpus > 1 and self._tensor_parallel_size != 1:
+            raise ConfigurationError(
+                f"gpus_per_host={gpus} (layers spread over one process's GPUs) and tensor_parallel_size="
+                f"{self._tensor_parallel_size} (one process per GPU, heads split) are two ways to use a host of "
+                "several GPUs; choose one (tensor parallelism is faster where the model has a plan)"
+            )
 
     def validate_layout(self, world_size: int) -> ParallelLayout:
         """The layout for ``world_size`` processes, or a :class:`ConfigurationError` naming every value and the fix.
 
         Callable before any process starts (the command line checks the layout before weights load)."""
         self._validate_settings()
-        return make_layout(world_size, self._context_parallel_size)
+        layout = make_layout(world_size, self._context_parallel_size, self._tensor_parallel_size)
+        per_node = getattr(self, "num_processes", world_size)
+        if layout.tensor_parallel_size > 1 and per_node % layout.tensor_parallel_size:
+            raise ConfigurationError(
+                f"tensor_parallel_size {layout.tensor_parallel_size} must divide the {per_node} processes per node: "
+                "a host's GPUs are on one node (--trainer.devices / sbatch --ntasks-per-node)"
+            )
+        return layout
 
     def setup_environment(self) -> None:
         # The settings, the layout and the GPUs are validated before the process group exists, so a bad value fails
@@ -88,29 +107,40 @@ class ContextParallelMixin:
         self._create_groups()
 
     def _create_groups(self) -> None:
-        """Every rank creates every group, in the same order (``new_group`` is collective over the world)."""
+        """The device mesh (its axes' groups) and the CPU groups; every rank creates every group in the same order
+        (group creation is collective over the world)."""
         if not (dist.is_available() and dist.is_initialized()):
             return
         layout = self.layout
         timeout = timedelta(seconds=self._timeout_s)
-        self._context_group, self._context_cpu_group = new_context_groups(
-            layout, self.global_rank, self.root_device, timeout
-        )
-        self._world_cpu_group = (
-            None if dist.get_backend() == dist.Backend.GLOO else dist.new_group(backend="gloo", timeout=timeout)
-        )
+        self._mesh = init_device_mesh(self.root_device.type, layout.shape, mesh_dim_names=AXES)
+        dp, tp = layout.data_parallel_rank(self.global_rank), layout.tensor_parallel_rank(self.global_rank)
+        ranks = layout.context_parallel_ranks(dp, tp)
+        group = self._mesh["context_parallel"].get_group() if layout.context_parallel_size > 1 else None
+        self._context_group = DistributedContextGroup(group, ranks, self.root_device)
+        gloo_world = dist.get_backend() == dist.Backend.GLOO
+        for members in layout.all_model_parallel_groups():
+            cpu_group = None
+            if len(members) > 1:
+                whole = len(members) == layout.world_size
+                cpu_group = (
+                    dist.group.WORLD
+                    if (whole and gloo_world)
+                    else dist.new_group(members, backend="gloo", timeout=timeout)
+                )
+            if self.global_rank in members:
+                self._model_cpu_group = cpu_group
+        self._world_cpu_group = None if gloo_world else dist.new_group(backend="gloo", timeout=timeout)
 
     def teardown(self) -> None:
-        owned = [self._context_cpu_group, self._world_cpu_group]
-        if self._context_group is not None:
-            owned = [group for group in owned if group is not self._context_group.process_group]
-            self._context_group.close()
-            self._context_group = None
-        for group in owned:
-            # The world group belongs to Lightning; only the subgroups made here are destroyed here.
+        # The world group belongs to Lightning and the mesh's groups to the mesh; only the CPU groups made here are
+        # destroyed here, so no communicator outlives the job.
+        for group in (self._model_cpu_group, self._world_cpu_group):
             if group is not None and dist.is_initialized() and group is not dist.group.WORLD:
                 dist.destroy_process_group(group)
-        self._context_cpu_group = self._world_cpu_group = None
+        self._model_cpu_group = self._world_cpu_group = None
+        self._context_group = None
+        self._mesh = None
         super().teardown()  # type: ignore[misc]
 
     @property
@@ -144,6 +174,18 @@ class ContextParallelMixin:
         return self._layout
 
     @property
+    def device_mesh(self) -> DeviceMesh:
+        """The world as a mesh with the named axes ``data_parallel``, ``context_parallel``, ``tensor_parallel``."""
+        if self._mesh is None:
+            raise RuntimeError(f"{type(self).__name__}.device_mesh exists once the processes started; read it later")
+        return self._mesh
+
+    @property
+    def tensor_parallel_mesh(self) -> DeviceMesh | None:
+        """This host's GPUs (the mesh's ``tensor_parallel`` axis), or None without tensor parallelism."""
+        return self.device_mesh["tensor_parallel"] if self.layout.tensor_parallel_size > 1 else None
+
+    @property
     def context_group(self) -> ContextGroup:
         if self._context_group is None:
             raise RuntimeError(f"{type(self).__name__}.context_group exists once the processes started; read it later")
@@ -162,24 +204,34 @@ class ContextParallelMixin:
         return self.layout.context_parallel_rank(self.global_rank)
 
     @property
+    def tensor_parallel_rank(self) -> int:
+        return self.layout.tensor_parallel_rank(self.global_rank)
+
+    @property
+    def writes_predictions(self) -> bool:
+        """The one rank of a request's ranks that writes its prediction: the query host's first tensor shard."""
+        return self.is_query_host and self.tensor_parallel_rank == 0
+
+    @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         """All ranks of a context-parallel group get the same requests; the data-parallel groups split them."""
         return {"num_replicas": self.layout.data_parallel_size, "rank": self.data_parallel_rank}
 
     def gather_in_context_group(self, obj: Any) -> list[Any]:
-        """Every host's ``obj``, in host order. Safe per request: a group's ranks work on the same requests."""
-        if self._context_cpu_group is None:
+        """Every host's ``obj``, in host order (from each host's first tensor shard). Safe per request: these ranks
+        work on the same requests."""
+        if self._model_cpu_group is None:
             return [obj]
-        gathered: list[Any] = [None] * self.layout.context_parallel_size
-        dist.all_gather_object(gathered, obj, group=self._context_cpu_group)
-        return gathered
+        gathered: list[Any] = [None] * (self.layout.context_parallel_size * self.layout.tensor_parallel_size)
+        dist.all_gather_object(gathered, obj, group=self._model_cpu_group)
+        return gathered[:: self.layout.tensor_parallel_size]
 
     def agree_max_in_context_group(self, value: int) -> int:
-        """The largest ``value`` any host of the context-parallel group holds (e.g. a received stop signal)."""
-        if self._context_cpu_group is None:
+        """The largest ``value`` any rank working on the same requests holds (e.g. a received stop signal)."""
+        if self._model_cpu_group is None:
             return value
         flag = torch.tensor([value])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._context_cpu_group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._model_cpu_group)
         return int(flag.item())
 
     def gather_in_world(self, obj: Any) -> list[Any]:

@@ -27,6 +27,9 @@ class StarStrategy(ContextParallelMixin, DDPStrategy):
         gpus_per_host: GPUs one model copy is spread over (its layers split evenly, run one after the other: the
             memory of all of them at the speed of one), for models that do not fit one GPU. One process per host:
             run GPUs per node / gpus_per_host processes per node. Needs the ``multi-gpu`` extra (accelerate).
+        tensor_parallel_size: GPUs per host with the model's attention heads and MLP split over them by its
+            transformers tensor-parallel plan (one process per GPU, the host's GPUs on one node): the memory and the
+            speed of all of them. world = data_parallel x context_parallel x tensor_parallel.
         timeout_s: how long a collective may wait before the job fails, so a dead rank ends the job instead of
             hanging it.
         process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPUs by default.

@@ -7,7 +7,6 @@ exact baseline) passes K/V around the ring while it computes. Bytes sent are cou
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -15,7 +14,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from star_lightning.parallel.group import Done, Transfer, pack_partials, unpack_partials
-from star_lightning.parallel.layout import ParallelLayout
 
 
 class DistributedContextGroup:
@@ -75,12 +73,6 @@ class DistributedContextGroup:
             self._bytes += tensor.numel() * tensor.element_size() * (self.size - 1)
         return local.to(tensor.device)
 
-    def close(self) -> None:
-        """Destroy the subgroup (the world group belongs to Lightning): no communicator outlives the job."""
-        if self._group is not None and dist.is_initialized() and self._group is not dist.group.WORLD:
-            dist.destroy_process_group(self._group)
-            self._group = None
-
     def start_broadcast_from_first(self, tensor: Tensor) -> Transfer:
         if self.size == 1:
             return Done(tensor)
@@ -122,28 +114,3 @@ class _Pending:
         self._works = []
         self._keep_alive = None
         return self._result.to(self._home)
-
-
-def new_context_groups(
-    layout: ParallelLayout, global_rank: int, device: torch.device, timeout: timedelta
-) -> tuple[DistributedContextGroup, dist.ProcessGroup | None]:
-    """Create every context-parallel group and its gloo twin (all ranks must take part) and return this rank's.
-
-    The twin is None for a group of one host (nothing to agree on). With a gloo world and one group, the world is
-    both.
-    """
-    mine: tuple[DistributedContextGroup, dist.ProcessGroup | None] | None = None
-    gloo_world = dist.get_backend() == dist.Backend.GLOO
-    for ranks in layout.all_context_parallel_groups():
-        group = dist.new_group(ranks, timeout=timeout) if layout.data_parallel_size > 1 else None
-        if len(ranks) == 1:
-            cpu_group = None
-        elif gloo_world:
-            cpu_group = group if group is not None else dist.group.WORLD
-        else:
-            cpu_group = dist.new_group(ranks, backend="gloo", timeout=timeout)
-        if global_rank in ranks:
-            mine = (DistributedContextGroup(group, ranks, device), cpu_group)
-    if mine is None:
-        raise RuntimeError(f"rank {global_rank} is in no context-parallel group of {layout}")
-    return mine
