@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from star_lightning.bench.metrics import (
+    BABILONG_LABELS,
     BabilongAccuracy,
     StringMatchAll,
     StringMatchPart,
@@ -46,6 +47,31 @@ def test_metric_input_checks() -> None:
         string_match_all("a", [])
 
 
+# booydar/babilong babilong/metrics.py TASK_LABELS (qa1-qa5), copied.
+OFFICIAL_LABELS = {
+    "qa1": ["bathroom", "bedroom", "garden", "hallway", "kitchen", "office"],
+    "qa2": ["bathroom", "bedroom", "garden", "hallway", "kitchen", "office"],
+    "qa3": ["bathroom", "bedroom", "garden", "hallway", "kitchen", "office"],
+    "qa4": ["bathroom", "bedroom", "garden", "hallway", "kitchen", "office"],
+    "qa5": ["Bill", "Fred", "Jeff", "Mary", "apple", "football", "milk"],
+}
+
+
+def official_compare_answers(target: str, output: str, question: str, task_labels: list[str]) -> bool:
+    """The behaviour of booydar/babilong babilong/metrics.py ``compare_answers``, restated step by step."""
+    output = output.lower()
+    for separator in (".", "<context>", "<example>", "Question"):  # 'Question' after lower(): never found
+        output = output.split(separator)[0]
+    labels = {label.lower() for label in task_labels}
+    named = {label for label in labels if label in question.lower()}
+    found = {label for label in labels if label in output} - named
+    target = target.lower()
+    if "," in target and len(target) > 3:
+        parts = target.split(",")
+        return all(part in found for part in parts) and len(found) == len(parts)
+    return target in found and len(found) == 1
+
+
 @pytest.mark.parametrize(
     ("prediction", "target", "question", "task", "correct"),
     [
@@ -57,12 +83,30 @@ def test_metric_input_checks() -> None:
          "qa3", True),  # labels named in the question do not count
         ("bedroom", "garden", "What is the bedroom west of?", "qa4", False),
         ("Fred", "fred", "Who did Mary give the apple to?", "qa5", True),
+        ("Fred", "Fred", "Who did Mary give the apple to?", "qa5", True),  # the target is lower-cased
         ("apple <example> milk", "apple", "What did Fred give to Bill?", "qa5", True),
         ("The answer. milk", "milk", "What did Jeff take?", "qa5", False),  # only the first sentence counts
+        # Where the official rule differs from the one this project used before (split on 'question', strip):
+        ("office question: where is the kitchen", "office", "Where is Mary?", "qa1", False),  # 'Question' never cuts
+        ("bathroom\nQuestion: is it the garden", "bathroom", "Where is Daniel?", "qa1", False),
+        ("hallway", " hallway", "Where is John?", "qa1", False),  # the target is not stripped
+        ("hallway", "hallway\n", "Where is John?", "qa1", False),
+        ("milk and apple", "apple,milk", "What is Mary carrying?", "qa5", True),  # qa8's list rule applies
+        ("apple", "apple,milk", "What is Mary carrying?", "qa5", False),
+        ("apple, milk and football", "apple,milk", "What is Mary carrying?", "qa5", False),
+        ("The office", "office", "Is it the bedroom or the office?", "qa1", False),  # the question names it
+        ("Bill gave it to Fred", "fred", "What did Bill give?", "qa5", True),
     ],
 )  # fmt: skip
-def test_babilong_rule(prediction: str, target: str, question: str, task: str, correct: bool) -> None:
+def test_babilong_rule_is_the_official_compare_answers(
+    prediction: str, target: str, question: str, task: str, correct: bool
+) -> None:
+    assert official_compare_answers(target, prediction, question, OFFICIAL_LABELS[task]) is correct
     assert babilong_correct(prediction, target, question, task) is correct
+
+
+def test_babilong_labels_are_the_official_ones() -> None:
+    assert {task: list(labels) for task, labels in BABILONG_LABELS.items()} == OFFICIAL_LABELS
 
 
 def test_babilong_metric() -> None:

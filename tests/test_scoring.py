@@ -68,3 +68,14 @@ def test_missing_file_and_help(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and "predictions" in capsys.readouterr().out
+
+
+def test_errors_name_the_file_line_and_fix(tmp_path: Path, capsys) -> None:
+    good = {"task": "vt", "outputs": ["a"], "pred": "a"}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({"outputs": ["a"], "pred": "a"}) + "\n")
+    assert main([str(path)]) == 2
+    error = capsys.readouterr().err
+    assert f"{path}, line 3: no 'task' field" in error and "pass --task NAME" in error
+    assert main([str(path), "--task", "vt"]) == 0  # the fix the message names
+    assert json.loads(capsys.readouterr().out)["counts"] == {"vt": 2}

@@ -24,12 +24,13 @@ from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
 
-USAGE = """usage: star-lightning {predict,generate,score,table} ...
+USAGE = """usage: star-lightning {predict,generate,score,table,export} ...
 
   predict   run Star Attention (or ring/dense) over a JSONL file of requests
   generate  write a benchmark request set (RULER, BABILong) as JSONL
   score     score a predictions JSONL file
   table     tabulate and plot prediction files: task x length x attention method
+  export    write predictions in the reference implementation's format (its evaluators read them)
 
 Run 'star-lightning COMMAND --help' for a command's options.
 """
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             from star_lightning.bench.results import main as table_main
 
             return table_main(rest)
+        if command == "export":
+            from star_lightning.bench.export import main as export_main
+
+            return export_main(rest)
     except ConfigurationError as error:
         print(f"star-lightning {command}: error: {error}", file=sys.stderr)
         return 2

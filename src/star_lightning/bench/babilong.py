@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from star_lightning.bench.metrics import BABILONG_LABELS
-from star_lightning.bench.ruler.prompts import Prompt, count_tokens, render
+from star_lightning.bench.ruler.prompts import Prompt, Question, count_tokens, render
 from star_lightning.errors import ConfigurationError
 
 TASKS = tuple(BABILONG_LABELS)
@@ -30,7 +30,12 @@ class TaskPrompt:
     post_prompt: str
 
 
-# The wording of BABILong's published default prompts (babilong/prompts.py), kept verbatim: it is the benchmark.
+# Verbatim from booydar/babilong babilong/prompts.py (TASK_TEMPLATE, USER_TEMPLATE, DEFAULT_TEMPLATE, DEFAULT_PROMPTS),
+# the current version: it is the benchmark.
+TASK_TEMPLATE = "{instruction}\n\n{examples}\n\n{post_prompt}"
+USER_TEMPLATE = "<context>\n{context}\n</context>\n\nQuestion: {question}"
+DEFAULT_TEMPLATE = f"{TASK_TEMPLATE}\n\n{USER_TEMPLATE}"
+
 PROMPTS: dict[str, TaskPrompt] = {
     "qa1": TaskPrompt(
         instruction=(
@@ -39,29 +44,43 @@ PROMPTS: dict[str, TaskPrompt] = {
             "If a person was in different locations, use the latest location to answer the question."
         ),
         examples=(
-            "<example>\nCharlie went to the hallway. Judith come back to the kitchen. Charlie travelled to balcony. "
-            "Where is Charlie?\nAnswer: The most recent location of Charlie is balcony.\n</example>\n\n"
-            "<example>\nAlan moved to the garage. Charlie went to the beach. Alan went to the shop. Rouse "
-            "travelled to balcony. Where is Alan?\nAnswer: The most recent location of Alan is shop.\n</example>"
+            "<example>\n"
+            "Charlie went to the hallway. Judith come back to the kitchen. Charlie travelled to balcony. "
+            "Where is Charlie?\n"
+            "Answer: The most recent location of Charlie is balcony.\n"
+            "</example>\n\n"
+            "<example>\n"
+            "Alan moved to the garage. Charlie went to the beach. Alan went to the shop. Rouse "
+            "travelled to balcony. Where is Alan?\n"
+            "Answer: The most recent location of Alan is shop.\n"
+            "</example>"
         ),
         post_prompt=(
-            "Always return your answer in the following format: The most recent location of ’person’ is "
-            "’location’. Do not write anything else after that. "
+            "Always return your answer in the following format: "
+            "The most recent location of ’person’ is ’location’. Do not write anything else after that."
         ),
     ),
     "qa2": TaskPrompt(
         instruction=(
-            "I give you context with the facts about locations and actions of different persons hidden in some "
-            "random text and a question.You need to answer the question based only on the information from the "
-            "facts.\nIf a person got an item in the first location and travelled to the second location the item is "
-            "also in the second location. If a person dropped an item in the first location and moved to the second "
-            "location the item remains in the first location."
+            "I give you context with the facts about locations and actions of different persons "
+            "hidden in some random text and a question."
+            "You need to answer the question based only on the information from the facts.\n"
+            "If a person got an item in the first location and travelled to the second location "
+            "the item is also in the second location. "
+            "If a person dropped an item in the first location and moved to the second location "
+            "the item remains in the first location."
         ),
         examples=(
-            "<example>\nCharlie went to the kitchen. Charlie got a bottle. Charlie moved to the balcony. "
-            "Where is the bottle?\nAnswer: The bottle is in the balcony.\n</example>\n"
-            "<example>\nAlan moved to the garage. Alan got a screw driver. Alan moved to the kitchen. Where is the "
-            "screw driver?\nAnswer: The screw driver is in the kitchen.\n</example>"
+            "<example>\n"
+            "Charlie went to the kitchen. Charlie got a bottle. Charlie moved to the balcony. "
+            "Where is the bottle?\n"
+            "Answer: The bottle is in the balcony.\n"
+            "</example>\n"
+            "<example>\n"
+            "Alan moved to the garage. Alan got a screw driver. Alan moved to the kitchen. Where "
+            "is the screw driver?\n"
+            "Answer: The screw driver is in the kitchen.\n"
+            "</example>"
         ),
         post_prompt=(
             "Always return your answer in the following format: The ’item’ is in ’location’. "
@@ -70,38 +89,51 @@ PROMPTS: dict[str, TaskPrompt] = {
     ),
     "qa3": TaskPrompt(
         instruction=(
-            "I give you context with the facts about locations and actions of different persons hidden in some "
-            "random text and a question. You need to answer the question based only on the information from the "
-            "facts.\nIf a person got an item in the first location and travelled to the second location the item is "
-            "also in the second location. If a person dropped an item in the first location and moved to the second "
-            "location the item remains in the first location"
+            "I give you context with the facts about locations and actions of different persons "
+            "hidden in some random text and a question. "
+            "You need to answer the question based only on the information from the facts.\n"
+            "If a person got an item in the first location and travelled to the second location "
+            "the item is also in the second location. "
+            "If a person dropped an item in the first location and moved to the second location "
+            "the item remains in the first location."
         ),
         examples=(
-            "<example>\nJohn journeyed to the bedroom.Mary grabbed the apple. Mary went back to the bathroom. "
+            "<example>\n"
+            "John journeyed to the bedroom. Mary grabbed the apple. Mary went back to the bathroom. "
             "Daniel journeyed to the bedroom. Daniel moved to the garden. Mary travelled to the kitchen. "
-            "Where was the apple before the kitchen?\nAnswer: Before the kitchen the apple was in the bathroom.\n"
-            "</example>\n<example>\nJohn went back to the bedroom. John went back to the garden. John went back to "
-            "the kitchen. Sandra took the football. Sandra travelled to the garden. Sandra journeyed to the bedroom. "
-            "Where was the football before the bedroom?\nAnswer: Before the kitchen the football was in the garden.\n"
+            "Where was the apple before the kitchen?\n"
+            "Answer: Before the kitchen the apple was in the bathroom.\n"
+            "</example>\n"
+            "<example>\n"
+            "John went back to the bedroom. John went back to the garden. John went back to the kitchen. "
+            "Sandra took the football. Sandra travelled to the garden. Sandra journeyed to the bedroom. "
+            "Where was the football before the bedroom?\n"
+            "Answer: Before the bedroom the football was in the garden.\n"
             "</example>"
         ),
         post_prompt=(
-            "Always return your answer in the following format: Before the $location_1& the $item$ was in the "
-            "$location_2$. Do not write anything else after that."
+            "Always return your answer in the following format: "
+            "Before the $location_1$ the $item$ was in the $location_2$. Do not write anything else after that."
         ),
     ),
     "qa4": TaskPrompt(
         instruction=(
             "I will give you context with the facts about different people, their location and actions, hidden in "
-            "some random text and a question. You need to answer the question based only on the information from "
-            "the facts."
+            "some random text and a question. "
+            "You need to answer the question based only on the information from the facts."
         ),
         examples=(
-            "<example>\nThe hallway is south of the kitchen. The bedroom is north of the kitchen. What is the "
-            "kitchen south of?\nAnswer: bedroom\n</example>\n<example>\nThe garden is west of the bedroom. The "
-            "bedroom is west of the kitchen. What is west of the bedroom?\nAnswer: garden\n</example>"
+            "<example>\n"
+            "The hallway is south of the kitchen. The bedroom is north of the kitchen. "
+            "What is the kitchen south of?\n"
+            "Answer: bedroom\n"
+            "</example>\n"
+            "<example>\n"
+            "The garden is west of the bedroom. The bedroom is west of the kitchen. What is west of the bedroom?\n"
+            "Answer: garden\n"
+            "</example>"
         ),
-        post_prompt="Your answer should contain only one word - location. Do not write anything else after that.",
+        post_prompt=("Your answer should contain only one word - location. Do not write anything else after that."),
     ),
     "qa5": TaskPrompt(
         instruction=(
@@ -109,12 +141,21 @@ PROMPTS: dict[str, TaskPrompt] = {
             "and a question. You need to answer the question based only on the information from the facts."
         ),
         examples=(
-            "<example>\nMary picked up the apple there. Mary gave the apple to Fred. Mary moved to the bedroom. "
-            "Bill took the milk there. Who did Mary give the apple to?\nAnswer: Fred\n</example>\n<example>\nJeff "
-            "took the football there. Jeff passed the football to Fred. Jeff got the milk there. Bill travelled to "
-            "the bedroom. Who gave the football?\nAnswer: Jeff\n</example>\n<example>\nFred picked up the apple "
-            "there. Fred handed the apple to Bill. Bill journeyed to the bedroom. Jeff went back to the garden. What "
-            "did Fred give to Bill?\nAnswer: apple\n</example>"
+            "<example>\n"
+            "Mary picked up the apple there. Mary gave the apple to Fred. Mary moved to the bedroom. "
+            "Bill took the milk there. Who did Mary give the apple to?\n"
+            "Answer: Fred\n"
+            "</example>\n"
+            "<example>\n"
+            "Jeff took the football there. Jeff passed the football to Fred. Jeff got the milk there. "
+            "Bill travelled to the bedroom. Who gave the football?\n"
+            "Answer: Jeff\n"
+            "</example>\n"
+            "<example>\n"
+            "Fred picked up the apple there. Fred handed the apple to Bill. Bill journeyed to the bedroom. "
+            "Jeff went back to the garden. What did Fred give to Bill?\n"
+            "Answer: apple\n"
+            "</example>"
         ),
         post_prompt=(
             "Your answer should contain only one word. Do not write anything else after that. "
@@ -177,19 +218,33 @@ def load_samples(path: pathlib.Path, task: str) -> list[dict[str, str]]:
 def build_prompt(
     sample: dict[str, str], task: str, *, instruction: bool = True, examples: bool = True, post_prompt: bool = True
 ) -> Prompt:
-    """BABILong's template, cut after ``</context>``: instruction, examples and facts are the context."""
+    """BABILong's ``get_formatted_input`` (DEFAULT_TEMPLATE, stripped), cut after ``</context>``.
+
+    Parts left out are empty strings, as BABILong's evaluation script passes them; the context half is the
+    instruction, examples, post prompt and facts, the query half ``\n\nQuestion: ...``.
+    """
     parts = PROMPTS[task]
-    head = "\n".join(
-        [
-            parts.instruction if instruction else "",
-            parts.examples if examples else "",
-            parts.post_prompt if post_prompt else "",
-        ]
+    cut = USER_TEMPLATE.index("</context>") + len("</context>")
+    user_context, user_query = USER_TEMPLATE[:cut], USER_TEMPLATE[cut:]
+    head = TASK_TEMPLATE.format(
+        instruction=parts.instruction if instruction else "",
+        examples=parts.examples if examples else "",
+        post_prompt=parts.post_prompt if post_prompt else "",
     )
-    context = f"{head}\n<context>\n{sample['input']}\n</context>".lstrip()
-    return Prompt(
-        context=context, query=f"\nQuestion: {sample['question']}", answer_prefix="", outputs=[sample["target"]]
-    )
+    context = f"{head}\n\n{user_context.format(context=sample['input'].strip())}".lstrip()
+    query = user_query.format(question=sample["question"]).rstrip()
+    return Prompt(context=context, questions=[Question(query, "", [sample["target"]])])
+
+
+def check_queries_per_context(queries: int) -> None:
+    """BABILong asks one question per haystack: each bAbI question becomes its own sample, with the facts before it
+    mixed into background text drawn for that sample alone (babilong_utils.py), so no two samples share one."""
+    if queries != 1:
+        raise ConfigurationError(
+            f"--queries_per_context {queries}: BABILong defines one question per haystack (each sample has its own "
+            "facts and background text), so there are no shared contexts to ask several questions about. "
+            "Generate BABILong with --queries_per_context 1."
+        )
 
 
 def generate_samples(
@@ -203,22 +258,24 @@ def generate_samples(
     instruction: bool = True,
     examples: bool = True,
     post_prompt: bool = True,
+    queries_per_context: int = 1,
 ) -> list[dict[str, Any]]:
     """The first ``num_samples`` samples of the task's split (BABILong's data is fixed; no sampling)."""
     if task not in PROMPTS:
         raise ConfigurationError(f"Unknown BABILong task {task!r}. Choose one of: {', '.join(PROMPTS)}.")
+    check_queries_per_context(queries_per_context)
     samples = load_samples(find_data_file(data_dir, task, length), task)[:num_samples]
     rows = []
     for index, sample in enumerate(samples):
         prompt = build_prompt(sample, task, instruction=instruction, examples=examples, post_prompt=post_prompt)
-        context, query = render(prompt, tokenizer, chat=chat)
-        count = count_tokens(tokenizer, context, query)
+        context, (query,) = render(prompt, tokenizer, chat=chat)
+        count = count_tokens(tokenizer, context, special=True) + count_tokens(tokenizer, query, special=False)
         rows.append(
             {
                 "index": index,
                 "input_context": context,
                 "input_query": query,
-                "outputs": prompt.outputs,
+                "outputs": prompt.questions[0].outputs,
                 "question": sample["question"],
                 "task": task,
                 "length": length,

@@ -3,6 +3,10 @@
 Each line: ``index``, ``input_context`` (instruction + haystack), ``input_query`` (question, chat turn end and
 answer prefix), ``outputs`` (reference answers), ``task``, ``length``, ``answer_prefix``, ``max_new_tokens`` (the
 generation budget reserved inside ``length``) and ``num_prompt_tokens``; BABILong rows also carry ``question``.
+
+With ``--queries_per_context K`` (RULER's NIAH and QA tasks) each generated context is asked K questions, one line
+each with its own references: the K lines carry ``context_id`` (``{task}-{length}-{sample}``, unique in the file)
+and only the first of them carries ``input_context``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import sys
 import warnings
 from typing import Any
 
+from star_lightning.bench.babilong import check_queries_per_context as check_babilong_queries
+from star_lightning.bench.ruler.tasks import check_queries_per_context as check_ruler_queries
 from star_lightning.bench.tasks import BABILONG_TASKS, RULER_TASKS, tasks_of
 from star_lightning.data.jsonl import write_jsonl_atomic
 from star_lightning.errors import ConfigurationError
@@ -39,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num_samples", type=int, default=100, help="number of samples (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (RULER; BABILong data is fixed)")
+    parser.add_argument(
+        "--queries_per_context",
+        type=int,
+        default=1,
+        metavar="K",
+        help="questions per generated context, one line each sharing a context_id (RULER NIAH and QA tasks; "
+        "BABILong and the other RULER tasks define one); default 1",
+    )
     parser.add_argument("--output", required=True, help="JSONL file to write (atomically)")
     parser.add_argument(
         "--chat_template",
@@ -52,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     ruler.add_argument("--qa_file", help="qa_1: SQuAD v2 dev json; qa_2: HotpotQA dev distractor json")
     ruler.add_argument("--squad", help="qa_1's documents (SQuAD v2 dev json) when qa_2 is generated too")
     ruler.add_argument("--hotpotqa", help="qa_2's documents (HotpotQA dev distractor json) when qa_1 is generated too")
+    ruler.add_argument(
+        "--english_words",
+        help="RULER's json/english_words.json: cwe's words once a length needs more than wonderwords' 8,166",
+    )
     babilong = parser.add_argument_group("BABILong")
     babilong.add_argument(
         "--data_dir", help="BABILong data: a JSON/JSONL file, DIR/{task}.jsonl or DIR/{4k}/{task}.jsonl"
@@ -98,9 +116,14 @@ def parse_tasks(benchmark: str, spec: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Validate the options and build the rows of every task, numbered in order across tasks."""
-    if args.length <= 0 or args.num_samples <= 0:
-        raise ConfigurationError("--length and --num_samples must be positive integers.")
+    if args.length <= 0 or args.num_samples <= 0 or args.queries_per_context <= 0:
+        raise ConfigurationError("--length, --num_samples and --queries_per_context must be positive integers.")
     tasks = parse_tasks(args.benchmark, args.task)
+    for task in tasks:  # before any work: a refused --queries_per_context fails at once
+        if args.benchmark == "ruler":
+            check_ruler_queries(task, args.queries_per_context)
+        else:
+            check_babilong_queries(args.queries_per_context)
     if args.tokenizer is None:
         from star_lightning.assets import default_model_path
 
@@ -127,6 +150,8 @@ def _task_rows(args: argparse.Namespace, task: str, tokenizer: Any, chat: bool) 
             chat=chat,
             essays=args.essays,
             qa_file={"qa_1": args.squad, "qa_2": args.hotpotqa}.get(task) or args.qa_file,
+            english_words=args.english_words,
+            queries_per_context=args.queries_per_context,
         )
     from star_lightning.bench import babilong
 
@@ -140,6 +165,7 @@ def _task_rows(args: argparse.Namespace, task: str, tokenizer: Any, chat: bool) 
         instruction=not args.no_instruction,
         examples=not args.no_examples,
         post_prompt=not args.no_post_prompt,
+        queries_per_context=args.queries_per_context,
     )
     too_long = [row["index"] for row in rows if row["num_prompt_tokens"] + row["max_new_tokens"] > args.length]
     if too_long:
@@ -165,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for warning in caught:
         print(f"star-lightning generate: warning: {warning.message}", file=sys.stderr)
-    print(f"wrote {count} {args.benchmark} {args.task} samples at length {args.length} to {args.output}")
+    shared = f" ({count // args.queries_per_context} contexts x {args.queries_per_context} queries)"
+    what = f"{count} {args.benchmark} {args.task} requests" + (shared if args.queries_per_context > 1 else "")
+    print(f"wrote {what} at length {args.length} to {args.output}")
     return 0
 
 

@@ -2,8 +2,8 @@
 
 - ``StringMatchAll`` (RULER, most tasks): the fraction of references found in the prediction, averaged, x100.
 - ``StringMatchPart`` (RULER qa_1/qa_2): 1 when any reference is found, averaged, x100.
-- ``BabilongAccuracy`` (BABILong qa1-qa5): the target must be the only task label in the first sentence of the
-  prediction, ignoring labels the question itself mentions, x100.
+- ``BabilongAccuracy`` (BABILong qa1-qa5): the official ``compare_answers``, x100: the target must be the only task
+  label in the first sentence of the prediction, ignoring labels the question itself mentions.
 Matching is case-insensitive substring search, as in RULER and BABILong.
 """
 
@@ -18,13 +18,13 @@ from torchmetrics import Metric
 
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f]")
 
-# Answer vocabularies of BABILong's qa1-qa5 (the bAbI label sets): a mention of one of them is an answer.
-BABILONG_LABELS: dict[str, frozenset[str]] = {
-    "qa1": frozenset({"bathroom", "bedroom", "garden", "hallway", "kitchen", "office"}),
-    "qa2": frozenset({"bathroom", "bedroom", "garden", "hallway", "kitchen", "office"}),
-    "qa3": frozenset({"bathroom", "bedroom", "garden", "hallway", "kitchen", "office"}),
-    "qa4": frozenset({"bathroom", "bedroom", "garden", "hallway", "kitchen", "office"}),
-    "qa5": frozenset({"bill", "fred", "jeff", "mary", "apple", "football", "milk"}),
+# Verbatim from booydar/babilong babilong/metrics.py TASK_LABELS (qa1-qa5): the answer vocabulary of each task.
+BABILONG_LABELS: dict[str, tuple[str, ...]] = {
+    "qa1": ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office"),
+    "qa2": ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office"),
+    "qa3": ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office"),
+    "qa4": ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office"),
+    "qa5": ("Bill", "Fred", "Jeff", "Mary", "apple", "football", "milk"),
 }
 
 
@@ -50,22 +50,34 @@ def string_match_part(prediction: str, references: Sequence[str]) -> float:
 
 
 def babilong_first_sentence(prediction: str) -> str:
-    """BABILong's normalisation: lower-case, keep the first sentence, drop any echoed example/context/question."""
-    text = prediction.lower().split(".")[0]
-    for marker in ("<context>", "<example>", "question"):
-        text = text.split(marker)[0]
-    return text
+    """BABILong's ``preprocess_output``: lower-case, first sentence, cut at an echoed ``<context>``/``<example>``.
+
+    The official code then also cuts at ``'Question'`` — after lower-casing, so it never matches; published
+    BABILong numbers are computed that way and so are ours.
+    """
+    output = prediction.lower().split(".")[0]
+    output = output.split("<context>")[0]
+    output = output.split("<example>")[0]
+    return output.split("Question")[0]  # never matches (lower-cased): kept as the official rule has it
 
 
 def babilong_correct(prediction: str, target: str, question: str, task: str) -> bool:
-    """BABILong's rule: the target is the only task label mentioned, not counting labels from the question."""
+    """BABILong's ``compare_answers`` (babilong/metrics.py), bug for bug: it is what published numbers use.
+
+    The target (lower-cased, not stripped) must be the only task label in the first sentence of the prediction,
+    labels the question mentions not counting; a target with a comma (qa8's lists) needs all its parts and no other.
+    """
     if task not in BABILONG_LABELS:
         raise ValueError(f"BABILong scoring covers {', '.join(BABILONG_LABELS)}, not {task!r}")
-    labels = BABILONG_LABELS[task]
-    answer_text = babilong_first_sentence(prediction)
+    output = babilong_first_sentence(prediction)
+    target = target.lower()
+    labels = {label.lower() for label in BABILONG_LABELS[task]}
     in_question = {label for label in labels if label in question.lower()}
-    mentioned = {label for label in labels if label in answer_text} - in_question
-    return mentioned == {target.strip().lower()}
+    in_output = {label for label in labels if label in output} - in_question
+    if "," in target and len(target) > 3:
+        parts = target.split(",")
+        return all(part in in_output for part in parts) and len(in_output) == len(parts)
+    return target in in_output and len(in_output) == 1
 
 
 class _MeanPercent(Metric):

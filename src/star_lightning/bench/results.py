@@ -17,9 +17,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, cast
 
-from star_lightning.bench.scoring import score_records
+from star_lightning.bench.scoring import Located, read_predictions, score_records
 from star_lightning.bench.tasks import TASK_ORDER
-from star_lightning.data.jsonl import read_jsonl
 from star_lightning.errors import ConfigurationError
 
 METHODS = ("star", "dense", "ring")
@@ -77,15 +76,15 @@ def discover(directory: pathlib.Path) -> list[Run]:
 
 def collect_scores(runs: list[Run]) -> dict[tuple[str, int, str], float]:
     """Score every run; keys are (task, length, attention)."""
-    records: list[dict[str, Any]] = []
+    records: list[Located] = []
     for run in runs:
-        for record in read_jsonl(run.path):
+        for where, record in read_predictions([run.path]):
             if "length" not in record:
                 if run.length is None:
-                    raise ConfigurationError(f"{run.path}: lines have no 'length'; give it with --run ...,length=N.")
+                    raise ConfigurationError(f"{where}: no 'length'; give it with --run ...,length=N.")
                 record["length"] = run.length
             record["_attention"] = run.attention
-            records.append(record)
+            records.append((where, record))
     scores, _ = score_records(records, group=lambda r: (r["task"], int(r["length"]), r["_attention"]))
     return cast(dict[tuple[str, int, str], float], scores)
 

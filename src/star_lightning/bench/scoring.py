@@ -1,7 +1,8 @@
 """``star-lightning score PREDICTIONS.jsonl``: benchmark scores (0-100) of a predictions file.
 
-Each line needs ``pred`` (the generated text), ``task`` and the references as ``outputs`` (a list) or ``output``
-(a string); BABILong lines also use ``question``. The metric follows the task: RULER's string-match-part for
+Each line needs ``pred`` (the generated text), ``task`` (or ``--task``) and the references as ``outputs`` (a list)
+or ``output`` (a string); BABILong lines also need ``question``. Each line is scored on its own, also where several
+lines share one context (``context_id``). The metric follows the task: RULER's string-match-part for
 qa_1/qa_2, string-match-all for the other RULER tasks, BABILong's rule for qa1-qa5.
 
 Printed JSON: ``{"tasks": {task: score}, "counts": {task: n}, "mean": mean of the task scores}``.
@@ -12,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pathlib
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from star_lightning.bench.metrics import BABILONG_LABELS, BabilongAccuracy, StringMatchAll, StringMatchPart
 from star_lightning.bench.tasks import METRIC_BY_TASK
-from star_lightning.data.jsonl import read_jsonl
+from star_lightning.data.jsonl import read_records
 from star_lightning.errors import ConfigurationError
 
 METRICS = ("auto", "match_all", "match_part", "babilong")
@@ -47,21 +49,49 @@ def references_of(record: dict[str, Any], where: str) -> list[str]:
     raise ConfigurationError(f"{where}: no reference answers; expected 'outputs' (list) or 'output' (string).")
 
 
+Located = tuple[str, dict[str, Any]]  # ("FILE, line N", record)
+
+
+def read_predictions(paths: Iterable[str | pathlib.Path]) -> list[Located]:
+    """Every record of the files, each with where it was read (for error messages)."""
+    return [
+        (f"{path}, line {number}", record)
+        for path in paths
+        for number, record in read_records(path, what="predictions file", tolerate_torn_tail=True)
+    ]
+
+
+def _babilong_question(record: dict[str, Any], where: str) -> str:
+    question = record.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ConfigurationError(
+            f"{where}: no 'question'; BABILong's rule needs it (answer labels the question names do not count). "
+            "Add the sample's question to the line as 'question' (star-lightning generate --benchmark babilong "
+            "writes it into the requests and predict copies it into the predictions)."
+        )
+    return question
+
+
 def score_records(
-    records: Iterable[dict[str, Any]],
+    records: Iterable[Located],
     *,
     group: Callable[[dict[str, Any]], Any] = lambda record: record["task"],
     metric: str = "auto",
     default_task: str | None = None,
 ) -> tuple[dict[Any, float], dict[Any, int]]:
-    """Score records grouped by ``group(record)``; returns (score 0-100, sample count) per group."""
+    """Score ``(where, record)`` pairs grouped by ``group(record)``; returns (score 0-100, count) per group.
+
+    Every line is scored on its own: lines that share a context (``context_id``) count once each.
+    """
     metrics: dict[Any, Any] = {}
-    for number, record in enumerate(records):
-        where = f"prediction {record.get('index', number)}"
+    for where, record in records:
         if default_task is not None:
             record.setdefault("task", default_task)
         if "task" not in record:
-            raise ConfigurationError(f"{where}: no 'task' field; pass --task NAME.")
+            raise ConfigurationError(
+                f"{where}: no 'task' field, so the metric is unknown; pass --task NAME (e.g. --task niah_single_1 "
+                "or --task qa1) to score lines without one."
+            )
         if not isinstance(record.get("pred"), str):
             raise ConfigurationError(f"{where}: no 'pred' string (the generated text).")
         key = group(record)
@@ -77,7 +107,7 @@ def score_records(
                 metrics[key] = StringMatchAll() if name == "match_all" else StringMatchPart()
         references = references_of(record, where)
         if name == "babilong":
-            metrics[key].update([record["pred"]], [references[0]], [str(record.get("question", ""))])
+            metrics[key].update([record["pred"]], [references[0]], [_babilong_question(record, where)])
         else:
             metrics[key].update([record["pred"]], [references])
     scores = {key: float(value.compute()) for key, value in metrics.items()}
@@ -111,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``star-lightning score``; returns the exit status (2 on a usage error)."""
     args = build_parser().parse_args(argv)
     try:
-        records = [record for path in args.predictions for record in read_jsonl(path)]
+        records = read_predictions(args.predictions)
         if not records:
             raise ConfigurationError(f"no predictions in {', '.join(args.predictions)}.")
         scores, counts = score_records(records, metric=args.metric, default_task=args.task)

@@ -1,7 +1,8 @@
-"""RULER's prompt wording, and the split of a prompt into Star Attention's context and query.
+"""RULER's prompt templates, verbatim, and the split of a prompt into Star Attention's context and query.
 
-Each template is cut in two where the haystack ends: ``context`` is the instruction plus the haystack (encoded
-blockwise in Phase 1), ``query`` the question and answer prefix (encoded with global attention in Phase 2).
+Each task template is cut in two right after ``{context}`` (the haystack): the ``context`` half is the
+instruction plus the haystack (encoded blockwise in Phase 1), the ``query`` half is the question, to which the
+answer prefix is appended (encoded with global attention in Phase 2). Joined, the halves are RULER's prompt.
 """
 
 from __future__ import annotations
@@ -9,85 +10,111 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-NOISE_SENTENCES = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-NEEDLE = "One of the special magic {type_v} for {key} is: {value}."
 
-NIAH_CONTEXT = (
-    "Some special magic {type_v} are hidden within the following text. Make sure to memorize it. "
-    "I will quiz you about the {type_v} afterwards.\n{context}"
-)
-NIAH_QUERY = "\nWhat are all the special magic {type_v} for {query} mentioned in the provided text?"
-NIAH_ANSWER_PREFIX = " The special magic {type_v} for {query} mentioned in the provided text are"
+@dataclass(frozen=True)
+class TaskTemplate:
+    """RULER's ``template`` and ``answer_prefix`` of one task; the prompt is ``template + answer_prefix``."""
 
-VT_CONTEXT = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}"
-VT_QUERY = "\nQuestion: Find all variables that are assigned the value {query} in the text above."
-VT_ANSWER_PREFIX = (
-    " Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables are "
-    "assgined the value {query}, they are: "
+    template: str
+    answer_prefix: str
+
+    def halves(self) -> tuple[str, str]:
+        """``(context part, query part)`` of the template, cut right after ``{context}``."""
+        cut = self.template.index("{context}") + len("{context}")
+        return self.template[:cut], self.template[cut:]
+
+
+# Verbatim from NVIDIA/RULER scripts/data/synthetic/constants.py (TASKS[...]['template'] and ['answer_prefix']).
+NIAH = TaskTemplate(
+    template="""Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special magic {type_needle_v} for {query} mentioned in the provided text?""",  # noqa: E501
+    answer_prefix=""" The special magic {type_needle_v} for {query} mentioned in the provided text are""",
+)
+VARIABLE_TRACKING = TaskTemplate(
+    template="""Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\nQuestion: Find all variables that are assigned the value {query} in the text above.""",  # noqa: E501
+    answer_prefix=""" Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables are assigned the value {query}, they are: """,  # noqa: E501
+)
+COMMON_WORDS_EXTRACTION = TaskTemplate(
+    template="""Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones that appear most often.\n{context}\nQuestion: What are the 10 most common words in the above list?""",  # noqa: E501
+    answer_prefix=""" Answer: The top 10 words that appear most often in the list are:""",
+)
+FREQ_WORDS_EXTRACTION = TaskTemplate(
+    template="""Read the following coded text and track the frequency of each coded word. Find the three most frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please ignore the dots '....'. What are the three most frequently appeared words in the above coded text?""",  # noqa: E501
+    answer_prefix=""" Answer: According to the coded text above, the three most frequently appeared words are:""",
+)
+QA = TaskTemplate(
+    template="""Answer the question based on the given documents. Only give me the answer and do not output any other words.\n\nThe following are given documents.\n\n{context}\n\nAnswer the question based on the given documents. Only give me the answer and do not output any other words.\n\nQuestion: {query}""",  # noqa: E501
+    answer_prefix=""" Answer:""",
 )
 
-CWE_CONTEXT = (
-    "Below is a numbered list of words. In these words, some appear more often than others. "
-    "Memorize the ones that appear most often.\n{context}"
-)
-CWE_QUERY = "\nQuestion: What are the 10 most common words in the above list?"
-CWE_ANSWER_PREFIX = " Answer: The top 10 words that appear most often in the list are:"
-
-FWE_CONTEXT = (
-    "Read the following coded text and track the frequency of each coded word. "
-    "Find the three most frequently appeared coded words. {context}"
-)
-FWE_QUERY = (
-    "\nQuestion: Do not provide any explanation. Please ignore the dots '....'. "
-    "What are the three most frequently appeared words in the above coded text?"
-)
-FWE_ANSWER_PREFIX = " Answer: According to the coded text above, the three most frequently appeared words are:"
-
-QA_INSTRUCTION = (
-    "Answer the question based on the given documents. Only give me the answer and do not output any other words."
-)
-QA_CONTEXT = QA_INSTRUCTION + "\n\nThe following are given documents.\n\n{context}"
-QA_QUERY = "\n\n" + QA_INSTRUCTION + "\n\nQuestion: {query}"
-QA_ANSWER_PREFIX = " Answer:"
-QA_DOCUMENT = "Document {index}:\n{document}"
+# NVIDIA/RULER scripts/data/synthetic/niah.py: the needle sentence, and the noise haystack (also variable_tracking.py).
+NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+# NVIDIA/RULER scripts/data/synthetic/qa.py
+DOCUMENT_PROMPT = "Document {i}:\n{document}"
 
 SPLIT_MARK = "<<<star-lightning: context ends here>>>"
 
 
-@dataclass(frozen=True)
-class Prompt:
-    """One task instance before tokenizer formatting: the prompt halves and the reference answers."""
+def singular(text: str) -> str:
+    """RULER's NIAH wording for a single answer (niah.py, applied to template and answer prefix alike)."""
+    return text.replace("Some", "A").replace("are all", "is").replace("are", "is").replace("answers", "answer")
 
-    context: str
+
+@dataclass(frozen=True)
+class Question:
+    """One question about a context: the query text, the answer prefix that ends the prompt, the references."""
+
     query: str
     answer_prefix: str
     outputs: list[str]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One task instance before tokenizer formatting: a context and the questions asked about it (usually one)."""
+
+    context: str
+    questions: list[Question]
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def render(prompt: Prompt, tokenizer: Any, *, chat: bool) -> tuple[str, str]:
-    """Return ``(input_context, input_query)`` as the model will see them.
+def fill(template: TaskTemplate, context: str, **values: Any) -> tuple[str, Question]:
+    """Format both halves of ``template``; returns the context and a question without references yet."""
+    context_part, query_part = template.halves()
+    return (
+        context_part.format(context=context, **values),
+        Question(query_part.format(**values), template.answer_prefix.format(**values), []),
+    )
 
-    Without chat formatting the halves are the plain prompt; the answer prefix ends the query. With chat
+
+def render(prompt: Prompt, tokenizer: Any, *, chat: bool) -> tuple[str, list[str]]:
+    """Return ``(input_context, [input_query per question])`` as the model will see them.
+
+    Without chat formatting the halves are RULER's plain prompt, the answer prefix ending each query. With chat
     formatting the whole prompt is one user turn rendered by the tokenizer's template, split at the end of the
-    haystack (a marker locates it), and the answer prefix follows the assistant header. A leading BOS written by
-    the template is removed so that tokenizing the context with special tokens adds exactly one.
+    haystack (a marker locates it), and the answer prefix follows the assistant header as RULER appends it. A
+    leading BOS written by the template is removed so that tokenizing the context with special tokens adds one.
     """
     if not chat:
-        return prompt.context, prompt.query + prompt.answer_prefix
-    messages = [{"role": "user", "content": prompt.context + SPLIT_MARK + prompt.query}]
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if not isinstance(rendered, str) or rendered.count(SPLIT_MARK) != 1:
-        raise ValueError("The tokenizer's chat template altered the prompt so the context/query split was lost.")
-    context, query = rendered.split(SPLIT_MARK)
+        return prompt.context, [question.query + question.answer_prefix for question in prompt.questions]
+    contexts, queries = set(), []
+    for question in prompt.questions:
+        messages = [{"role": "user", "content": prompt.context + SPLIT_MARK + question.query}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not isinstance(rendered, str) or rendered.count(SPLIT_MARK) != 1:
+            raise ValueError("The tokenizer's chat template altered the prompt so the context/query split was lost.")
+        context, query = rendered.split(SPLIT_MARK)
+        contexts.add(context)
+        queries.append(query + question.answer_prefix)
+    if len(contexts) != 1:
+        raise ValueError("The tokenizer's chat template renders the shared context differently for each question.")
+    (context,) = contexts
     bos = getattr(tokenizer, "bos_token", None)
     if bos and context.startswith(bos):
         context = context[len(bos) :]
-    return context, query + prompt.answer_prefix.lstrip()
+    return context, queries
 
 
-def count_tokens(tokenizer: Any, context: str, query: str) -> int:
-    """Prompt length as ``predict`` tokenizes it: the context with special tokens (BOS), the query without."""
-    context_ids = tokenizer(context, add_special_tokens=True, verbose=False)["input_ids"]
-    query_ids = tokenizer(query, add_special_tokens=False, verbose=False)["input_ids"]
-    return len(context_ids) + len(query_ids)
+def count_tokens(tokenizer: Any, text: str, *, special: bool) -> int:
+    """Token count as ``predict`` tokenizes: the context with special tokens (BOS), a query without."""
+    return len(tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"])

@@ -1,4 +1,4 @@
-"""The 13 RULER tasks: their settings, metric and generation budget, and the sample generator."""
+"""The 13 RULER tasks (NVIDIA/RULER scripts/synthetic.yaml): settings, metric, generation budget, sample generator."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from star_lightning.bench.ruler import niah, qa, variable_tracking, word_extract
 from star_lightning.bench.ruler.fitting import largest_fitting
 from star_lightning.bench.ruler.haystacks import load_essay_words
 from star_lightning.bench.ruler.prompts import Prompt, count_tokens, render
+from star_lightning.bench.ruler.words import common_words
+from star_lightning.bench.ruler.words import english_words as english_words_file
 from star_lightning.errors import ConfigurationError
 
 Kind = Literal["niah", "vt", "cwe", "fwe", "qa_squad", "qa_hotpotqa"]
@@ -30,6 +32,11 @@ class TaskSpec:
     @property
     def needs_essays(self) -> bool:
         return self.niah is not None and self.niah.haystack == "essay"
+
+    @property
+    def several_queries(self) -> bool:
+        """Whether the task defines several questions about one haystack (NIAH's keys, QA's documents)."""
+        return self.kind in ("niah", "qa_squad", "qa_hotpotqa")
 
 
 def _niah(haystack: niah.HaystackKind, key: niah.NeedleKind, value: niah.NeedleKind, **counts: int) -> TaskSpec:
@@ -52,31 +59,97 @@ TASKS: dict[str, TaskSpec] = {
     "qa_2": TaskSpec("qa_hotpotqa", 32, "match_part"),
 }
 
+Builder = Callable[[int, int, int], Prompt]  # (context number, haystack size, sample seed) -> prompt
+
 
 def sample_seed(seed: int, task: str, index: int) -> int:
     """A per-sample seed that depends only on (seed, task, index): samples are reproducible one by one."""
     return random.Random(f"{seed}/{task}/{index}").getrandbits(63)
 
 
-def _builder(
-    name: str, spec: TaskSpec, length: int, essays: Any, qa_file: Any, seed: int
-) -> tuple[Callable[[int, int, int], Prompt], int]:
-    """Return ``build(index, size, sample_seed)`` and the largest sensible haystack size for the task."""
+@dataclass(frozen=True)
+class Sources:
+    """The files some tasks read: essays (NIAH essay haystacks), the QA dataset, RULER's english_words.json."""
+
+    essays: Any = None
+    qa_file: Any = None
+    english_words: Any = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How to build a task's prompts: ``build``, the largest haystack size, a QA file's document count."""
+
+    build: Builder
+    upper: int = 10_000_000
+    documents: int | None = None
+
+
+def _plan(
+    name: str, spec: TaskSpec, tokenizer: Any, *, length: int, sources: Sources, seed: int, queries: int, contexts: int
+) -> _Plan:
+    """Read the task's sources once (essays, QA file, vt's sized example) and return how to build its prompts."""
     if spec.kind == "niah":
         config = spec.niah
         assert config is not None
-        words = load_essay_words(essays) if spec.needs_essays else None
-        return (lambda index, size, s: niah.build(config, size, s, words)), 10_000_000
+        words = load_essay_words(sources.essays) if spec.needs_essays else None
+        return _Plan(lambda context, size, s: niah.build(config, size, s, words, queries=queries))
     if spec.kind == "vt":
-        return (lambda index, size, s: variable_tracking.build(size, s)), 10_000_000
+        example = variable_tracking.make_example(
+            lambda text: count_tokens(tokenizer, text, special=False), random.Random(f"{seed}/{name}").getrandbits(63)
+        )
+        return _Plan(lambda context, size, s: variable_tracking.build(size, s, example))
     if spec.kind == "cwe":
-        return (lambda index, size, s: word_extraction.build_cwe(size, s, length=length)), 10_000_000
+        path = sources.english_words
+        return _Plan(
+            lambda context, size, s: word_extraction.build_cwe(size, s, length=length, english_words_path=path),
+            # Without RULER's english_words.json the search stops at wonderwords' vocabulary.
+            upper=len(common_words()) if path is None else 10_000_000,
+        )
     if spec.kind == "fwe":
-        return (lambda index, size, s: word_extraction.build_fwe(size, s, length=length)), 10_000_000
-    dataset = qa.load_squad(qa_file) if spec.kind == "qa_squad" else qa.load_hotpotqa(qa_file)
-    order = list(range(len(dataset.questions)))
-    random.Random(f"{seed}/{name}/questions").shuffle(order)
-    return (lambda index, size, s: qa.build(dataset, order[index % len(order)], size, s)), len(dataset.documents)
+        vocab_size = word_extraction.fwe_vocabulary_size(length, spec.tokens_to_generate)
+        return _Plan(lambda context, size, s: word_extraction.build_fwe(size, s, vocab_size=vocab_size))
+    dataset = qa.load_squad(sources.qa_file) if spec.kind == "qa_squad" else qa.load_hotpotqa(sources.qa_file)
+    needed = contexts * queries
+    if needed > len(dataset.questions):
+        raise ConfigurationError(
+            f"{name}: --qa_file {sources.qa_file} holds {len(dataset.questions)} answerable questions, asked in file "
+            f"order as RULER does; {contexts} samples x {queries} queries per context need {needed}. "
+            "Lower --num_samples or --queries_per_context."
+        )
+    return _Plan(
+        lambda context, size, s: qa.build(dataset, context * queries, size, s, queries=queries),
+        documents=len(dataset.documents),
+    )
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    prompt: Prompt
+    context: str
+    queries: list[str]
+    context_tokens: int
+    query_tokens: list[int]
+
+    @property
+    def longest(self) -> int:
+        """Tokens of the context with its longest query: the one the budget must hold."""
+        return self.context_tokens + max(self.query_tokens)
+
+
+def check_queries_per_context(task: str, queries: int) -> None:
+    """Several questions per context only where RULER defines several per haystack (NIAH keys, QA documents)."""
+    if queries < 1:
+        raise ConfigurationError(f"--queries_per_context {queries}: must be 1 or more.")
+    if queries > 1 and not TASKS[task].several_queries:
+        several = ", ".join(name for name, other in TASKS.items() if other.several_queries)
+        raise ConfigurationError(
+            f"--queries_per_context {queries}: RULER's {task} asks one question per context; several questions "
+            f"about one haystack are defined for {several}. Generate {task} with --queries_per_context 1."
+        )
+    config = TASKS[task].niah
+    if config is not None:
+        niah.check_queries(config, queries, task)
 
 
 def generate_samples(
@@ -89,63 +162,90 @@ def generate_samples(
     chat: bool = False,
     essays: Any = None,
     qa_file: Any = None,
+    english_words: Any = None,
+    queries_per_context: int = 1,
 ) -> list[dict[str, Any]]:
-    """Generate ``num_samples`` rows of ``task`` at ``length`` tokens (prompt + generation budget <= length).
+    """``num_samples`` contexts of ``task`` at ``length`` tokens, each asked ``queries_per_context`` questions.
 
-    The haystack size of each sample is the largest that fits, found by search on the real token count of the
-    rendered prompt (context + query, with the tokenizer's special tokens).
+    The haystack size of each context is the largest for which the context with its longest query, plus the
+    task's answer budget, fits in ``length``; found by search on the real token count of the rendered prompt
+    (context with the tokenizer's special tokens, query without). One row per question; with several questions
+    per context, the rows carry ``context_id`` and only the first row of a context carries ``input_context``.
     """
     if task not in TASKS:
         raise ConfigurationError(f"Unknown RULER task {task!r}. Choose one of: {', '.join(TASKS)}.")
     spec = TASKS[task]
+    queries = queries_per_context
+    check_queries_per_context(task, queries)
     budget = length - spec.tokens_to_generate
     if budget <= 0:
         raise ConfigurationError(
             f"--length {length} leaves no room for {task}'s {spec.tokens_to_generate} answer tokens."
         )
-    build, upper = _builder(task, spec, length, essays, qa_file, seed)
+    sources = Sources(essays, qa_file, english_words)
+    plan = _plan(
+        task, spec, tokenizer, length=length, sources=sources, seed=seed, queries=queries, contexts=num_samples
+    )
     rows: list[dict[str, Any]] = []
     hint = 1
-    capped_warned = False
-    for index in range(num_samples):
-        seed_i = sample_seed(seed, task, index)
-        measured: dict[int, tuple[Prompt, str, str, int]] = {}
+    for sample in range(num_samples):
+        seed_i = sample_seed(seed, task, sample)
+        measured: dict[int, _Rendered] = {}
 
-        def measure(size: int, index: int = index, seed_i: int = seed_i, measured: dict = measured) -> int:
+        def measure(size: int, sample: int = sample, seed_i: int = seed_i, measured: dict = measured) -> int:
             if size not in measured:
-                prompt = build(index, size, seed_i)
-                context, query = render(prompt, tokenizer, chat=chat)
-                count = count_tokens(tokenizer, context, query)
-                measured[size] = (prompt, context, query, count)
-            return measured[size][3]
+                prompt = plan.build(sample, size, seed_i)
+                context, queries_text = render(prompt, tokenizer, chat=chat)
+                measured[size] = _Rendered(
+                    prompt,
+                    context,
+                    queries_text,
+                    count_tokens(tokenizer, context, special=True),
+                    [count_tokens(tokenizer, query, special=False) for query in queries_text],
+                )
+            return measured[size].longest
 
         try:
-            hint = largest_fitting(measure, budget, hint=hint, upper=upper)
-        except ConfigurationError as error:
+            hint = largest_fitting(measure, budget, hint=hint, upper=plan.upper)
+        except ConfigurationError:
+            if measure(1) <= budget:
+                raise  # not a length problem: the error names its own cause
             smallest = measure(1) + spec.tokens_to_generate
             raise ConfigurationError(
                 f"{task} at --length {length}: the smallest prompt needs {smallest} tokens with this tokenizer "
                 f"(including {spec.tokens_to_generate} for the answer). Use --length {smallest} or more."
-            ) from error
-        prompt, context, query, count = measured[hint]
-        if hint == upper and not capped_warned:
-            capped_warned = True
+            ) from None
+        if spec.kind == "cwe" and hint == plan.upper and english_words is None:
+            english_words_file(None, hint + 1)  # raises: more words would fit than wonderwords has
+        rendered = measured[hint]
+        if plan.documents is not None and hint > plan.documents and sample == 0:
             warnings.warn(
-                f"{task}: all {upper} documents of --qa_file fit in --length {length} (sample {index} has {count} "
-                "prompt tokens); the prompts are shorter than the target. Use a larger dataset file.",
+                f"{task}: all {plan.documents} documents of --qa_file fit in --length {length}; as RULER does, they "
+                f"are repeated to fill it ({hint} documents). Use a larger dataset file for distinct documents.",
                 stacklevel=2,
             )
-        rows.append(
-            {
-                "index": index,
-                "input_context": context,
-                "input_query": query,
-                "outputs": prompt.outputs,
-                "task": task,
-                "length": length,
-                "answer_prefix": prompt.answer_prefix.lstrip() if chat else prompt.answer_prefix,
-                "max_new_tokens": spec.tokens_to_generate,
-                "num_prompt_tokens": count,
-            }
-        )
+        rows.extend(_rows(task, spec, length, sample, rendered, queries))
+    return rows
+
+
+def _rows(task: str, spec: TaskSpec, length: int, sample: int, rendered: _Rendered, queries: int) -> list[dict]:
+    rows = []
+    for number, (question, query, query_tokens) in enumerate(
+        zip(rendered.prompt.questions, rendered.queries, rendered.query_tokens, strict=True)
+    ):
+        row: dict[str, Any] = {"index": sample * queries + number}
+        if queries > 1:
+            row["context_id"] = f"{task}-{length}-{sample}"
+        if number == 0:
+            row["input_context"] = rendered.context
+        row |= {
+            "input_query": query,
+            "outputs": question.outputs,
+            "task": task,
+            "length": length,
+            "answer_prefix": question.answer_prefix,
+            "max_new_tokens": spec.tokens_to_generate,
+            "num_prompt_tokens": rendered.context_tokens + query_tokens,
+        }
+        rows.append(row)
     return rows
