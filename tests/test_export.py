@@ -118,7 +118,7 @@ def test_export_errors_name_the_problem(tokenizer, tmp_path: Path, capsys) -> No
     mixed = [*predictions, {**predictions[0], "index": 0, "task": "vt"}]
     assert "holds the tasks niah_single_1, vt" in export(mixed)
     orphan = write(tmp_path / "orphan.jsonl", rows[1:])  # the line defining the context is missing
-    assert "context_id 'niah_single_1-1024-0' is not defined" in export(predictions, orphan)
+    assert "'context_id' 'niah_single_1-1024-0' names no context given before" in export(predictions, orphan)
     assert not out.exists()
     # --task picks one task out of a mixed file.
     path = write(tmp_path / "mixed.jsonl", predictions)

@@ -15,53 +15,24 @@ import pathlib
 import sys
 from typing import Any
 
-from star_lightning.data.jsonl import read_records, write_jsonl_atomic
+from star_lightning.data.jsonl import read_records, read_requests, write_jsonl_atomic
 from star_lightning.errors import ConfigurationError
 
 FORMATS = ("reference",)
 
 
-def _contexts_file(path: str | pathlib.Path) -> dict[str, str]:
-    contexts: dict[str, str] = {}
-    for number, record in read_records(path, what="contexts file (--contexts)"):
-        where = f"{path}, line {number}"
-        context_id, text = record.get("context_id"), record.get("input_context")
-        if not isinstance(context_id, str) or not isinstance(text, str):
-            raise ConfigurationError(f"{where}: expected 'context_id' and 'input_context' strings.")
-        if contexts.get(context_id, text) != text:
-            raise ConfigurationError(f"{where}: context_id {context_id!r} is defined twice with different text.")
-        contexts[context_id] = text
-    return contexts
-
-
 def read_inputs(requests: str | pathlib.Path, contexts_path: str | pathlib.Path | None) -> dict[int, dict[str, Any]]:
-    """``index -> {input_context, input_query, others}`` of every request; ``context_id`` lines resolved."""
-    contexts = _contexts_file(contexts_path) if contexts_path is not None else {}
+    """``index -> {input_context, input_query, others}`` of every request, read as ``predict`` reads them
+    (``context_id`` lines resolved)."""
     inputs: dict[int, dict[str, Any]] = {}
-    for number, record in read_records(requests, what="requests file (--requests)"):
-        where = f"{requests}, line {number}"
-        index = record.get("index", len(inputs))
-        if isinstance(index, bool) or not isinstance(index, int) or index in inputs:
-            raise ConfigurationError(f"{where}: 'index' {index!r} is not an integer used once.")
-        context, context_id = record.get("input_context"), record.get("context_id")
-        if context_id is not None:
-            if context is not None:
-                if contexts.get(context_id, context) != context:
-                    raise ConfigurationError(
-                        f"{where}: context_id {context_id!r} was defined before with a different input_context."
-                    )
-                contexts[context_id] = context
-            elif context_id not in contexts:
-                raise ConfigurationError(
-                    f"{where}: context_id {context_id!r} is not defined by an earlier line or --contexts FILE."
-                )
-            context = contexts[context_id]
-        others = record.get("others", {})
-        if not isinstance(context, str) or not isinstance(record.get("input_query"), str):
-            raise ConfigurationError(f"{where}: expected 'input_context' (or a known 'context_id') and 'input_query'.")
+    for request in read_requests(requests, contexts_path):
+        others = request.get("others", {})
         if not isinstance(others, dict):
+            where = f"{requests}: request {request['index']}"
             raise ConfigurationError(f"{where}: 'others' must be an object (the reference reads others['id']).")
-        inputs[index] = {"input_context": context, "input_query": record["input_query"], "others": others}
+        inputs[request["index"]] = {
+            "input_context": request["input_context"], "input_query": request["input_query"], "others": others
+        }  # fmt: skip
     return inputs
 
 
