@@ -24,9 +24,10 @@ from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
 
-USAGE = """usage: star-lightning {predict,generate,score,table,export} ...
+USAGE = """usage: star-lightning {predict,plan,generate,score,table,export} ...
 
   predict   run Star Attention (or ring/dense) over a JSONL file of requests
+  plan      before launch: per-host memory and predicted times of a layout, and whether it fits (no weights)
   generate  write a benchmark request set (RULER, BABILong) as JSONL
   score     score a predictions JSONL file
   table     tabulate and plot prediction files: task x length x attention method
@@ -107,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "predict":
             return run_predict(None if argv is None else rest)
+        if command == "plan":
+            from star_lightning.plan.command import run as plan_main
+
+            return plan_main(rest)
         if command == "generate":
             from star_lightning.bench.generate import main as generate_main
 

@@ -83,7 +83,8 @@ class ContextParallelMixin:
         Callable before any process starts (the command line checks the layout before weights load)."""
         self._validate_settings()
         layout = make_layout(world_size, self._context_parallel_size, self._tensor_parallel_size)
-        per_node = getattr(self, "num_processes", world_size)
+        devices = getattr(self, "parallel_devices", None)  # known once Lightning set the strategy up
+        per_node = len(devices) if devices else world_size
         if layout.tensor_parallel_size > 1 and per_node % layout.tensor_parallel_size:
             raise ConfigurationError(
                 f"tensor_parallel_size {layout.tensor_parallel_size} must divide the {per_node} processes per node: "
