@@ -27,10 +27,14 @@ from typing import Any
 
 import torch
 
-for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+for _name, _value in (
+    ("NCCL_NVLS_ENABLE", "0"),
+    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+    ("NVSHMEM_DISABLE_NVLS", "1"),
+):
     os.environ.setdefault(_name, _value)  # NVLink multicast stays off on the lent machines (KINDS.md)
 
-from star_lightning.bench.speed import environment, llama_8b_config, make_record, render, tiny_config  # noqa: E402
+from star_lightning.bench import speed  # noqa: E402
 from star_lightning.generation import GenerationSettings, StarSettings, answer  # noqa: E402
 from star_lightning.models import build_model, set_attention  # noqa: E402
 from star_lightning.parallel.group import SingleHostGroup  # noqa: E402
@@ -107,9 +111,9 @@ def run_simulated(model: Any, args: argparse.Namespace, env: dict[str, Any], log
                         sim = simulate_request(model, context, query, hosts, star, settings, run_hosts=run_hosts)
                 except torch.OutOfMemoryError as error:
                     log(f"OOM {star} hosts={hosts} L={length}: {str(error)[:200]}")
-                    records.append(make_record(env, star, hosts, length, None, failure="out of memory"))
+                    records.append(speed.make_record(env, star, hosts, length, None, failure="out of memory"))
                     continue
-                records.append(make_record(env, star, hosts, length, sim))
+                records.append(speed.make_record(env, star, hosts, length, sim))
                 log(records[-1]["summary"])
     return records
 
@@ -126,10 +130,10 @@ def run_dense(model: Any, args: argparse.Namespace, env: dict[str, Any], log: An
         query = request_ids(model, length, args.query_tokens, 2, env["device"])
         try:
             with torch.inference_mode():
-                records.append(make_record(env, star, 1, length, _one_request(model, context, query, star, args)))
+                records.append(speed.make_record(env, star, 1, length, _one_request(model, context, query, star, args)))
         except torch.OutOfMemoryError as error:
             log(f"OOM dense L={length}: {str(error)[:200]}")
-            records.append(make_record(env, star, 1, length, None, failure="out of memory"))
+            records.append(speed.make_record(env, star, 1, length, None, failure="out of memory"))
             continue
         log(records[-1]["summary"])
     return records
@@ -162,7 +166,7 @@ def run_reuse(model: Any, args: argparse.Namespace, env: dict[str, Any], log: An
                 sim.context.rollback()
                 query = request_ids(model, 0, args.query_tokens, 100 + i, env["device"])
                 answers.append(answer(model, sim.context, query, sim.query_group, star, settings)[1])
-        records.append(make_record(env, star, hosts, length, sim, queries=answers))
+        records.append(speed.make_record(env, star, hosts, length, sim, queries=answers))
         log(records[-1]["summary"])
     return records
 
@@ -185,7 +189,7 @@ def run_real(fabric: Any, model: Any, args: argparse.Namespace, env: dict[str, A
                 result = generate(model, context, query, group, star, GenerationSettings(args.new_tokens))
             per_host = fabric.strategy.gather_in_context_group(result.stats)
             if fabric.global_rank == 0:
-                records.append(make_record(env, star, group.size, length, per_host, tokens=result.token_ids))
+                records.append(speed.make_record(env, star, group.size, length, per_host, tokens=result.token_ids))
                 log(records[-1]["summary"])
     return records
 
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     if args.report:
-        render(json.loads(Path(args.report).read_text()), out)
+        speed.render(json.loads(Path(args.report).read_text()), out)
         return
     from lightning.fabric import Fabric
 
@@ -210,12 +214,14 @@ def main(argv: list[str] | None = None) -> None:
         if fabric.global_rank == 0:
             print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
 
-    env = environment(fabric.device, tiny=args.tiny, rates=args.gpu_rates, nprocs=args.nprocs, command=args.command)
+    env = speed.environment(
+        fabric.device, tiny=args.tiny, rates=args.gpu_rates, nprocs=args.nprocs, command=args.command
+    )
     log(f"{env['gpu']} x {args.nprocs}, {env['versions']}, rates {env['rates']}")
-    config = tiny_config() if args.tiny else llama_8b_config()
+    config = speed.tiny_config() if args.tiny else speed.llama_8b_config()
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    speed.with_model(env, config, dtype, args.query_tokens, args.new_tokens)
     model = build_model(config, dtype=dtype, device=fabric.device, attention="star")
-    env["model"] = {"config": config.to_dict(), "dtype": str(dtype)}
     records: list[dict[str, Any]] = []
     if args.nprocs > 1:
         records += run_real(fabric, model, args, env, log)
@@ -225,8 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.queries_per_context and args.simulate_hosts:
             records += run_reuse(model, args, env, log)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"environment": env, "records": records}, indent=1) + "\n")
-        render(json.loads((out / "results.json").read_text()), out)
+        payload = {"environment": speed.jsonable(env), "records": records}
+        (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+        speed.render(json.loads((out / "results.json").read_text()), out)
         log(f"done: {len(records)} records in {out}")
     fabric.barrier()
 
