@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--max-dense-length", type=int, default=262144, help="longest context dense runs (memory)")
     p.add_argument("--gpu-rates", default="measure", help="'measure' (in this run) or 'table' (plan's table)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed run of each variant's shapes")
+    p.add_argument("--append", action="store_true", help="add the records to the run already in --out")
     p.add_argument("--out", default="benchmarks")
     p.add_argument("--report", default=None, help="re-render results.md/png from a results.json")
     args = p.parse_args(argv)
@@ -108,6 +110,8 @@ def run_simulated(model: Any, args: argparse.Namespace, env: dict[str, Any], log
                 run_hosts = sorted({round(i * (hosts - 1) / max(1, sample - 1)) for i in range(sample)})
                 try:
                     with torch.inference_mode():
+                        if not args.no_warmup:  # kernel plans and the compiled decode step for these shapes, untimed
+                            simulate_request(model, context, query, hosts, star, settings, run_hosts=[0, 1])
                         sim = simulate_request(model, context, query, hosts, star, settings, run_hosts=run_hosts)
                 except torch.OutOfMemoryError as error:
                     log(f"OOM {star} hosts={hosts} L={length}: {str(error)[:200]}")
@@ -231,6 +235,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.queries_per_context and args.simulate_hosts:
             records += run_reuse(model, args, env, log)
         out.mkdir(parents=True, exist_ok=True)
+        if args.append and (out / "results.json").exists():
+            earlier = json.loads((out / "results.json").read_text())
+            records = earlier["records"] + records
+            env["command"] = earlier["environment"]["command"] + " && " + env["command"]
         payload = {"environment": speed.jsonable(env), "records": records}
         (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
         speed.render(json.loads((out / "results.json").read_text()), out)

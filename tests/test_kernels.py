@@ -182,3 +182,44 @@ def test_graph_decode_replays_the_static_step(dtype: torch.dtype) -> None:
             results[decode] = generate(model, context, query, SingleHostGroup(), star, settings)
     assert results["graph"].token_ids == results["static"].token_ids
     assert results["graph"].stats.decode_mode == "graph"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compiled_decode_gives_the_static_steps_tokens_and_reuses_its_compilation() -> None:
+    """The torch.compile'd step (float32: fusion does not move greedy choices) decodes what the static step does;
+    a second request (another context length) reuses the compiled forward."""
+    model = tiny_model("llama", dtype=torch.float32).cuda()
+    use_star_attention(model)
+    settings = GenerationSettings(max_new_tokens=9)
+    choice = kernels.KernelChoice()
+    for length in (300, 420):
+        context, query = random_tokens(length, seed=3).cuda(), random_tokens(4, seed=4).cuda()
+        results = {}
+        for decode in ("static", "compile"):
+            star = StarSettings(attention="star", block_size=100, decode=decode)
+            with torch.no_grad():
+                results[decode] = generate(model, context, query, SingleHostGroup(), star, settings, kernels=choice)
+        assert results["compile"].token_ids == results["static"].token_ids
+        assert results["compile"].stats.decode_mode == "compile"
+    assert list(choice.compiled.keys()) == [model]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("decode", ["graph", "compile"])
+def test_a_kept_context_replays_its_captured_step_for_the_next_query(decode: str) -> None:
+    """The next query over a kept context replays the step captured for the first (same store, same buffers) and
+    decodes what a freshly encoded context decodes."""
+    model = tiny_model("llama", dtype=torch.float32).cuda()
+    use_star_attention(model)
+    context = random_tokens(300, seed=3).cuda()
+    first, second = random_tokens(4, seed=4).cuda(), random_tokens(6, seed=5).cuda()
+    star, settings = StarSettings(block_size=100, decode=decode), GenerationSettings(max_new_tokens=9)
+    with torch.no_grad():
+        fresh = generate(model, context, second, SingleHostGroup(), star, settings)
+        kept = generate(model, context, first, SingleHostGroup(), star, settings)
+        reused = generate(model, context, second, SingleHostGroup(), star, settings, kept=kept.context)
+    assert reused.stats.context_reused and reused.context.decoder is kept.context.decoder
+    assert reused.stats.decode_setup_s == 0.0  # replayed, not captured again
+    assert reused.token_ids == fresh.token_ids

@@ -76,3 +76,21 @@ def test_no_keys_gives_an_empty_partial() -> None:
     q, k, v = _qkv(2, 0, seed=1)
     out, lse = attention_with_lse(q, k, v, scale=1.0, causal=False)
     assert torch.isneginf(lse).all() and (out == 0).all()
+
+
+def test_merging_many_partials_is_overflow_free_and_ignores_empty_ones() -> None:
+    """Phase 2's N-way merge: huge lse gaps, empty hosts, all-empty rows; and the same as folding pairs."""
+    g = torch.Generator().manual_seed(7)
+    outs = torch.randn(4, 1, 2, 3, 5, generator=g)
+    lses = torch.tensor([1000.0, -1000.0, float("-inf"), 0.5]).view(4, 1, 1, 1).expand(4, 1, 2, 3).clone()
+    lses[:, 0, 1, 2] = float("-inf")  # a row no host has keys for
+    out, lse = merge_partials(outs, lses)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, 0, :2], outs[0, 0, 0, :2])  # the 1000 partial dominates
+    assert torch.isneginf(lse[0, 1, 2]) and (out[0, 1, 2] == 0).all()
+    folded, folded_lse = outs[0], lses[0]
+    for i in range(1, 4):
+        folded, folded_lse = merge_pair(folded, folded_lse, outs[i], lses[i])
+    seen = torch.isfinite(lse)  # rows with keys somewhere: the fold's answer (it has no rule for all-empty rows)
+    torch.testing.assert_close(out[seen], folded[seen])
+    torch.testing.assert_close(lse, folded_lse)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,7 @@ PHASE1, PHASE2_QUERY, PHASE2_DECODE = "star_lightning/phase1", "star_lightning/p
 
 AttentionMethod = Literal["star", "ring", "dense"]
 AnchorSource = Literal["broadcast", "host", "block"]
-DecodeMode = Literal["auto", "eager", "static", "graph"]
+DecodeMode = Literal["auto", "eager", "static", "graph", "compile"]
 ANCHOR_SOURCES: tuple[str, ...] = ("broadcast", "host", "block")
 
 
@@ -56,9 +56,10 @@ class StarSettings:
     ring_layout: RingLayout = "zigzag"
     backend: str = "auto"
     decode: DecodeMode = "auto"
-    """Phase 2 decoding of star/ring: ``eager`` (one forward per token over the growing cache), ``static`` (static
+    r"""Phase 2 decoding of star/ring: ``eager`` (one forward per token over the growing cache), ``static`` (static
     shapes: the preallocated cache with a device-side valid length), ``graph`` (``static`` captured once as a CUDA
-    graph and replayed per token: no Python or launch overhead); ``auto`` is ``graph`` on CUDA, ``eager`` else."""
+    graph and replayed per token: no Python or launch overhead), ``compile`` (``graph`` of the ``torch.compile``\ d
+    step: the model's norms, rotary and activations fused); ``auto`` is ``compile`` on one GPU, ``eager`` else."""
 
     def __post_init__(self) -> None:
         if self.anchor_source not in ANCHOR_SOURCES:
@@ -130,6 +131,8 @@ class EncodedContext:
     cache: DynamicCache | None = None
     phase1_s: float = 0.0
     phase1_bytes: int = 0
+    decoder: StaticDecoder | None = None
+    """The static decode step captured for this context's store: the next query over it replays the same graph."""
 
     def rollback(self) -> None:
         """Forget what the last query and its generated tokens added; keep the context."""
@@ -166,8 +169,9 @@ def _synchronize(devices: list[torch.device]) -> None:
             torch.cuda.synchronize(device)
 
 
-def _forward(model: nn.Module, ids: Tensor, positions: Tensor, step: ForwardStep) -> Tensor:
-    """One forward of star/ring (our attention keeps the KV, so no transformers cache); the last logits ``[V]``."""
+def _forward(model: Callable[..., Any], ids: Tensor, positions: Tensor, step: ForwardStep) -> Tensor:
+    """One forward of star/ring (our attention keeps the KV, so no transformers cache); the last logits ``[V]``.
+    ``model``: the model, or its compiled forward."""
     output = model(
         input_ids=ids,  # [1, L]
         position_ids=positions,  # [1, L]
@@ -344,15 +348,15 @@ def decode_step(
 
 
 def resolve_decode_mode(mode: str, devices: list[torch.device]) -> str:
-    """``auto``: a CUDA graph on one GPU; eager on CPU and on a model spread over several GPUs."""
-    if mode not in ("auto", "eager", "static", "graph"):
-        raise ValueError(f"unknown decode mode {mode!r}; choose auto, eager, static or graph")
+    """``auto``: a compiled CUDA graph on one GPU; eager on CPU and on a model spread over several GPUs."""
+    if mode not in ("auto", "eager", "static", "graph", "compile"):
+        raise ValueError(f"unknown decode mode {mode!r}; choose auto, eager, static, graph or compile")
     on_one_gpu = len(devices) == 1 and devices[0].type == "cuda"
     if mode == "auto":
-        return "graph" if on_one_gpu else "eager"
-    if mode == "graph" and devices[0].type != "cuda":
-        raise ValueError("decode mode 'graph' needs CUDA (CUDA graphs); use 'static' or 'eager' on this device")
-    if mode in ("static", "graph") and len(devices) > 1:
+        return "compile" if on_one_gpu else "eager"
+    if mode in ("graph", "compile") and devices[0].type != "cuda":
+        raise ValueError(f"decode mode {mode!r} needs CUDA (CUDA graphs); use 'static' or 'eager' on this device")
+    if mode in ("static", "graph", "compile") and len(devices) > 1:
         raise ValueError(
             f"decode mode {mode!r} needs the model on one device, but it is spread over {len(devices)} GPUs "
             "(gpus_per_host > 1); use --model.decode eager or auto"
@@ -376,8 +380,10 @@ class StaticDecoder:
         kernels: KernelChoice,
         last_position: int,
         graph: bool,
+        compile: bool = False,
     ) -> None:
         self.model, self.store, self.group, self.use_graph = model, store, group, graph
+        self.forward = kernels.compiled_forward(model) if compile else model
         device = store.device
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
         self.positions = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
@@ -400,9 +406,20 @@ class StaticDecoder:
         self.bytes_per_step = 0
         self.replays = 0
         self.setup_s = 0.0
+        self.mode = ("compile" if compile else "graph") if graph else "static"
+        self.capacity = store.capacity  # the buffers the graph was captured on: valid while the store keeps them
+
+    def serves(self, store: KVStore, group: ContextGroup, mode: str) -> bool:
+        """Whether this step, as captured, is right for a request over ``store`` (a kept context's next query)."""
+        return store is self.store and group is self.group and mode == self.mode and store.capacity == self.capacity
+
+    def begin_request(self) -> None:
+        """Per-request figures start at zero; a graph captured for an earlier request is replayed as it is."""
+        self.setup_s = 0.0
+        self.replays = 0
 
     def _run(self) -> Tensor:
-        return _forward(self.model, self.ids, self.positions, self.step)
+        return _forward(self.forward, self.ids, self.positions, self.step)
 
     def _capture(self) -> None:
         t0 = time.perf_counter()
@@ -443,12 +460,12 @@ class StaticDecoder:
 
     @property
     def replayed_bytes(self) -> int:
-        """Bytes the replays moved (the capture pass counted one step's bytes without moving them)."""
-        return self.bytes_per_step * (self.replays - 1) if self.replays else 0
-
-    def close(self) -> None:
-        self.graph = None
-        self.logits = None
+        """Bytes this request's replays moved that the group did not count (a capture counts one step's bytes
+        without moving them, a replay moves them without counting)."""
+        if not self.replays:
+            return 0
+        captured_now = self.setup_s > 0
+        return self.bytes_per_step * (self.replays - 1 if captured_now else self.replays)
 
 
 def sample_loop(
@@ -576,10 +593,16 @@ def answer(
         with _phase(PHASE2_QUERY, on_phase):
             first_logits = encode_query(model, store, query_ids, context.context_length, group, kernels)
             _synchronize(devices)
-        stats.decode_mode = resolve_decode_mode(star.decode, devices)
-        if stats.decode_mode != "eager" and settings.max_new_tokens > 1:
-            last = start + settings.max_new_tokens - 1
-            decoder = StaticDecoder(model, store, group, kernels, last, graph=stats.decode_mode == "graph")
+        mode = stats.decode_mode = resolve_decode_mode(star.decode, devices)
+        if mode != "eager" and settings.max_new_tokens > 1:
+            decoder = context.decoder
+            if decoder is None or not decoder.serves(store, group, mode):
+                last = context.context_length + store.capacity - context.local_length - 1  # the largest position
+                decoder = StaticDecoder(
+                    model, store, group, kernels, last, graph=mode in ("graph", "compile"), compile=mode == "compile"
+                )
+                context.decoder = decoder
+            decoder.begin_request()
 
         def next_logits(token: int, i: int) -> Tensor:
             if decoder is not None:
@@ -598,13 +621,9 @@ def answer(
             return _dense_forward(model, ids, _positions(start + i, start + i + 1, device), cache)
 
     t1 = time.perf_counter()
-    try:
-        with _phase(PHASE2_DECODE, on_phase):
-            tokens = sample_loop(first_logits, next_logits, group, settings, stop_check)
-            _synchronize(devices)
-    finally:
-        if decoder is not None:
-            decoder.close()
+    with _phase(PHASE2_DECODE, on_phase):
+        tokens = sample_loop(first_logits, next_logits, group, settings, stop_check)
+        _synchronize(devices)
     t2 = time.perf_counter()
     stats.query_s = t1 - t0
     stats.decode_setup_s = decoder.setup_s if decoder is not None else 0.0

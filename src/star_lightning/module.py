@@ -56,8 +56,9 @@ class StarAttentionLM(LightningModule):
         backend: local attention kernel: auto (the fastest available), math (any device, float64 too), sdpa or
             cudnn (fused CUDA kernels for Phase 1), triton (split-KV CUDA kernel for decoding) or flash_attn (if
             installed).
-        decode: Phase 2 decoding of star/ring: auto (a captured CUDA graph on one GPU, eager otherwise), eager
-            (one forward per token), static (static shapes, no graph) or graph (CUDA only).
+        decode: Phase 2 decoding of star/ring: auto (compile on one GPU, eager otherwise), eager (one forward per
+            token), static (static shapes, no graph), graph (the static step captured as one CUDA graph and replayed
+            per token) or compile (graph of the torch.compile'd step: the model's norms, rotary and activations fused).
         trust_remote_code: allow model code from the hub (off: only transformers' own architectures).
     """
 
@@ -79,7 +80,7 @@ class StarAttentionLM(LightningModule):
         stop_strings: list[str] | None = None,
         dtype: DTypeName = "auto",
         backend: Literal["auto", "math", "sdpa", "cudnn", "triton", "flash_attn"] = "auto",
-        decode: Literal["auto", "eager", "static", "graph"] = "auto",
+        decode: Literal["auto", "eager", "static", "graph", "compile"] = "auto",
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()

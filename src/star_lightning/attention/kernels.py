@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor
@@ -63,6 +65,16 @@ class KernelChoice:
     prefill: str = "cudnn"
     decode: str = "triton"
     native_gqa: dict[str, bool | None] = field(default_factory=lambda: {"sdpa": None, "cudnn": None})
+    compiled: WeakKeyDictionary[Any, Callable[..., Any]] = field(default_factory=WeakKeyDictionary)
+    r"""The ``torch.compile``\ d forward of each model decoded with ``--model.decode compile`` (compiled once)."""
+
+    def compiled_forward(self, model: Any) -> Callable[..., Any]:
+        """``model.forward`` under ``torch.compile`` (static shapes: a decode step's are the same every token): the
+        norms, rotary embedding, activations and residual adds fused; Star Attention itself stays eager (it is
+        excluded from tracing) and the whole step is then captured as one CUDA graph."""
+        if model not in self.compiled:
+            self.compiled[model] = torch.compile(model.forward, dynamic=False)
+        return self.compiled[model]
 
     def __post_init__(self) -> None:
         validate_backend(self.backend)

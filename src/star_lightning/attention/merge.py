@@ -2,8 +2,9 @@
 
 A partial result is ``(out, lse)``: the softmax-weighted values over some subset of the keys and the natural-log
 sum of the exponentiated scores over that subset. Merging partials over disjoint key sets gives exactly the
-attention over their union. Used by the Phase 2 merge across hosts, by ring attention and by the kernels that
-split a causal mask into a visible prefix and a square causal part.
+attention over their union. :func:`merge_pair` merges two (ring attention, the anchor prefix, the kernels that split
+a causal mask into a visible prefix and a square causal part); :func:`merge_partials` merges every host's at once
+(Phase 2).
 """
 
 from __future__ import annotations
@@ -34,12 +35,23 @@ def merge_pair(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tu
 
 
 def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
-    """Merge ``N`` stacked partials: ``outs`` ``[N, ..., L, D]``, ``lses`` ``[N, ..., L]``.
+    """Merge ``N`` stacked partials at once: ``outs`` ``[N, ..., L, D]``, ``lses`` ``[N, ..., L]``.
 
-    Folding the pairwise merge in a fixed order makes every host that merges the same gathered partials get the
-    same bits.
+    Overflow-free by subtracting the largest lse (``lse = m + log(sum exp(lse_i - m))``, weights
+    ``exp(lse_i - lse)``), in float32 (float64 for float64 inputs). A few whole-tensor kernels whatever ``N`` is:
+    Phase 2 runs this once per layer and token, where a pairwise fold cost ``N - 1`` rounds of small kernels. Every
+    host merges the same gathered tensor with the same kernels, so all hosts get the same bits. Partials over no keys
+    (``lse = -inf``) get weight 0; where every partial is empty, the result is ``out = 0``, ``lse = -inf``.
     """
-    out, lse = outs[0], lses[0]
-    for i in range(1, outs.shape[0]):
-        out, lse = merge_pair(out, lse, outs[i], lses[i])
-    return out, lse
+    if outs.shape[0] == 1:
+        return outs[0], lses[0]
+    dtype = torch.promote_types(lses.dtype, torch.float32)
+    lses = lses.to(dtype)
+    top = lses.amax(dim=0)  # [..., L]
+    finite_top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+    weights = torch.exp(lses - finite_top)  # [N, ..., L]; exp(-inf) = 0
+    total = weights.sum(dim=0)  # [..., L], >= 1 where any partial is non-empty
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    out = (weights.unsqueeze(-1) * outs.to(dtype)).sum(dim=0) / safe_total.unsqueeze(-1)  # [..., L, D]
+    lse = torch.where(total > 0, finite_top + torch.log(safe_total), top)
+    return out.to(outs.dtype), lse

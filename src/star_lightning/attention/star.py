@@ -13,6 +13,7 @@ therefore deliberately not registered in ``AttentionMaskInterface`` (transformer
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
@@ -123,6 +124,9 @@ def _query(
 
 
 def register_star_attention() -> str:
-    """Make ``attn_implementation="star_lightning"`` available to every transformers model; idempotent."""
-    AttentionInterface.register(ATTENTION_NAME, star_attention_forward)
+    """Make ``attn_implementation="star_lightning"`` available to every transformers model; idempotent.
+
+    Registered excluded from ``torch.compile``'s tracing: a compiled decode step fuses the model's own work around it,
+    while this function (its KV store writes, collectives and kernels) runs as it is, inside the step's CUDA graph."""
+    AttentionInterface.register(ATTENTION_NAME, torch.compiler.disable(star_attention_forward))
     return ATTENTION_NAME
