@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from star_lightning.bench.scoring import score_records
 from star_lightning.bench.tasks import TASK_ORDER
-from star_lightning.data.jsonl import read_jsonl
+from star_lightning.data.jsonl import read_predictions
 from star_lightning.errors import ConfigurationError
 
 METHODS = ("star", "dense", "ring")
@@ -79,7 +79,7 @@ def collect_scores(runs: list[Run]) -> dict[tuple[str, int, str], float]:
     """Score every run; keys are (task, length, attention)."""
     records: list[dict[str, Any]] = []
     for run in runs:
-        for record in read_jsonl(run.path):
+        for record in read_predictions(run.path):
             if "length" not in record:
                 if run.length is None:
                     raise ConfigurationError(f"{run.path}: lines have no 'length'; give it with --run ...,length=N.")

@@ -18,7 +18,8 @@ from typing import Any
 
 from star_lightning.bench.metrics import BABILONG_LABELS, BabilongAccuracy, StringMatchAll, StringMatchPart
 from star_lightning.bench.tasks import METRIC_BY_TASK
-from star_lightning.data.jsonl import read_jsonl
+from star_lightning.data.jsonl import read_predictions
+from star_lightning.data.run_record import read_record, record_path
 from star_lightning.errors import ConfigurationError
 
 METRICS = ("auto", "match_all", "match_part", "babilong")
@@ -96,6 +97,18 @@ def summarize(scores: dict[Any, float], counts: dict[Any, int]) -> dict[str, Any
     }
 
 
+def _note_skipped(path: str) -> None:
+    """Requests ``predict --data.on_too_long skip`` left out are not in the file, so not in its scores: say so."""
+    record = read_record(path)
+    skipped = (record or {}).get("skipped_too_long") or []
+    if skipped:
+        print(
+            f"star-lightning score: note: {path} leaves out {len(skipped)} request(s) too long for the model "
+            f"(predict --data.on_too_long skip; listed in {record_path(path)}); the scores cover the others",
+            file=sys.stderr,
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="star-lightning score",
@@ -111,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``star-lightning score``; returns the exit status (2 on a usage error)."""
     args = build_parser().parse_args(argv)
     try:
-        records = [record for path in args.predictions for record in read_jsonl(path)]
+        for path in args.predictions:
+            _note_skipped(path)
+        records = [record for path in args.predictions for record in read_predictions(path)]
         if not records:
             raise ConfigurationError(f"no predictions in {', '.join(args.predictions)}.")
         scores, counts = score_records(records, metric=args.metric, default_task=args.task)
