@@ -43,6 +43,18 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     exit 2
 fi
 
+# Lightning treats a job named "bash" or "interactive" as not launched by SLURM (SLURMEnvironment.detect): every task
+# would then start its own processes. (Its "srun is available but not used" hint means the same misreading: it
+# fires when srun is on PATH and SLURM_NTASKS is unset or the job has one of these names; the tasks below run under
+# srun, so it never fires here.)
+case "${SLURM_JOB_NAME:-}" in
+    bash|interactive)
+        echo "slurm/predict.sh: Lightning ignores SLURM for a job named '${SLURM_JOB_NAME}'; submit with another" \
+             "--job-name (the default is star-lightning)" >&2
+        exit 2
+        ;;
+esac
+
 nodes="${SLURM_JOB_NUM_NODES}"
 if [[ -n "${SLURM_NTASKS_PER_NODE:-}" ]]; then
     tasks_per_node="${SLURM_NTASKS_PER_NODE}"

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,11 +60,45 @@ def predict_args(model_dir: Path, data: Path, output: Path, *extra: str) -> list
     ]
 
 
+# What an in-process run of the CLI leaves in this process's environment (Lightning sets them): a fresh job must not
+# inherit them (its rendezvous would reuse a port still in use here).
+_LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
 def cli_env(**extra: str) -> dict[str, str]:
-    """The environment for a CLI subprocess: one thread per rank (CI has 2 cores), no SLURM variables leaking in."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "SBATCH_"))}
+    """The environment for a CLI subprocess: one thread per rank (CI has 2 cores), no SLURM or launch variables
+    leaking in."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("SLURM_", "SBATCH_", "PL_")) and key not in _LAUNCH_VARS
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``star-lightning ARGS`` as its own process, to the end."""
+    return subprocess.run(
+        [str(STAR_LIGHTNING), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=240, check=False
+    )
+
+
+def run_all(jobs: list[tuple[list[str], Path]]) -> list[subprocess.CompletedProcess[str]]:
+    """Several ``(args, cwd)`` CLI processes at once (each spends seconds importing; CI has 2 cores)."""
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return list(pool.map(lambda job: run_cli(*job), jobs))
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess[str], *words: str) -> str:
+    """Exit 2 and exactly one line on stderr: the command's error, naming the problem (``words``)."""
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("star-lightning predict: error: "), lines[0]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
 
 
 def read_indices(path: Path) -> list[int]:

@@ -128,9 +128,14 @@ def test_two_hosts_write_what_one_host_writes(tiny_model_dir: Path, tmp_path: Pa
 def test_an_existing_output_is_resumed_not_rewritten(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = _write_requests(tmp_path / "in.jsonl")
     output = tmp_path / "out.jsonl"
-    # A previous run wrote request 1, then died in the middle of a line.
-    output.write_text(json.dumps({"index": 1, "pred": "from the first run"}) + "\n" + '{"index": 2, "pr')
-    assert main(_predict_args(tiny_model_dir, data, output, "--model.block_size", "64", "--trainer.devices", "1")) == 0
+    args = _predict_args(tiny_model_dir, data, output, "--model.block_size", "64", "--trainer.devices", "1")
+    # A previous run of the same settings wrote requests 0 and 1, then died in the middle of a line (request 1's
+    # text is marked, to see that it is kept, not computed again).
+    assert main([*args, "--data.limit", "2"]) == 0
+    first, second = output.read_text().splitlines()
+    marked = json.dumps({**json.loads(second), "pred": "from the first run"})
+    output.write_text(f"{first}\n{marked}\n" + '{"index": 2, "pr')
+    assert main(args) == 0
     rows = _read(output)
     assert sorted(rows) == [0, 1, 2]
     assert rows[1]["pred"] == "from the first run"

@@ -1,30 +1,19 @@
-"""``star-lightning``: ``predict`` (LightningCLI, omegaconf mode), plus ``generate`` and ``score``.
+"""``star-lightning``: ``predict`` (:mod:`star_lightning.predict_cli`), ``plan``, ``generate``, ``score``, ``table``
+and ``export``.
 
-``predict`` takes the model (``--model.*``), the requests (``--data.*``), the trainer (``--trainer.*``, with the
-``star`` strategy by default) and ``--output``; any of them can come from ``--config configs/*.yaml``.
-
-Configs use OmegaConf interpolation (``anchor_block_size: ${model.block_size}``), resolved after the command line
-is merged (jsonargparse's ``omegaconf+`` mode), so a value given on the command line also changes the values that
-derive from it.
+This module imports only what dispatching needs, so ``star-lightning --help`` and ``--version`` answer at once
+(no torch); each command imports its own module when it runs. Exit codes: 0 done, 2 bad input or settings (one
+line on stderr naming the problem and the fix), 130 Ctrl-C, ``128 + N`` stopped by signal N.
 """
 
 from __future__ import annotations
 
 import sys
-import warnings
-from typing import Any
 
-from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from star_lightning.callbacks.prediction_writer import JsonlPredictionWriter
-from star_lightning.callbacks.profiling import PhaseProfiler
-from star_lightning.callbacks.progress import RequestProgress
-from star_lightning.data.datamodule import RequestDataModule
+from star_lightning import __version__
 from star_lightning.errors import ConfigurationError
-from star_lightning.module import StarAttentionLM
 
-USAGE = """usage: star-lightning {predict,plan,generate,score,table,export} ...
+USAGE = """usage: star-lightning {predict,plan,generate,score,table,export} ... | --version
 
   predict   run Star Attention (or ring/dense) over a JSONL file of requests
   plan      before launch: per-host memory and predicted times of a layout, and whether it fits (no weights)
@@ -36,66 +25,34 @@ USAGE = """usage: star-lightning {predict,plan,generate,score,table,export} ...
 Run 'star-lightning COMMAND --help' for a command's options.
 """
 
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "strategy": {"class_path": "star_lightning.parallel.strategy.StarStrategy"},
-    "logger": {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "lightning_logs", "name": "predict"},
-    },
-}
 
+def _run(command: str, rest: list[str]) -> int | None:
+    """The command's exit status; None for an unknown command."""
+    if command == "predict":
+        from star_lightning.predict_cli import run_predict
 
-class StarLightningCLI(LightningCLI):
-    """LightningCLI with the ``--output`` option and the resumable JSONL writer attached for ``predict``."""
+        return run_predict(rest)
+    if command == "plan":
+        from star_lightning.plan.command import run as plan_main
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {"predict": {"model", "dataloaders", "datamodule"}}
+        return plan_main(rest)
+    if command == "generate":
+        from star_lightning.bench.generate import main as generate_main
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument(
-            "--output",
-            type=str,
-            default="predictions.jsonl",
-            help="JSONL file of predictions; an existing file is resumed (its requests are skipped)",
-        )
+        return generate_main(rest)
+    if command == "score":
+        from star_lightning.bench.scoring import main as score_main
 
-        # The data module skips what the output holds: it learns the path here, not from an attribute set later.
-        parser.link_arguments("output", "data.output")
+        return score_main(rest)
+    if command == "table":
+        from star_lightning.bench.results import main as table_main
 
-    def before_predict(self) -> None:
-        output = self.config["predict"]["output"]
-        writer = JsonlPredictionWriter(output)
-        callbacks: list[Any] = self.trainer.callbacks  # type: ignore[attr-defined]
-        callbacks.extend([writer, PhaseProfiler(), RequestProgress()])
+        return table_main(rest)
+    if command == "export":
+        from star_lightning.bench.export import main as export_main
 
-
-# Lightning warnings that are expected here: one request per batch (no batch indices to infer), non-query hosts
-# return no prediction, and a dependency's own deprecation inside Lightning.
-_EXPECTED_WARNINGS = (
-    "Couldn't infer the batch indices",
-    "predict returned None",
-    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-)
-
-
-def run_predict(argv: list[str] | None) -> int:
-    """``argv`` None: LightningCLI reads the process's own command line (``star-lightning predict ...``)."""
-    # Interpolations written from the config's root (``${model.block_size}``) resolve against the merged config.
-    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    for message in _EXPECTED_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
-    StarLightningCLI(
-        StarAttentionLM,
-        RequestDataModule,
-        args=None if argv is None else ["predict", *argv],
-        parser_kwargs={"parser_mode": "omegaconf+"},
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_callback=None,
-        auto_configure_optimizers=False,
-        seed_everything_default=0,  # sampling has its own --model.seed; this only silences "no seed found"
-    )
-    return 0
+        return export_main(rest)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,35 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        print(f"star-lightning {__version__}")
+        return 0
     command, rest = args[0], args[1:]
     try:
-        if command == "predict":
-            return run_predict(None if argv is None else rest)
-        if command == "plan":
-            from star_lightning.plan.command import run as plan_main
-
-            return plan_main(rest)
-        if command == "generate":
-            from star_lightning.bench.generate import main as generate_main
-
-            return generate_main(rest)
-        if command == "score":
-            from star_lightning.bench.scoring import main as score_main
-
-            return score_main(rest)
-        if command == "table":
-            from star_lightning.bench.results import main as table_main
-
-            return table_main(rest)
-        if command == "export":
-            from star_lightning.bench.export import main as export_main
-
-            return export_main(rest)
+        status = _run(command, rest)
     except ConfigurationError as error:
-        print(f"star-lightning {command}: error: {error}", file=sys.stderr)
+        print(f"star-lightning {command}: error: {error}", file=sys.stderr, flush=True)
         return 2
-    print(f"star-lightning: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    except KeyboardInterrupt:
+        kept = "; what --output holds is kept: rerun the same command to resume" if command == "predict" else ""
+        print(f"star-lightning {command}: stopped by Ctrl-C{kept}", file=sys.stderr, flush=True)
+        return 130
+    if status is None:
+        print(f"star-lightning: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return status
 
 
 def console_main() -> None:

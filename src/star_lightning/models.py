@@ -2,22 +2,27 @@
 
 Safe by default: weights only through safetensors, no remote code unless asked. A model is servable when it
 routes attention through transformers' ``AttentionInterface`` and has no non-attention token mixers (the check runs
-on the config, before any weights are read).
+on the config, before any weights are read). Local weight files are checked from their headers before loading
+(:mod:`star_lightning.model_files`), and :func:`placeable_positions` says how long a prompt the model can place.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from star_lightning.attention.star import ATTENTION_NAME, register_star_attention
 from star_lightning.errors import ConfigurationError
+from star_lightning.model_files import check_weight_files, fingerprint_folder
 
 DTypeName = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 _NON_ATTENTION_LAYERS = ("linear_attention", "mamba", "conv", "recurrent", "mlstm", "slstm")
@@ -65,10 +70,37 @@ def resolve_pretrained(pretrained: str | os.PathLike[str]) -> str:
     return name
 
 
+def _remote_code_error(pretrained: str, detail: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"model {pretrained!r} comes with its own Python code ({detail}), which star_lightning runs only when asked: "
+        "pass --model.trust_remote_code true if you trust that code"
+    )
+
+
+def check_remote_code(pretrained: str, *, trust_remote_code: bool = False) -> None:
+    """A local folder whose ``config.json`` maps a model type transformers does not know to its own code
+    (``auto_map``) needs ``trust_remote_code``; say so, instead of "not a model folder"."""
+    config_file = Path(pretrained) / "config.json"
+    if trust_remote_code or not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ConfigurationError(f"{config_file} is not valid JSON ({error}); download the model again") from None
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if auto_map and model_type not in CONFIG_MAPPING:
+        classes = ", ".join(f"{key} -> {value}" for key, value in sorted(auto_map.items()) if isinstance(value, str))
+        raise _remote_code_error(pretrained, f"model type {model_type!r}, config.json auto_map: {classes}")
+
+
 def load_config(pretrained: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
+    check_remote_code(pretrained, trust_remote_code=trust_remote_code)
     try:
         return AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
+        if "trust_remote_code" in str(error) and not trust_remote_code:
+            raise _remote_code_error(pretrained, "transformers does not know its model type") from None
         raise ConfigurationError(
             f"{pretrained!r} is neither an existing model folder nor a model the HuggingFace hub could provide "
             f"({error}); give --model.pretrained an existing folder or a reachable hub id"
@@ -137,12 +169,14 @@ def load_model(
         from star_lightning.parallel.tensor_parallel import check_tensor_parallel
 
         check_tensor_parallel(config, MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None), tensor_parallel.size())
+    if Path(pretrained).is_dir():
+        check_weight_files(pretrained)
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if len(devices) > 1:
         kwargs.update(host_device_map(devices))
     try:
         model = AutoModelForCausalLM.from_pretrained(pretrained, attn_implementation="sdpa", **kwargs)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise ConfigurationError(f"could not load model weights from {pretrained!r}: {error}") from None
     if tensor_parallel is not None:
         from star_lightning.parallel.tensor_parallel import apply_tensor_parallel
@@ -203,3 +237,52 @@ def load_tokenizer(pretrained: str, *, trust_remote_code: bool = False) -> Any:
         return AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise ConfigurationError(f"could not load the tokenizer of {pretrained!r}: {error}") from None
+
+
+# Rope types that stretch the positions a model was trained on by ``factor``.
+_SCALING_ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+def placeable_positions(config: PretrainedConfig) -> int | None:
+    """How many positions (prompt + generated tokens) the model can place; None when its config sets no limit.
+
+    ``max_position_embeddings``, raised by rope scaling: for the rope types that stretch the trained positions
+    (``linear``, ``dynamic`` NTK, ``yarn``, ``longrope``, ``llama3``) the limit is
+    ``max(max_position_embeddings, factor x original_max_position_embeddings)``, the original length defaulting
+    to ``max_position_embeddings`` (configs that extend a base model by adding only ``rope_scaling``). So
+    Llama-3.1 (131072; llama3, factor 8 of 8192) places 131072, Qwen2.5 with its YaRN recipe (32768; yarn, factor 4
+    of 32768) 131072, Phi-3 longrope (131072, original 4096) 131072. Without scaling (``default`` rope, learned
+    absolute positions) the limit is ``max_position_embeddings``. Models with one rope per layer type (Gemma-3) take
+    the largest, the full-attention layers' one.
+    """
+    text = config.get_text_config()
+    max_positions = getattr(text, "max_position_embeddings", None)
+    if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions <= 0:
+        return None
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    ropes = list(rope.values()) if rope and all(isinstance(value, dict) for value in rope.values()) else [rope]
+    limit = max_positions
+    for parameters in ropes:
+        rope_type = parameters.get("rope_type") or parameters.get("type")
+        factor = parameters.get("factor")
+        if rope_type not in _SCALING_ROPE_TYPES or not isinstance(factor, (int, float)) or factor <= 1:
+            continue
+        original = parameters.get("original_max_position_embeddings")
+        original = original or getattr(text, "original_max_position_embeddings", None) or max_positions
+        limit = max(limit, int(original * factor))
+    return limit
+
+
+def model_fingerprint(pretrained: str) -> str:
+    """What identifies the weights and files of ``pretrained`` in a run record.
+
+    A local folder: :func:`star_lightning.model_files.fingerprint_folder` (sizes, headers, samples; cheap). A hub id:
+    the commit of the cached snapshot (``hub:ID@COMMIT``), which names every file of it.
+    """
+    if Path(pretrained).is_dir():
+        return fingerprint_folder(pretrained)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(pretrained, "config.json")
+    commit = Path(cached).parent.name if isinstance(cached, str) else "unknown"
+    return f"hub:{pretrained}@{commit}"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from star_lightning.errors import ConfigurationError
 
 
 @dataclass(frozen=True)
@@ -17,10 +20,17 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        # Checked here, where the values are first used, so ``--model.*`` and the Python API report them alike.
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigurationError(
+                f"temperature must be a finite number >= 0, got {self.temperature}; set --model.temperature 0 "
+                "(greedy) or a positive sampling temperature such as 0.7"
+            )
+        if not 0 < self.top_p <= 1:  # also false for nan
+            raise ConfigurationError(
+                f"top_p must be in (0, 1], got {self.top_p}; set --model.top_p to the nucleus mass to keep, e.g. 0.9 "
+                "(1 keeps every token)"
+            )
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.temperature == 0:

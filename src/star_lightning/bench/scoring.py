@@ -20,7 +20,8 @@ from typing import Any
 
 from star_lightning.bench.metrics import BABILONG_LABELS, BabilongAccuracy, StringMatchAll, StringMatchPart
 from star_lightning.bench.tasks import METRIC_BY_TASK
-from star_lightning.data.jsonl import read_records
+from star_lightning.data.jsonl import read_predictions as read_prediction_file
+from star_lightning.data.run_record import read_record, record_path
 from star_lightning.errors import ConfigurationError
 
 METRICS = ("auto", "match_all", "match_part", "babilong")
@@ -53,12 +54,9 @@ Located = tuple[str, dict[str, Any]]  # ("FILE, line N", record)
 
 
 def read_predictions(paths: Iterable[str | pathlib.Path]) -> list[Located]:
-    """Every record of the files, each with where it was read (for error messages)."""
-    return [
-        (f"{path}, line {number}", record)
-        for path in paths
-        for number, record in read_records(path, what="predictions file", tolerate_torn_tail=True)
-    ]
+    """Every record of the files, each with where it was read (for error messages); a file holding one request
+    twice is refused."""
+    return [located for path in paths for located in read_prediction_file(path)]
 
 
 def _babilong_question(record: dict[str, Any], where: str) -> str:
@@ -126,6 +124,18 @@ def summarize(scores: dict[Any, float], counts: dict[Any, int]) -> dict[str, Any
     }
 
 
+def _note_skipped(path: str) -> None:
+    """Requests ``predict --data.on_too_long skip`` left out are not in the file, so not in its scores: say so."""
+    record = read_record(path)
+    skipped = (record or {}).get("skipped_too_long") or []
+    if skipped:
+        print(
+            f"star-lightning score: note: {path} leaves out {len(skipped)} request(s) too long for the model "
+            f"(predict --data.on_too_long skip; listed in {record_path(path)}); the scores cover the others",
+            file=sys.stderr,
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="star-lightning score",
@@ -141,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``star-lightning score``; returns the exit status (2 on a usage error)."""
     args = build_parser().parse_args(argv)
     try:
+        for path in args.predictions:
+            _note_skipped(path)
         records = read_predictions(args.predictions)
         if not records:
             raise ConfigurationError(f"no predictions in {', '.join(args.predictions)}.")

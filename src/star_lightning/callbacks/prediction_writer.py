@@ -4,9 +4,11 @@ Each record is appended as one line in a single ``write`` under an exclusive ``f
 the file), then flushed and fsynced. On start, a torn last line (a job killed mid-write) is cut off, and the
 indices already written are skipped by the data module: rerunning with the same output path resumes the job.
 
-SIGTERM and SIGUSR1 (SLURM's time-limit warning, ``--signal=USR1@90``) do not kill the job mid-request: every rank
-only notes the signal, the ranks of each context-parallel group agree after the current request is written, and
-the job stops there with exit code ``128 + signal``. On SLURM with SIGUSR1 (and ``--requeue``) rank 0 first requeues
+SIGTERM, SIGUSR1 (SLURM's time-limit warning, ``--signal=USR1@90``) and SIGINT (Ctrl-C) do not kill the job
+mid-request: every rank only notes the signal, the ranks of each context-parallel group agree after the current
+request is written, and the job stops there with exit code ``128 + signal`` (130 for Ctrl-C). A second Ctrl-C stops
+at once (the request in flight is then computed again on resume), still with exit code 130. On SLURM with SIGUSR1
+(and ``--requeue``) rank 0 first requeues
 the job (``scontrol requeue``), which then resumes from the file. Lightning's own handlers (built for training
 checkpoints, and running a collective inside the signal handler) are replaced for the predict loop.
 """
@@ -28,7 +30,7 @@ from typing_extensions import override
 from star_lightning.data.jsonl import append_prediction, completed_indices, repair_torn_tail
 from star_lightning.parallel.mixin import ContextParallelMixin
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class PredictionStopped(SystemExit):
@@ -38,15 +40,25 @@ class PredictionStopped(SystemExit):
 class JsonlPredictionWriter(BasePredictionWriter):
     """Appends each request's record to ``output`` (the query host of each context-parallel group writes).
 
-    Stops cleanly on SIGTERM / SIGUSR1 after the current request (see the module docstring).
+    Stops cleanly on SIGTERM / SIGUSR1 / SIGINT after the current request (see the module docstring);
+    ``interrupted`` tells the command line that the run ended on a KeyboardInterrupt (a second Ctrl-C, or one before
+    the first request).
     """
 
     def __init__(self, output: str | Path) -> None:
         super().__init__(write_interval="batch")
         self.output = Path(output)
+        self.interrupted = False
         self._signal: int = 0
+        self._is_global_zero = True
         self._strategy: ContextParallelMixin | None = None
         self._previous_handlers: dict[int, Any] = {}
+
+    def resume_hint(self) -> str:
+        return (
+            f"the requests already written to {self.output} are kept: rerun the same command to resume the remaining "
+            "requests"
+        )
 
     def completed_indices(self) -> set[int]:
         return completed_indices(self.output)
@@ -58,9 +70,20 @@ class JsonlPredictionWriter(BasePredictionWriter):
             repair_torn_tail(self.output)
         strategy = trainer.strategy
         self._strategy = strategy if isinstance(strategy, ContextParallelMixin) else None
+        self._is_global_zero = trainer.is_global_zero
         trainer.strategy.barrier("prediction_writer_setup")
 
     def _note_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:
+            if self._signal == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now
+            if self._is_global_zero:
+                print(
+                    "star-lightning predict: Ctrl-C: stopping after the current request is written (Ctrl-C again "
+                    "stops at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         self._signal = signum
 
     @override
@@ -81,6 +104,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.interrupted = isinstance(exception, KeyboardInterrupt)
         self._restore_handlers()
 
     def _agreed_signal(self) -> int:

@@ -9,9 +9,12 @@ JSON, a non-object, bytes that are not UTF-8). On top of it:
   give only ``context_id`` (contexts may also come from a separate file, one ``{"context_id", "input_context"}`` a
   line);
 - predictions: :func:`append_prediction` appends one record in one ``write`` under an exclusive ``flock`` and
-  fsyncs it, :func:`repair_torn_tail` cuts a line a killed job left half-written, and :func:`completed_indices`
-  answers "what is done" (the indices of the complete lines);
-- whole files written at once (``generate``, tables): :func:`write_jsonl_atomic` (temp file, fsync, rename).
+  fsyncs it, :func:`repair_torn_tail` cuts a line a killed job left half-written, :func:`completed_indices`
+  answers "what is done" (the indices of the complete lines), and :func:`read_predictions` reads a finished file
+  for scoring, refusing one that holds a request twice (two runs mixed);
+- whole files written at once (``generate``, tables, the run record): :func:`write_jsonl_atomic` and
+  :func:`write_json_atomic` (temp file, fsync, rename);
+- :func:`file_sha256` identifies a request file in the run record.
 
 The reference implementation's prepared RULER files read as they are.
 """
@@ -19,12 +22,13 @@ The reference implementation's prepared RULER files read as they are.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from star_lightning.errors import ConfigurationError
 
@@ -69,9 +73,33 @@ def read_records(
         yield number, record
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every record of a JSONL file (a torn last line is dropped)."""
-    return [record for _, record in read_records(path, tolerate_torn_tail=True)]
+def read_predictions(path: str | os.PathLike[str]) -> list[tuple[str, dict[str, Any]]]:
+    """``(where, prediction)`` for every line of a predictions file (``where`` names the file and line for error
+    messages); a request index written twice is refused (a file that mixes runs would be scored with one request
+    counted twice)."""
+    records: list[tuple[str, dict[str, Any]]] = []
+    seen: dict[Any, int] = {}
+    for number, record in read_records(path, what="predictions file", tolerate_torn_tail=True):
+        index = record.get("index")
+        if isinstance(index, int) and not isinstance(index, bool):
+            if index in seen:
+                raise ConfigurationError(
+                    f"{path}: index {index} is on line {seen[index]} and line {number}: the file holds two "
+                    "predictions of one request (runs mixed); score a file that one run wrote (star-lightning "
+                    "predict --overwrite true, or another --output)"
+                )
+            seen[index] = number
+        records.append((f"{path}, line {number}", record))
+    return records
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """``sha256:<hex>`` of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(2**20), b""):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def validate_request(request: dict[str, Any], where: str, default_index: int) -> dict[str, Any]:
@@ -143,11 +171,13 @@ def read_contexts(path: str | os.PathLike[str]) -> ContextBook:
     return book
 
 
-def read_requests(path: str | os.PathLike[str], contexts: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
-    """All requests of a JSONL file, in file order, each with its ``input_context`` (resolved from ``context_id``);
-    indices must be unique (they identify requests on resume)."""
+def read_numbered_requests(
+    path: str | os.PathLike[str], contexts: str | os.PathLike[str] | None = None
+) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, request)`` for every request of a JSONL file, in file order, each with its ``input_context``
+    (resolved from ``context_id``); indices must be unique (they identify requests on resume)."""
     book = read_contexts(contexts) if contexts is not None else ContextBook()
-    requests: list[dict[str, Any]] = []
+    requests: list[tuple[int, dict[str, Any]]] = []
     seen: dict[int, int] = {}
     for number, record in read_records(path, what="input file (--data.path)"):
         where = f"{path}, line {number}"
@@ -164,10 +194,15 @@ def read_requests(path: str | os.PathLike[str], contexts: str | os.PathLike[str]
                 "unique (they identify requests when a job resumes)"
             )
         seen[index] = number
-        requests.append(request)
+        requests.append((number, request))
     if not requests:
         raise ConfigurationError(f"input file {str(path)!r} holds no requests")
     return requests
+
+
+def read_requests(path: str | os.PathLike[str], contexts: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """All requests of a JSONL file, in file order (see :func:`read_numbered_requests`)."""
+    return [request for _, request in read_numbered_requests(path, contexts)]
 
 
 def prediction_record(request: dict[str, Any], pred: str) -> dict[str, Any]:
@@ -215,20 +250,14 @@ def append_prediction(path: str | os.PathLike[str], record: dict[str, Any]) -> N
         os.close(fd)
 
 
-def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> int:
-    """Write ``rows`` one JSON object a line via a temp file in the same folder, fsync and rename.
-
-    Returns the number of rows written. Readers see either the old file or the complete new one.
-    """
+def _replace_atomically(path: str | os.PathLike[str], write: Callable[[IO[str]], None]) -> None:
+    """``write`` into a temp file in the target's folder, fsync, rename: readers see the old or the new file."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    count = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-                count += 1
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)
@@ -236,4 +265,26 @@ def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, An
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
+
+
+def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> int:
+    """Write ``rows`` one JSON object a line, atomically; returns the number of rows written."""
+    count = 0
+
+    def write(handle: IO[str]) -> None:
+        nonlocal count
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+
+    _replace_atomically(path, write)
     return count
+
+
+def write_json_atomic(path: str | os.PathLike[str], value: Any) -> None:
+    """Write one JSON document (indented, for people to read), atomically."""
+
+    def write(handle: IO[str]) -> None:
+        handle.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+
+    _replace_atomically(path, write)

@@ -1,0 +1,148 @@
+"""The run record ``OUT.jsonl.run.json``: which run made a predictions file, so a resume never mixes two runs.
+
+Written atomically beside the output (every line of the output stays a prediction record, so other tools read it
+unchanged). It holds the settings that decide a prediction (:data:`PREDICTION_SETTINGS`) and, for people, what
+else the run used. A rerun onto the same output compares its own prediction settings with the record's: equal ->
+the requests already written are skipped; different -> refused, naming each difference.
+
+Every ``--model.*`` option is in exactly one of :data:`MODEL_OPTIONS_THAT_DECIDE`, :data:`MODEL_OPTIONS_RESOLVED`
+and :data:`MODEL_OPTIONS_THAT_DO_NOT` (a test holds the lists to the module's signature), so a new option is one
+line in one list, and cannot be forgotten. Resolved before they are recorded: ``pretrained`` as the model's files
+(``model``, a fingerprint: :func:`star_lightning.models.model_fingerprint`) and ``dtype`` for the device (``auto``
+is bfloat16 on GPUs, float32 on CPUs). Deciding settings from elsewhere: ``--trainer.precision`` and the request
+file's bytes (``requests``). Never deciding: devices,
+nodes, hosts (``context_parallel_size``, exact for a fixed block size), ``gpus_per_host``, timeouts, kernels,
+decode modes, logging, the profiler, ``--data.limit`` and ``--data.on_too_long`` (they choose which requests run,
+not what a request predicts).
+
+Settings that cannot matter for the chosen method are recorded as null, so changing them resumes: the block sizes
+and the anchor for ``ring``/``dense`` (exact attention), ``anchor_block_size`` without the anchor, ``top_p`` and
+``seed`` for greedy decoding (``temperature`` 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from star_lightning.data.jsonl import write_json_atomic
+from star_lightning.errors import ConfigurationError
+
+RECORD_SUFFIX = ".run.json"
+FORMAT = 1
+
+# ``--model.*`` options whose value can change what a request predicts.
+MODEL_OPTIONS_THAT_DECIDE = (
+    "attention",
+    "block_size",
+    "anchor_block_size",
+    "anchor",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop_strings",
+    "trust_remote_code",  # with it, a folder's own code may replace transformers' class for a known model type
+)
+# ``--model.*`` options that decide too, recorded resolved: ``pretrained`` as the ``model`` fingerprint of its files,
+# ``dtype`` as the dtype it means on this device.
+MODEL_OPTIONS_RESOLVED = ("pretrained", "dtype")
+# ``--model.*`` options that cannot change a prediction: exact reformulations and kernels.
+MODEL_OPTIONS_THAT_DO_NOT = (
+    "anchor_source",  # where a host gets the anchor's K/V: the same K/V either way
+    "ring_layout",  # which chunks a ring host holds: exact attention either way
+    "reuse_context",  # a kept context answers exactly as a re-encoded one
+    "backend",
+    "decode",
+)
+PREDICTION_SETTINGS = (*MODEL_OPTIONS_THAT_DECIDE, "model", "dtype", "precision", "requests")
+
+
+def record_path(output: str | os.PathLike[str]) -> Path:
+    """``OUT.jsonl`` -> ``OUT.jsonl.run.json``."""
+    return Path(f"{output}{RECORD_SUFFIX}")
+
+
+def prediction_settings(
+    model_options: Mapping[str, Any], *, model: str, dtype: str, precision: str, requests: str
+) -> dict[str, Any]:
+    """The settings a resume must match, with the values that cannot matter for this method set to None."""
+    settings = {name: model_options[name] for name in MODEL_OPTIONS_THAT_DECIDE}
+    settings.update(model=model, dtype=dtype, precision=str(precision), requests=requests)
+    settings["stop_strings"] = list(settings["stop_strings"] or [])
+    if settings["anchor_block_size"] is None:
+        settings["anchor_block_size"] = settings["block_size"]
+    if not settings["anchor"]:
+        settings["anchor_block_size"] = None
+    if settings["attention"] != "star":
+        settings.update(block_size=None, anchor_block_size=None, anchor=None)
+    if settings["temperature"] == 0:
+        settings.update(top_p=None, seed=None)
+    return settings
+
+
+def build_record(settings: Mapping[str, Any], *, model_path: str, request_file: str, run: Mapping[str, Any]) -> dict:
+    """The JSON document: prediction settings (compared) and what else the run used (for people)."""
+    from star_lightning import __version__
+
+    return {
+        "format": FORMAT,
+        "written_by": f"star-lightning {__version__}",
+        "prediction_settings": dict(settings),
+        "model_path": model_path,
+        "request_file": request_file,
+        "run": {"host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **run},
+    }
+
+
+def read_record(output: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The record beside ``output``, None when there is none; an unreadable one is refused (it cannot vouch)."""
+    path = record_path(output)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict) or not isinstance(record.get("prediction_settings"), dict):
+            raise ValueError("no prediction_settings object")
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ConfigurationError(
+            f"the run record {path} is unreadable ({error}), so {output} cannot be resumed safely; choose another "
+            "--output, or pass --overwrite true to start it over"
+        ) from None
+    return record
+
+
+def write_record(output: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+    write_json_atomic(record_path(output), dict(record))
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str):
+        return value[7:19] if value.startswith("sha256:") else value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``name old -> new`` for every prediction setting that differs (the model and the requests by their files)."""
+    before, after = old["prediction_settings"], new["prediction_settings"]
+    changes: list[str] = []
+    for name in PREDICTION_SETTINGS:
+        if name in before and before[name] == after.get(name):
+            continue
+        was = _short(before[name]) if name in before else "(not recorded)"
+        now = _short(after.get(name))
+        if name in _DESCRIBED_BY:
+            label, where = _DESCRIBED_BY[name]
+            changes.append(f"{label} {old.get(where)} ({was}) -> {new.get(where)} ({now})")
+        else:
+            changes.append(f"{name} {was} -> {now}")
+    return changes
+
+
+# Settings recorded as hashes: a difference names the files (``model_path``, ``request_file``) with short hashes.
+_DESCRIBED_BY = {"model": ("model", "model_path"), "requests": ("request file", "request_file")}

@@ -1,0 +1,235 @@
+"""``star-lightning predict``: LightningCLI (omegaconf mode) over the model, the requests, the trainer and ``--output``.
+
+Any option can come from ``--config configs/*.yaml``. Configs use OmegaConf interpolation
+(``anchor_block_size: ${model.block_size}``), resolved after the command line is merged (jsonargparse's
+``omegaconf+`` mode), so a value given on the command line also changes the values that derive from it.
+
+The CLI is built with ``run=False`` so that the run has three visible steps: parse and instantiate (every rank),
+:func:`star_lightning.preflight.check_run` (the one process that speaks for the job, before any weights or process
+group), then ``trainer.predict``. Only the Trainer options that mean something for inference are offered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import warnings
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from star_lightning.callbacks.prediction_writer import JsonlPredictionWriter
+from star_lightning.callbacks.profiling import PhaseProfiler
+from star_lightning.callbacks.progress import RequestProgress
+from star_lightning.data.datamodule import RequestDataModule
+from star_lightning.errors import ConfigurationError
+from star_lightning.module import StarAttentionLM
+from star_lightning.parallel.strategy import StarStrategy
+from star_lightning.preflight import RunPlan, check_run, speaks_for_job
+
+DESCRIPTION = (
+    "Run Star Attention (or the exact ring / dense baselines) over a JSONL file of requests and write one "
+    "prediction per request to --output. An existing output is resumed only by the run that made it (same "
+    "prediction settings in its run record OUTPUT.run.json); --overwrite true starts it over. Exit codes: 0 done, "
+    "2 bad input or settings (one line on stderr), 130 Ctrl-C, 128+N stopped by signal N (rerun to resume)."
+)
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "strategy": {"class_path": f"{StarStrategy.__module__}.{StarStrategy.__name__}"},
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "lightning_logs", "name": "predict"},
+    },
+}
+# The Trainer options offered by ``predict``; the others (epochs, gradient clipping, validation, checkpointing, ...)
+# mean nothing for inference and keep Lightning's defaults.
+TRAINER_OPTIONS = (
+    "accelerator",
+    "strategy",
+    "devices",
+    "num_nodes",
+    "precision",
+    "plugins",
+    "logger",
+    "callbacks",
+    "profiler",
+    "enable_progress_bar",
+    "default_root_dir",
+)
+
+# Lightning's messages that are noise here: expected warnings (one request per batch, no prediction from
+# non-query hosts, a dependency's deprecation inside Lightning, our own use of ``args``), the srun hint (it fires
+# on any machine with SLURM's tools whenever a run is not an srun task, as every direct run is; slurm/predict.sh
+# runs its tasks with srun), advertising, and accelerator lines the start line replaces.
+_EXPECTED_WARNINGS = (
+    "Couldn't infer the batch indices",
+    "predict returned None",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    "LightningCLI's args parameter is intended",
+    "The `srun` command is available on your system but is not used",
+)
+_QUIET_INFO = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "\nDetected KeyboardInterrupt")
+_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+class _DropInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_QUIET_INFO)
+
+
+class StarLightningCLI(LightningCLI):
+    """LightningCLI for ``predict``: ``--output`` / ``--overwrite``, inference-only Trainer options, no seeding."""
+
+    @override
+    def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Sampling has its own --model.seed (per request); global seeding would only print "Seed set to 0".
+        parser.add_argument("--seed_everything", type=bool | int, default=False, help=argparse.SUPPRESS)
+
+    @override
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        import inspect
+
+        training_only = set(inspect.signature(Trainer.__init__).parameters) - {"self", *TRAINER_OPTIONS}
+        parser.add_class_arguments(
+            Trainer, "trainer", fail_untyped=False, instantiate=False, sub_configs=True, skip=training_only
+        )
+        assert parser.groups is not None
+        parser.groups["trainer"].title = "Lightning Trainer options that matter for inference"
+        parser.set_defaults({f"trainer.{key}": value for key, value in self.trainer_defaults.items()})
+        parser.add_lightning_class_args(StarAttentionLM, "model")
+        parser.add_lightning_class_args(RequestDataModule, "data")
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--output",
+            type=str,
+            default="predictions.jsonl",
+            help="JSONL file of predictions, one line per request. An existing one is resumed (its requests are "
+            "skipped) when its run record OUTPUT.run.json shows the same prediction settings; otherwise the run is "
+            "refused, naming what differs",
+        )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="start --output over: its predictions and run record are deleted (after every check passed)",
+        )
+        # The data module skips what the output holds: it learns the path here, not from an attribute set later.
+        parser.link_arguments("output", "data.output")
+
+    @override
+    def instantiate_classes(self) -> None:
+        """LightningCLI's own, through jsonargparse's ``instantiate`` (``instantiate_classes`` goes in v5)."""
+        self.config_init = self.parser.instantiate(self.config)
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = self._get(self.config_init, "model")
+        self.trainer = self.instantiate_trainer()
+
+    def check(self) -> RunPlan | None:
+        """The checks before any weights or process group, in the process that speaks for the job (None elsewhere)."""
+        if not speaks_for_job(self.trainer):
+            return None
+        return check_run(
+            module=self.model,
+            datamodule=self.datamodule,
+            trainer=self.trainer,
+            output=self.config["output"],
+            overwrite=self.config["overwrite"],
+        )
+
+    def predict(self, plan: RunPlan | None) -> int:
+        output = self.config["output"]
+        writer = JsonlPredictionWriter(output)
+        callbacks: list[Any] = self.trainer.callbacks  # type: ignore[attr-defined]
+        callbacks.extend([writer, PhaseProfiler(), RequestProgress()])
+        if plan is not None:
+            print(plan.start_line(), file=sys.stderr, flush=True)
+        if not self._nothing_to_start(plan):
+            try:
+                self.trainer.predict(self.model, datamodule=self.datamodule, return_predictions=False)
+            except SystemExit as stop:
+                if stop.code == 1 and self.trainer.interrupted and writer.interrupted:
+                    # Lightning's Ctrl-C handling (teardown, then exit 1): the conventional 130, and how to resume.
+                    if self.trainer.is_global_zero:
+                        hint = f"star-lightning predict: stopped by Ctrl-C; {writer.resume_hint()}"
+                        print(hint, file=sys.stderr, flush=True)
+                    raise SystemExit(130) from None
+                raise
+            except Exception:
+                self._name_dead_ranks(writer)
+                raise
+        skipped = plan.skipped_line() if plan is not None else None
+        if skipped:
+            print(skipped, file=sys.stderr, flush=True)
+        return 0
+
+    def _name_dead_ranks(self, writer: JsonlPredictionWriter) -> None:
+        """The ranks Lightning's launcher started that died: this rank's error (a collective failing) is only their
+        echo. Lightning names them too, but only if its observer thread looks before this process ends."""
+        children = getattr(self.trainer.strategy.launcher, "procs", None) or []
+        first_rank = self.trainer.node_rank * self.trainer.num_devices + 1  # children are local ranks 1, 2, ...
+        for rank, child in enumerate(children, start=first_rank):
+            code = child.poll()
+            if code:
+                how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                message = f"rank {rank} (pid {child.pid}) ended ({how}), so the job stops; {writer.resume_hint()}"
+                print(f"star-lightning predict: {message}", file=sys.stderr, flush=True)
+
+    def _nothing_to_start(self, plan: RunPlan | None) -> bool:
+        """Every request is done or skipped, and no rank waits for this process (Lightning would start the others
+        itself): no process, model or log folder is started for nothing."""
+        if plan is None or plan.todo:
+            return False
+        environment = getattr(self.trainer.strategy, "cluster_environment", None)
+        others_started = environment is not None and environment.creates_processes_externally
+        return not (others_started and self.trainer.world_size > 1)
+
+
+def _quiet_lightning() -> None:
+    for message in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    for name in _RANK_ZERO_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, _DropInfo) for existing in logger.filters):
+            logger.addFilter(_DropInfo())
+
+
+def run_predict(argv: list[str]) -> int:
+    """``star-lightning predict ARGV``; bad input raises :class:`ConfigurationError` (printed by ``main``).
+
+    An error found while parsing and checking is the same on every rank: only global rank 0 reports it, the others
+    exit 2 quietly, so it is printed once.
+    """
+    from jsonargparse import set_parsing_settings
+
+    # Interpolations written from the config's root (``${model.block_size}``) resolve against the merged config.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    _quiet_lightning()
+    try:
+        cli = StarLightningCLI(
+            StarAttentionLM,
+            RequestDataModule,
+            args=argv,
+            run=False,
+            parser_kwargs={"parser_mode": "omegaconf+", "prog": "star-lightning predict", "description": DESCRIPTION},
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+            load_from_checkpoint_support=False,
+        )
+        plan = cli.check()
+    except ConfigurationError:
+        if getattr(rank_zero_only, "rank", 0) != 0:
+            raise SystemExit(2) from None
+        raise
+    try:
+        return cli.predict(plan)
+    finally:
+        if plan is not None:
+            plan.release()

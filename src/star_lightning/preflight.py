@@ -1,0 +1,337 @@
+"""What ``star-lightning predict`` checks before any weights load and before any process group exists.
+
+Run by the one process that speaks for the job (Lightning's launching process before it starts the other ranks,
+or global rank 0 where SLURM or torchrun started them all), so each problem is one line, printed once, found in
+seconds. Cheap checks first:
+
+1. the layout: the world size splits into context-parallel groups; ``dense`` has one host per request;
+2. the output: not the request file, writable, and no other run writing it (its lock is taken here and held by
+   the returned :class:`RunPlan` until the job ends);
+3. the requests: UTF-8 JSONL with valid fields (:mod:`star_lightning.data.jsonl` names the line);
+4. the model: its own Python code only when asked, an architecture Star Attention can serve, weight files whose
+   headers and sizes are whole (:mod:`star_lightning.model_files`);
+5. the run record: an existing output is resumed only by the run that made it (:mod:`~star_lightning.data.run_record`);
+6. the lengths of the requests still to run: each fits the positions the model can place
+   (:func:`star_lightning.models.placeable_positions`) or is skipped (``--data.on_too_long skip``), and makes at
+   least one block per host.
+
+Only then is the run record written (with ``--overwrite true``, after removing the old output).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from star_lightning.data.datamodule import RequestDataModule
+from star_lightning.data.jsonl import completed_indices, file_sha256, read_numbered_requests
+from star_lightning.data.output_lock import OutputLock
+from star_lightning.data.run_record import (
+    build_record,
+    differences,
+    prediction_settings,
+    read_record,
+    record_path,
+    write_record,
+)
+from star_lightning.errors import ConfigurationError
+from star_lightning.model_files import check_weight_files
+from star_lightning.models import (
+    check_attention_servable,
+    load_config,
+    load_tokenizer,
+    model_fingerprint,
+    placeable_positions,
+    resolve_dtype,
+)
+from star_lightning.module import StarAttentionLM
+from star_lightning.parallel.mixin import ContextParallelMixin
+from star_lightning.partition import plan_blocks
+
+# Requests tokenized per call: the fast tokenizers encode a batch on all cores; a bounded batch bounds the memory of
+# the token lists (only their lengths are kept).
+_TOKENIZE_BATCH = 32
+_LISTED = 10  # skipped requests named in the summary line (all of them are in the run record)
+
+
+@dataclass(frozen=True)
+class TooLong:
+    index: int
+    line: int
+    tokens: int
+
+    def describe(self) -> str:
+        return f"index {self.index} (line {self.line}, {self.tokens} tokens)"
+
+
+@dataclass
+class RunPlan:
+    """The outcome of the checks: what the run will do, and the output's lock, held until :meth:`release`."""
+
+    output: str
+    total: int
+    done: int
+    positions: int | None
+    lock: OutputLock
+    where: str  # e.g. "2 processes (cpu), 2 hosts per request"
+    skipped: list[TooLong] = field(default_factory=list)
+
+    @property
+    def todo(self) -> int:
+        return self.total - self.done - len(self.skipped)
+
+    def start_line(self) -> str:
+        parts = [f"{self.todo} of {self.total} requests to run"]
+        if self.done:
+            parts.append(f"{self.done} already in {self.output} (resumed)")
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} too long, skipped")
+        parts.append(self.where)
+        return "star-lightning predict: " + "; ".join(parts)
+
+    def skipped_line(self) -> str | None:
+        if not self.skipped:
+            return None
+        named = ", ".join(item.describe() for item in self.skipped[:_LISTED])
+        more = f" and {len(self.skipped) - _LISTED} more" if len(self.skipped) > _LISTED else ""
+        return (
+            f"star-lightning predict: skipped {len(self.skipped)} request(s) longer than the {self.positions} "
+            f"positions the model can place (--data.on_too_long skip), not written to {self.output}: {named}{more} "
+            f"(all in {record_path(self.output)})"
+        )
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+def speaks_for_job(trainer: pl.Trainer) -> bool:
+    """True in the process that checks the run and holds the output's lock: global rank 0, computed as Lightning's
+    DDP strategies do (``node_rank * processes_per_node + local_rank``), which in Lightning's own launcher is the
+    launching process, before it starts the other ranks."""
+    strategy = trainer.strategy
+    if getattr(strategy, "cluster_environment", None) is None:
+        return True  # one process, no launcher
+    node_rank, local_rank = getattr(strategy, "node_rank", 0), getattr(strategy, "local_rank", 0)
+    return node_rank * trainer.num_devices + local_rank == 0
+
+
+def check_run(
+    *, module: StarAttentionLM, datamodule: RequestDataModule, trainer: pl.Trainer, output: str, overwrite: bool
+) -> RunPlan:
+    """Every check of the module docstring, in order; returns the plan holding the output's lock."""
+    hparams = module.hparams
+    context_parallel_size = _check_layout(trainer, hparams["attention"])
+    _refuse_writing_the_input(output, datamodule.path)
+    lock = OutputLock(output)
+    lock.acquire()
+    try:
+        return _check_with_lock(module, datamodule, trainer, output, overwrite, lock, context_parallel_size)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _check_with_lock(
+    module: StarAttentionLM,
+    datamodule: RequestDataModule,
+    trainer: pl.Trainer,
+    output: str,
+    overwrite: bool,
+    lock: OutputLock,
+    context_parallel_size: int,
+) -> RunPlan:
+    hparams = module.hparams
+    _check_writable(output)
+    numbered = read_numbered_requests(datamodule.path, datamodule.contexts)
+    if datamodule.limit is not None:
+        numbered = numbered[: datamodule.limit]
+
+    source = module.resolved_pretrained()
+    trust_remote_code = bool(hparams["trust_remote_code"])
+    config = load_config(source, trust_remote_code=trust_remote_code)  # a folder's own code is refused here
+    if Path(source).is_dir():
+        check_weight_files(source)
+    if hparams["attention"] != "dense" and not trust_remote_code:
+        check_attention_servable(config)
+    positions = placeable_positions(config)
+
+    dtype = str(resolve_dtype(hparams["dtype"], trainer.strategy.root_device)).removeprefix("torch.")
+    settings = prediction_settings(
+        hparams,
+        model=model_fingerprint(source),
+        dtype=dtype,
+        precision=str(trainer.precision),
+        requests=file_sha256(datamodule.path)
+        + ("" if datamodule.contexts is None else f" + contexts {file_sha256(datamodule.contexts)}"),
+    )
+    model_path = source if not Path(source).is_dir() else str(Path(source).resolve())
+    world_size = trainer.num_nodes * trainer.num_devices
+    record = build_record(
+        settings,
+        model_path=model_path,
+        request_file=str(Path(datamodule.path).resolve()),
+        run={
+            "world_size": world_size,
+            "context_parallel_size": context_parallel_size,
+            "accelerator": trainer.strategy.root_device.type,
+            "model_options": {key: _jsonable(value) for key, value in hparams.items()},
+        },
+    )
+    done = set() if overwrite else _resumable(output, record)
+    indices = {request["index"] for _, request in numbered}
+    to_check = [(line, request) for line, request in numbered if request["index"] not in done]
+    skipped: list[TooLong] = []
+    if to_check:
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+        skipped = _check_lengths(
+            to_check, tokenizer, hparams, positions, context_parallel_size, datamodule.path, datamodule.on_too_long
+        )
+    datamodule.exclude(item.index for item in skipped)
+
+    if overwrite and Path(output).exists():
+        Path(output).unlink()
+    record["skipped_too_long"] = [asdict(item) for item in skipped]
+    write_record(output, record)
+    return RunPlan(
+        output=output,
+        total=len(numbered),
+        done=len(done & indices),
+        positions=positions,
+        lock=lock,
+        where=f"{world_size} process(es) on {trainer.strategy.root_device.type}, "
+        f"{context_parallel_size} host(s) per request",
+        skipped=skipped,
+    )
+
+
+def _check_layout(trainer: pl.Trainer, attention: str) -> int:
+    """The context-parallel size, after the layout checks the strategy would otherwise make on every rank."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, ContextParallelMixin):
+        return 1
+    size = strategy.validate_layout(trainer.num_nodes * trainer.num_devices).context_parallel_size
+    if attention == "dense" and size != 1:
+        raise ConfigurationError(
+            f"dense attention runs each request in one process, but the context-parallel group has {size} hosts; "
+            "set --trainer.strategy.context_parallel_size 1 (the devices then split the requests) or use "
+            "--model.attention star/ring"
+        )
+    return size
+
+
+def _refuse_writing_the_input(output: str, request_file: str) -> None:
+    """The output, its run record and its lock must not be the request file, by any path (symlinks, hard links)."""
+    request = Path(request_file)
+    for written in (Path(output), record_path(output), Path(f"{output}.lock")):
+        same = written.resolve() == request.resolve()
+        if not same and written.exists() and request.exists():
+            same = os.path.samefile(written, request)
+        if same:
+            raise ConfigurationError(
+                f"--output {output} would write to the request file --data.path {request_file} ({written} is that "
+                "file); choose another --output"
+            )
+
+
+def _check_writable(output: str) -> None:
+    """An existing output must take appends (its folder was proven writable by the lock)."""
+    path = Path(output)
+    if path.is_dir():
+        raise ConfigurationError(
+            f"--output {output} is a folder; give the predictions file's path, such as {path / 'predictions.jsonl'}"
+        )
+    if not path.exists():
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+    except OSError as error:
+        raise ConfigurationError(
+            f"--output {output} is not writable ({error.strerror}); fix its permissions or choose another --output"
+        ) from None
+
+
+def _resumable(output: str, record: dict[str, Any]) -> set[int]:
+    """The indices an earlier run of the same settings wrote; refuses an output another run (or no run) made."""
+    done = completed_indices(output)
+    if not done:
+        return set()
+    ways_out = "choose another --output, or pass --overwrite true to start over (its predictions are then deleted)"
+    old = read_record(output)
+    if old is None:
+        raise ConfigurationError(
+            f"{output} holds {len(done)} prediction(s) but no run record ({record_path(output)}; written by an "
+            f"older star_lightning or by hand), so resuming it could mix two runs; {ways_out}"
+        )
+    changes = differences(old, record)
+    if changes:
+        raise ConfigurationError(
+            f"{output} holds {len(done)} prediction(s) of another run: {'; '.join(changes)}; {ways_out}"
+        )
+    return done
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def prompt_lengths(tokenizer: Any, requests: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
+    """``(context tokens, query tokens)`` of each request, tokenized as ``StarAttentionLM.encode_request`` does
+    (the context with the tokenizer's special tokens, the query without; a test holds the two together)."""
+    lengths: list[tuple[int, int]] = []
+    for batch in _batches(requests, _TOKENIZE_BATCH):
+        options: dict[str, Any] = {"return_attention_mask": False, "return_token_type_ids": False, "verbose": False}
+        contexts = tokenizer([r["input_context"] for r in batch], add_special_tokens=True, **options)["input_ids"]
+        queries = tokenizer([r["input_query"] for r in batch], add_special_tokens=False, **options)["input_ids"]
+        lengths.extend((len(c), len(q)) for c, q in zip(contexts, queries, strict=True))
+    return lengths
+
+
+def _check_lengths(
+    numbered: list[tuple[int, dict[str, Any]]],
+    tokenizer: Any,
+    hparams: Any,
+    positions: int | None,
+    hosts: int,
+    request_file: str,
+    on_too_long: str,
+) -> list[TooLong]:
+    """Too-long requests (skipped) or the first problem (raised); also the errors a request would hit at its turn."""
+    skipped: list[TooLong] = []
+    lengths = prompt_lengths(tokenizer, [request for _, request in numbered])
+    for (line, request), (context, query) in zip(numbered, lengths, strict=True):
+        index = request["index"]
+        where = f"request {index} ({request_file}, line {line})"
+        if context == 0 or query == 0:
+            part = "context" if context == 0 else "query"
+            raise ConfigurationError(f"{where}: the {part} encodes to no tokens; give it text the tokenizer keeps")
+        budget = min(hparams["max_new_tokens"], request.get("max_new_tokens") or hparams["max_new_tokens"])
+        total = context + query + budget
+        if positions is not None and total > positions:
+            if on_too_long == "skip":
+                skipped.append(TooLong(index, line, total))
+                continue
+            raise ConfigurationError(
+                f"{where} needs {total} positions (context {context} + query {query} + max_new_tokens {budget} "
+                f"tokens), more than the {positions} the model can place; shorten it, lower --model.max_new_tokens, "
+                "or pass --data.on_too_long skip to leave such requests out"
+            )
+        if hparams["attention"] == "star":
+            try:
+                plan_blocks(context, hparams["block_size"], hosts, hparams["anchor_block_size"], hparams["anchor"])
+            except ConfigurationError as error:
+                raise ConfigurationError(f"{where}: {error}") from None
+        elif hparams["attention"] == "ring" and context < hosts:
+            raise ConfigurationError(
+                f"{where}: ring attention needs at least one context token per host ({hosts}), got {context}"
+            )
+    return skipped
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
