@@ -18,8 +18,8 @@ from star_lightning.generation import (
     GenerationSettings,
     RequestStats,
     StarSettings,
-    context_key,
     generate,
+    request_context_key,
 )
 from star_lightning.models import DTypeName, load_model, load_tokenizer, resolve_dtype, resolve_pretrained
 from star_lightning.parallel.group import ContextGroup, SingleHostGroup, is_query_host
@@ -202,7 +202,10 @@ class StarAttentionLM(LightningModule):
         index = int(request.get("index", 0))
         group = self.context_group()
         kept = self.kept_context
-        if kept is not None and kept.key != context_key(context_ids, self.star_settings, group):
+        same = kept is not None and kept.key == request_context_key(
+            model, context_ids, query_ids, self.star_settings, group
+        )
+        if not same:
             kept = None
         self.kept_context = None  # a context that is not reused is freed before the next one is encoded
         try:
