@@ -176,10 +176,9 @@ def test_windowed_blocks_see_the_anchor_only_within_the_window(family: str) -> N
             )  # fmt: skip
         for layer, reference in enumerate(cache.layers):
             keys, values = store.view(layer)
-            torch.testing.assert_close(keys[:, :, block.start : block.end], reference.keys[:, :, anchor:], **_tol(model))
-            torch.testing.assert_close(
-                values[:, :, block.start : block.end], reference.values[:, :, anchor:], **_tol(model)
-            )
+            span = slice(block.start, block.end)
+            torch.testing.assert_close(keys[:, :, span], reference.keys[:, :, anchor:], **_tol(model))
+            torch.testing.assert_close(values[:, :, span], reference.values[:, :, anchor:], **_tol(model))
         assert torch.equal(store.positions(0)[block.start : block.end], torch.arange(block.start, block.end))
 
 
