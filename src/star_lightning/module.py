@@ -32,7 +32,8 @@ class StarAttentionLM(LightningModule):
     """Long-context generation with Star Attention (or the ``ring`` / ``dense`` baselines).
 
     Args:
-        pretrained: a local model folder or a hub id; unset = the small model shipped with star_lightning.
+        pretrained: a local model folder, a GGUF file (dequantized to ``dtype``; the ``gguf`` extra) or a hub id;
+            unset = the small model shipped with star_lightning.
         attention: ``star`` (blockwise Phase 1 + exact Phase 2), ``ring`` (exact ring attention) or ``dense``
             (the model's own attention in one process).
         block_size: context tokens per block (star).
@@ -178,8 +179,14 @@ class StarAttentionLM(LightningModule):
         return text
 
     def encode_request(self, request: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context with the tokenizer's special tokens (BOS), query without: together they are the prompt."""
+        """Context with the tokenizer's special tokens (BOS), query without: together they are the prompt.
+
+        A context that already begins with the BOS text (a chat-template prompt, the reference implementation's
+        prepared files) is not given a second BOS."""
         context = self.tokenizer(request["input_context"], add_special_tokens=True)["input_ids"]
+        bos_text, bos_id = self.tokenizer.bos_token, self.tokenizer.bos_token_id
+        if bos_text and request["input_context"].startswith(bos_text) and context[:2] == [bos_id, bos_id]:
+            context = context[1:]
         query = self.tokenizer(request["input_query"], add_special_tokens=False)["input_ids"]
         if not context:
             raise ConfigurationError(f"request {request.get('index')}: the context encodes to no tokens")
