@@ -152,17 +152,18 @@ def test_windowed_star_and_ring_equal_dense(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", list(WINDOWED))
-def test_windowed_blocks_see_the_anchor_only_within_the_window(family: str) -> None:
+@pytest.mark.parametrize("source", ["host", "block"])
+def test_windowed_blocks_see_the_anchor_only_within_the_window(family: str, source: str) -> None:
     """Every block's K/V == transformers' forward of (anchor, block) at true positions with the model's masks from
     those positions: block 1 sees part of the anchor on sliding layers, blocks 3-4 none of it (all of it on
-    Gemma-2's global layers)."""
+    Gemma-2's global layers); the anchor kept as a prefix or recomputed with each block alike."""
     model = windowed_model(family)
     context = random_tokens(CONTEXT, seed=3)
     use_star_attention(model)
     plan = plan_blocks(CONTEXT, 16, 1, 8)
     store = KVStore(num_layers(model), CONTEXT)
     with torch.no_grad():
-        prefill_star(model, context, plan, SingleHostGroup(), store)
+        prefill_star(model, context, plan, SingleHostGroup(), store, anchor_source=source)
     model.set_attn_implementation(_reference(model))
     for block in plan.blocks:
         anchor = 0 if block.index == 0 else plan.anchor_length
@@ -261,3 +262,28 @@ def test_longrope_phase2_equals_attention_over_the_cache() -> None:
         positions = torch.arange(CONTEXT, PROMPT).unsqueeze(0)
         reference = model(query, position_ids=positions, past_key_values=reference_cache, use_cache=True).logits[0, -1]
     torch.testing.assert_close(star, reference, rtol=1e-9, atol=1e-9)
+
+
+def test_a_window_that_cuts_nothing_keeps_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request shorter than the window: no windowed call, the CPU's fused kernel as without a window; a window that
+    reaches the request's last position cuts."""
+    from star_lightning.attention import kernels
+    from star_lightning.attention.step import ForwardStep
+
+    assert ForwardStep(phase="query", last_position=WINDOW - 1).window(WINDOW) is None
+    assert ForwardStep(phase="query", last_position=WINDOW).window(WINDOW) == WINDOW
+    calls = {"math": 0, "windowed": 0}
+    math = kernels._math_attention
+
+    def counting(*args, **kwargs):
+        calls["math"] += 1
+        calls["windowed"] += kwargs.get("window") is not None
+        return math(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_math_attention", counting)
+    context, query = random_tokens(CONTEXT, seed=13), random_tokens(QUERY, seed=14)
+    for window, expected in ((PROMPT + NEW, 0), (WINDOW, 1)):
+        calls.update(math=0, windowed=0)
+        model = tiny_model("mistral", sliding_window=window)
+        _engine_tokens(model, context, query, StarSettings(attention="star", block_size=16))
+        assert (calls["math"] > 0) == bool(expected) and (calls["windowed"] > 0) == bool(expected)

@@ -100,7 +100,7 @@ def _block(
         query, key, value, scale=scale, causal=True, softcap=softcap, kernels=step.kernels, window=own
     )
     if step.anchor is not None:
-        anchor_keys, anchor_values = step.anchor.kv(layer, key)  # [B, Hkv, a, D]: every query sees all of it
+        anchor_keys, anchor_values = step.anchor.kv(layer, key)  # [B, Hkv, a, D]: all of it seen, but for a window
         anchor_window = None
         if window is not None:
             anchor_positions = torch.arange(anchor_keys.shape[2], device=positions.device)  # [a]
