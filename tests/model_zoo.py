@@ -33,7 +33,15 @@ _COMMON = dict(
 )
 
 
-def tiny_config(family: str) -> PretrainedConfig:
+def tiny_config(family: str, **overrides: object) -> PretrainedConfig:
+    """The family's tiny config; ``overrides`` set fields before the model is built (windows, rope scaling)."""
+    config = _family_config(family)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+def _family_config(family: str) -> PretrainedConfig:
     if family == "llama":
         return LlamaConfig(**_COMMON)
     if family == "qwen2":
@@ -65,10 +73,12 @@ def tiny_config(family: str) -> PretrainedConfig:
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "granite", "olmo2")
 
 
-def tiny_model(family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float64) -> PreTrainedModel:
-    """Deterministic weights: every process that builds the same family and seed gets the same model."""
+def tiny_model(
+    family: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float64, **overrides: object
+) -> PreTrainedModel:
+    """Deterministic weights: every process that builds the same family, seed and overrides gets the same model."""
     torch.manual_seed(seed)
-    config = tiny_config(family)
+    config = tiny_config(family, **overrides)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     # Larger-than-default weights make attention sharp enough that wrong masks change the outputs visibly.
     with torch.no_grad():

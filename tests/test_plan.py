@@ -120,10 +120,11 @@ def test_star_plan_by_hand() -> None:
     assert [h.phase1_flops for h in plan.hosts] == expected
     assert phase1_flops_per_host(shape, layout, 1000) == expected
 
-    # 256 bytes of K/V per token (2 layers x K,V x 32 x 2 bytes); the query host also holds 16 + 8 tokens.
-    assert [h.kv_context_bytes for h in plan.hosts] == [256 * 256, 256 * 256, 488 * 256]
+    # 256 bytes of K/V per token (2 layers x K,V x 32 x 2 bytes), and a stored token's int64 position per layer
+    # (16 bytes); the query host also holds 16 + 8 tokens. The anchor, not stored, has no positions.
+    assert [h.kv_context_bytes for h in plan.hosts] == [256 * 272, 256 * 272, 488 * 272]
     assert [h.kv_anchor_bytes for h in plan.hosts] == [0, 128 * 256, 128 * 256]
-    assert [h.kv_query_bytes for h in plan.hosts] == [0, 0, 24 * 256]
+    assert [h.kv_query_bytes for h in plan.hosts] == [0, 0, 24 * 272]
     # 2 x (36864 + 2 norms of 64) + embedding + final norm + lm_head, 2 bytes each.
     assert all(h.weight_bytes == 2 * (2 * (36864 + 128) + 6400 + 64 + 6400) for h in plan.hosts)
     for host in plan.hosts:
@@ -287,13 +288,16 @@ def test_tensor_parallel_and_gpus_per_host_split_memory_per_gpu() -> None:
     one = plan_request(shape, Layout(hosts=4, block_size=32768), request, GPU).hosts[3]
     tensor = plan_request(shape, Layout(hosts=4, block_size=32768, tensor_parallel_size=2), request, GPU).hosts[3]
     layers = plan_request(shape, Layout(hosts=4, block_size=32768, gpus_per_host=2), request, GPU).hosts[3]
-    assert tensor.kv_bytes == pytest.approx(one.kv_bytes / 2, abs=2)
+    # The K/V heads split over T; each shard keeps every stored token's position (8 bytes per layer), whole.
+    positions = (32768 + 64) * 8 * shape.layers
+    assert tensor.kv_bytes == pytest.approx((one.kv_bytes - positions) / 2 + positions, abs=2)
     assert tensor.weight_bytes == pytest.approx(one.weight_bytes / 2, rel=1e-6)
     assert tensor.phase1_flops == one.phase1_flops and tensor.phase1_s < 0.6 * one.phase1_s
     assert layers.weight_bytes < 0.6 * one.weight_bytes and layers.kv_bytes == pytest.approx(one.kv_bytes / 2, abs=2)
     assert layers.phase1_s == pytest.approx(one.phase1_s)  # layers one after the other: the speed of one GPU
     assert layers.host_peak_bytes > layers.peak_bytes
-    assert tensor.host_kv_bytes == pytest.approx(one.host_kv_bytes, abs=4) == layers.host_kv_bytes
+    assert tensor.host_kv_bytes == pytest.approx(one.host_kv_bytes + positions, abs=4)
+    assert layers.host_kv_bytes == pytest.approx(one.host_kv_bytes, abs=4)
     with pytest.raises(ConfigurationError, match="must divide"):
         plan_request(shape, Layout(hosts=4, block_size=32768, tensor_parallel_size=3), request, GPU)
 
@@ -359,7 +363,7 @@ def test_check_fits_names_the_host_the_bytes_and_the_fix() -> None:
     message = str(error.value)
     assert "\n" not in message
     assert "host 3 needs" in message and "of the 79.6 GiB of NVIDIA H100 80GB HBM3" in message
-    assert "weights 15.0, KV 64.0" in message and "--model.block_size" in message
+    assert "weights 15.0, KV 64.1" in message and "--model.block_size" in message
     plan = check_fits(LLAMA_8B, dtype=torch.bfloat16, layout=replace(layout, hosts=8, block_size=131072),
                       request=request, gpu=h100)  # fmt: skip
     assert plan.fits

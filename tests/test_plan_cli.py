@@ -76,8 +76,9 @@ def test_a_fitting_layout_in_text_and_json(llama_8b_dir: Path, capsys: pytest.Ca
         assert host["kv_bytes"] >= 32768 * 131072 and host["phase1_s"] > 0
     assert record["layout"]["data_parallel_size"] == 2 and record["suggestions"] == []
     # anchor_source broadcast (the default): hosts 1-3 hold the received anchor during Phase 1, host 0 its sent copy;
-    # host 3 stores 128 query + 32 new tokens.
-    assert record["totals"]["kv_bytes"] == (131072 + 4 * 32768 + 160) * 131072
+    # host 3 stores 128 query + 32 new tokens. Stored tokens also keep their position: 8 bytes per layer.
+    stored = 131072 + 160
+    assert record["totals"]["kv_bytes"] == stored * (131072 + 32 * 8) + 4 * 32768 * 131072
     assert record["predicted_ttft_s"] > record["phase1_floor_s"] > 0
 
 

@@ -159,7 +159,9 @@ def test_chat_template_renders_one_context_for_all_questions(sources, tmp_path: 
     rows = generate_samples("qa_1", chat, length=LENGTH, num_samples=1, seed=0, chat=True, qa_file=sources["qa_1"],
                             queries_per_context=3)  # fmt: skip
     (group,) = contexts_of(rows, 3)
-    assert group[0]["input_context"].startswith("<|start_header_id|>user<|end_header_id|>\n\nAnswer the question")
+    assert group[0]["input_context"].startswith(
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nAnswer the question"
+    )
     for number, row in enumerate(group):
         assert row["input_query"].endswith(
             f"number {number}?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n Answer:"

@@ -5,6 +5,9 @@ store holds what this host keeps: the KV of its own context blocks (Phase 1), th
 and generated tokens (Phase 2). It has no idea of phases or anchors: what to store and what to attend to is the
 attention step's business (:mod:`star_lightning.attention.step`).
 
+Beside the K/V, the store keeps each stored token's true position (its place in the request): sliding-window layers
+mask by distance, and a host's keys are not at positions ``0..n-1`` (its blocks, the ring's chunks, the query).
+
 Rolling back (:meth:`KVStore.truncate`) to the context's length makes the encoded context answer another query:
 what the last query and its generated tokens added is forgotten, the context's KV is kept.
 """
@@ -16,11 +19,13 @@ from torch import Tensor
 
 
 class _LayerBuffer:
-    """One layer's ``[B, Hkv, capacity, D]`` keys and values and how many positions are filled."""
+    """One layer's ``[B, Hkv, capacity, D]`` keys and values, their ``[capacity]`` true positions, and how many slots
+    are filled."""
 
-    def __init__(self, keys: Tensor, values: Tensor) -> None:
+    def __init__(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
         self.keys = keys
         self.values = values
+        self.positions = positions
         self.length = 0
 
     @property
@@ -30,9 +35,11 @@ class _LayerBuffer:
     def grow(self, capacity: int) -> None:
         keys = self.keys.new_empty(*self.keys.shape[:2], capacity, self.keys.shape[3])  # [B, Hkv, C', D]
         values = self.values.new_empty(*self.values.shape[:2], capacity, self.values.shape[3])  # [B, Hkv, C', Dv]
+        positions = self.positions.new_empty(capacity)  # [C']
         keys[:, :, : self.length] = self.keys[:, :, : self.length]
         values[:, :, : self.length] = self.values[:, :, : self.length]
-        self.keys, self.values = keys, values
+        positions[: self.length] = self.positions[: self.length]
+        self.keys, self.values, self.positions = keys, values, positions
 
 
 class KVStore:
@@ -49,14 +56,16 @@ class KVStore:
             raise RuntimeError(f"the KV store of layer {layer} is empty: Phase 1 must run before Phase 2")
         return buffer
 
-    def append(self, layer: int, keys: Tensor, values: Tensor) -> None:
-        """Store ``keys``/``values`` ``[B, Hkv, n, D]`` after what the layer holds."""
+    def append(self, layer: int, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Store ``keys``/``values`` ``[B, Hkv, n, D]`` and their true ``positions`` ``[n]`` after what the layer
+        holds."""
         buffer = self._layers[layer]
         if buffer is None:
             b, h, _, d = keys.shape
             buffer = _LayerBuffer(
                 keys.new_empty(b, h, self.capacity, d),  # [B, Hkv, C, D]
                 values.new_empty(b, h, self.capacity, values.shape[-1]),  # [B, Hkv, C, Dv]
+                torch.empty(self.capacity, dtype=torch.long, device=keys.device),  # [C]
             )
             self._layers[layer] = buffer
         new = keys.shape[2]
@@ -66,6 +75,7 @@ class KVStore:
             )
         buffer.keys[:, :, buffer.length : buffer.length + new] = keys
         buffer.values[:, :, buffer.length : buffer.length + new] = values
+        buffer.positions[buffer.length : buffer.length + new] = positions
         buffer.length += new
 
     def view(self, layer: int) -> tuple[Tensor, Tensor]:
@@ -73,17 +83,24 @@ class KVStore:
         buffer = self._layer(layer)
         return buffer.keys[:, :, : buffer.length], buffer.values[:, :, : buffer.length]
 
-    def buffers(self, layer: int) -> tuple[Tensor, Tensor]:
-        """The whole preallocated buffers ``[B, Hkv, C, D]`` (static-shape decoding attends over them)."""
+    def positions(self, layer: int) -> Tensor:
+        """The true positions ``[length]`` of the filled part (a view)."""
         buffer = self._layer(layer)
-        return buffer.keys, buffer.values
+        return buffer.positions[: buffer.length]
 
-    def write_at(self, layer: int, slot: Tensor, keys: Tensor, values: Tensor) -> None:
-        """Write one token's KV ``[B, Hkv, 1, D]`` at the position held in the device tensor ``slot`` ``[1]``: no
-        host sync and no shape change, so a captured CUDA graph can replay it. :meth:`advance` counts it."""
+    def buffers(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The whole preallocated buffers: keys, values ``[B, Hkv, C, D]`` and positions ``[C]`` (static-shape
+        decoding attends over them)."""
+        buffer = self._layer(layer)
+        return buffer.keys, buffer.values, buffer.positions
+
+    def write_at(self, layer: int, slot: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Write one token's KV ``[B, Hkv, 1, D]`` and position ``[1]`` at the slot held in the device tensor ``slot``
+        ``[1]``: no host sync and no shape change, so a captured CUDA graph can replay it. :meth:`advance` counts it."""
         buffer = self._layer(layer)
         buffer.keys.index_copy_(2, slot, keys)
         buffer.values.index_copy_(2, slot, values)
+        buffer.positions.index_copy_(0, slot, positions)
 
     def advance(self, count: int = 1) -> None:
         """Count ``count`` positions written by :meth:`write_at` in every layer."""
@@ -124,6 +141,7 @@ class KVStore:
             if buffer is not None:
                 total += buffer.keys.numel() * buffer.keys.element_size()
                 total += buffer.values.numel() * buffer.values.element_size()
+                total += buffer.positions.numel() * buffer.positions.element_size()
         return total
 
     @property

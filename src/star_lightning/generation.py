@@ -30,6 +30,7 @@ from star_lightning.attention.step import ForwardStep, StaticSlot
 from star_lightning.cache import KVStore
 from star_lightning.parallel.group import ContextGroup, is_query_host
 from star_lightning.partition import BlockPlan, RingLayout, RingPlan, plan_blocks, plan_ring
+from star_lightning.rope import length_dependent_rotary_modules, pinned_rope_length, rope_length_key
 from star_lightning.sampling import SamplingConfig, choose_token
 
 # Names of the phases in PyTorch profiler traces (``--trainer.profiler pytorch``).
@@ -177,7 +178,7 @@ def _forward(model: Callable[..., Any], ids: Tensor, positions: Tensor, step: Fo
         position_ids=positions,  # [1, L]
         use_cache=False,
         logits_to_keep=1,
-        star_step=step,
+        star_step=replace(step, positions=positions[0]),  # [L]: the true positions, for sliding windows
     )
     return output.logits[0, -1]  # [V]
 
@@ -347,15 +348,22 @@ def decode_step(
     return encode_query(model, store, token, position, group, kernels)
 
 
-def resolve_decode_mode(mode: str, devices: list[torch.device]) -> str:
-    """``auto``: a compiled CUDA graph on one GPU; eager on CPU and on a model spread over several GPUs."""
+def resolve_decode_mode(mode: str, devices: list[torch.device], length_dependent_rope: bool = False) -> str:
+    """``auto``: a compiled CUDA graph on one GPU; eager on CPU, on a model spread over several GPUs, and for a rope
+    whose frequencies follow the sequence length (transformers recomputes them behind host-side branches, which a
+    CUDA graph cannot capture)."""
     if mode not in ("auto", "eager", "static", "graph", "compile"):
         raise ValueError(f"unknown decode mode {mode!r}; choose auto, eager, static, graph or compile")
     on_one_gpu = len(devices) == 1 and devices[0].type == "cuda"
     if mode == "auto":
-        return "compile" if on_one_gpu else "eager"
+        return "compile" if on_one_gpu and not length_dependent_rope else "eager"
     if mode in ("graph", "compile") and devices[0].type != "cuda":
         raise ValueError(f"decode mode {mode!r} needs CUDA (CUDA graphs); use 'static' or 'eager' on this device")
+    if mode in ("graph", "compile") and length_dependent_rope:
+        raise ValueError(
+            f"decode mode {mode!r} cannot capture this model's rope (dynamic or longrope scaling recomputes its "
+            "frequencies every step); use --model.decode auto, static or eager"
+        )
     if mode in ("static", "graph", "compile") and len(devices) > 1:
         raise ValueError(
             f"decode mode {mode!r} needs the model on one device, but it is spread over {len(devices)} GPUs "
@@ -511,11 +519,19 @@ def _peak_memory_bytes(devices: list[torch.device]) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def context_key(context_ids: Tensor, star: StarSettings, group: ContextGroup) -> str:
-    """What identifies an encoded context: its tokens, the layout of hosts and every setting that shaped its KV."""
+def context_key(context_ids: Tensor, star: StarSettings, group: ContextGroup, rope_length: int | None = None) -> str:
+    """What identifies an encoded context: its tokens, the layout of hosts and every setting that shaped its KV
+    (``rope_length``: the prompt length a length-dependent rope was pinned to, :mod:`star_lightning.rope`)."""
     digest = hashlib.sha256(context_ids.detach().cpu().numpy().tobytes()).hexdigest()
-    shape = (star.attention, star.block_size, star.anchor_block_size, star.use_anchor, star.ring_layout)
+    shape = (star.attention, star.block_size, star.anchor_block_size, star.use_anchor, star.ring_layout, rope_length)
     return f"{digest}:{context_ids.shape[1]}:{shape}:{group.rank}/{group.size}"
+
+
+def request_context_key(
+    model: nn.Module, context_ids: Tensor, query_ids: Tensor, star: StarSettings, group: ContextGroup
+) -> str:
+    """The :func:`context_key` a request's context is encoded under (a kept context answers it when they match)."""
+    return context_key(context_ids, star, group, rope_length_key(model, context_ids.shape[1] + query_ids.shape[1]))
 
 
 def encode_context(
@@ -526,13 +542,33 @@ def encode_context(
     *,
     extra_capacity: int,
     kernels: KernelChoice | None = None,
+    prompt_length: int | None = None,
 ) -> EncodedContext:
     """Phase 1 of any method on this host, timed: the context's KV, ready for queries (``extra_capacity`` positions
-    of room for the query and generated tokens on the query host)."""
+    of room for the query and generated tokens on the query host).
+
+    ``prompt_length`` (context + query; None: the context's length): a rope whose scaling regime depends on the
+    sequence length (``dynamic``, ``longrope``) rotates every context token for it, as dense's one forward over the
+    prompt does (:mod:`star_lightning.rope`).
+    """
+    prompt_length = context_ids.shape[1] if prompt_length is None else prompt_length
+    with pinned_rope_length(model, prompt_length):
+        return _encode_context(model, context_ids, group, star, extra_capacity, kernels, prompt_length)
+
+
+def _encode_context(
+    model: nn.Module,
+    context_ids: Tensor,
+    group: ContextGroup,
+    star: StarSettings,
+    extra_capacity: int,
+    kernels: KernelChoice | None,
+    prompt_length: int,
+) -> EncodedContext:
     kernels = KernelChoice(backend=star.backend) if kernels is None else kernels
     devices = model_devices(model)
     context_length = context_ids.shape[1]
-    key = context_key(context_ids, star, group)
+    key = context_key(context_ids, star, group, rope_length_key(model, prompt_length))
     t0 = time.perf_counter()
     if star.attention == "dense":
         if group.size != 1:
@@ -572,7 +608,23 @@ def answer(
     stop_check: StopCheck | None = None,
     on_phase: PhaseListener | None = None,
 ) -> tuple[list[int], RequestStats]:
-    """Phase 2, timed: encode the query over the encoded context, then decode until EOS, a stop or the budget."""
+    """Phase 2, timed: encode the query over the encoded context, then decode until EOS, a stop or the budget (a
+    length-dependent rope pinned to the prompt's length, :mod:`star_lightning.rope`)."""
+    with pinned_rope_length(model, context.context_length + query_ids.shape[1]):
+        return _answer(model, context, query_ids, group, star, settings, kernels, stop_check, on_phase)
+
+
+def _answer(
+    model: nn.Module,
+    context: EncodedContext,
+    query_ids: Tensor,
+    group: ContextGroup,
+    star: StarSettings,
+    settings: GenerationSettings,
+    kernels: KernelChoice | None,
+    stop_check: StopCheck | None,
+    on_phase: PhaseListener | None,
+) -> tuple[list[int], RequestStats]:
     kernels = KernelChoice(backend=star.backend) if kernels is None else kernels
     devices = model_devices(model)
     query_length = query_ids.shape[1]
@@ -593,11 +645,14 @@ def answer(
         with _phase(PHASE2_QUERY, on_phase):
             first_logits = encode_query(model, store, query_ids, context.context_length, group, kernels)
             _synchronize(devices)
-        mode = stats.decode_mode = resolve_decode_mode(star.decode, devices)
+        length_dependent = bool(length_dependent_rotary_modules(model))
+        mode = stats.decode_mode = resolve_decode_mode(star.decode, devices, length_dependent)
         if mode != "eager" and settings.max_new_tokens > 1:
             decoder = context.decoder
             if decoder is None or not decoder.serves(store, group, mode):
-                last = context.context_length + store.capacity - context.local_length - 1  # the largest position
+                # The largest position any token over this store can have: a window check made for it holds for
+                # every later query the captured step replays for (the store's capacity is fixed while it serves).
+                last = context.context_length + store.capacity - context.local_length - 1
                 decoder = StaticDecoder(
                     model, store, group, kernels, last, graph=mode in ("graph", "compile"), compile=mode == "compile"
                 )
@@ -656,14 +711,17 @@ def generate(
     devices = model_devices(model)
     _reset_peak_memory(devices)
     extra = query_ids.shape[1] + settings.max_new_tokens if is_query_host(group) else 0
-    reused = kept is not None and kept.key == context_key(context_ids, star, group)
+    prompt_length = context_ids.shape[1] + query_ids.shape[1]
+    reused = kept is not None and kept.key == request_context_key(model, context_ids, query_ids, star, group)
     if reused:
         assert kept is not None
         context = kept
         context.rollback()
     else:
         with _phase(PHASE1, on_phase):
-            context = encode_context(model, context_ids, group, star, extra_capacity=extra, kernels=kernels)
+            context = encode_context(
+                model, context_ids, group, star, extra_capacity=extra, kernels=kernels, prompt_length=prompt_length
+            )
     tokens, stats = answer(
         model, context, query_ids, group, star, settings, kernels=kernels, stop_check=stop_check, on_phase=on_phase
     )

@@ -1,9 +1,10 @@
 """Loading a HuggingFace causal LM safely and checking that Star Attention can serve its attention.
 
-Safe by default: weights only through safetensors, no remote code unless asked. A model is servable when it
-routes attention through transformers' ``AttentionInterface`` and has no non-attention token mixers (the check runs
-on the config, before any weights are read). Local weight files are checked from their headers before loading
-(:mod:`star_lightning.model_files`), and :func:`placeable_positions` says how long a prompt the model can place.
+Safe by default: weights only through safetensors (or a GGUF file the user names, dequantized by transformers), no
+remote code unless asked. A model is servable when it routes attention through transformers' ``AttentionInterface``
+and has no non-attention token mixers (the check runs on the config, before any weights are read). Local weight
+files are checked from their headers before loading (:mod:`star_lightning.model_files`), and
+:func:`placeable_positions` says how long a prompt the model can place.
 """
 
 from __future__ import annotations
@@ -54,18 +55,54 @@ def _looks_like_hub_id(name: str) -> bool:
     return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
+def gguf_file(pretrained: str) -> tuple[str, str] | None:
+    """``(folder, file name)`` when ``pretrained`` names a GGUF file, which transformers loads as
+    ``from_pretrained(folder, gguf_file=name)``; None for a model folder or a hub id."""
+    path = Path(pretrained)
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        return None
+    return str(path.parent), path.name
+
+
+def pretrained_source(pretrained: str) -> tuple[str, dict[str, Any]]:
+    """What ``from_pretrained`` of a config, tokenizer or model is called with for ``pretrained``: the folder or hub
+    id, and ``gguf_file`` for a GGUF file (whose reader packages must then be installed)."""
+    located = gguf_file(pretrained)
+    if located is None:
+        return pretrained, {}
+    _check_gguf_support(pretrained)
+    return located[0], {"gguf_file": located[1]}
+
+
+def _check_gguf_support(name: str) -> None:
+    missing = [package for package in ("gguf", "accelerate") if importlib.util.find_spec(package) is None]
+    if missing:
+        raise ConfigurationError(
+            f"{name!r} is a GGUF file; reading it needs the {' and '.join(missing)} package(s): install the extra "
+            "with pip install 'star-lightning[gguf]'"
+        )
+
+
 def resolve_pretrained(pretrained: str | os.PathLike[str]) -> str:
-    """A local folder (which must exist) or a hub id; a missing folder is reported as such, not as a hub error."""
+    """A local folder or GGUF file (which must exist) or a hub id; a missing folder is reported as such, not as a hub
+    error."""
     name = str(pretrained)
     path = Path(name).expanduser()
     if path.exists():
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            _check_gguf_support(name)
+            return str(path)
         if not path.is_dir():
-            raise ConfigurationError(f"--model.pretrained {name!r} is a file; give the model's folder or a hub id")
+            raise ConfigurationError(
+                f"--model.pretrained {name!r} is a file; give the model's folder, a .gguf file or a hub id"
+            )
         return str(path)
+    if path.suffix.lower() == ".gguf":
+        raise ConfigurationError(f"GGUF file {name!r} does not exist; give --model.pretrained an existing .gguf file")
     if _looks_like_path(name) or not _looks_like_hub_id(name):
         raise ConfigurationError(
             f"model folder {name!r} does not exist; give --model.pretrained an existing folder (with config.json and "
-            "*.safetensors) or a HuggingFace hub id such as meta-llama/Llama-3.1-8B-Instruct"
+            "*.safetensors), a .gguf file or a HuggingFace hub id such as meta-llama/Llama-3.1-8B-Instruct"
         )
     return name
 
@@ -96,8 +133,9 @@ def check_remote_code(pretrained: str, *, trust_remote_code: bool = False) -> No
 
 def load_config(pretrained: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
     check_remote_code(pretrained, trust_remote_code=trust_remote_code)
+    source, kwargs = pretrained_source(pretrained)
     try:
-        return AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as error:
         if "trust_remote_code" in str(error) and not trust_remote_code:
             raise _remote_code_error(pretrained, "transformers does not know its model type") from None
@@ -130,6 +168,22 @@ def check_attention_servable(config: PretrainedConfig, model_class: type | None 
         )
 
 
+def dense_attention_implementation(model_class: type, config: PretrainedConfig) -> str:
+    """The attention implementation of the dense baseline: PyTorch's SDPA where the model supports it, else eager.
+
+    SDPA has no logit soft-capping: transformers 5.23 refuses it for Gemma-2 and 5.17 would silently drop the cap, so
+    a model whose config soft-caps attention logits runs eager (its own exact attention).
+    """
+    softcap = getattr(config.get_text_config(), "attn_logit_softcapping", None)
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) and softcap is None else "eager"
+
+
+def _loading_attention(config: PretrainedConfig) -> str:
+    """The implementation a model is built with (star/ring switch from it afterwards); ``sdpa`` for remote code."""
+    model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return "sdpa" if model_class is None else dense_attention_implementation(model_class, config)
+
+
 def host_device_map(devices: list[torch.device]) -> dict[str, Any]:
     """``from_pretrained`` arguments that spread the decoder layers evenly over ``devices`` (several GPUs of one host).
 
@@ -155,7 +209,8 @@ def load_model(
     trust_remote_code: bool = False,
     tensor_parallel: Any = None,
 ) -> PreTrainedModel:
-    """Load weights (safetensors only) onto ``devices`` and switch the attention to Star Attention if asked.
+    """Load weights (safetensors, or a GGUF file dequantized to ``dtype``) onto ``devices`` and switch the attention to
+    Star Attention if asked.
 
     One device holds the whole model; several (a host of several GPUs) hold a share of its layers each; with
     ``tensor_parallel`` (the host's 1-D device mesh) every GPU of the host holds its shard of every layer.
@@ -171,11 +226,16 @@ def load_model(
         check_tensor_parallel(config, MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None), tensor_parallel.size())
     if Path(pretrained).is_dir():
         check_weight_files(pretrained)
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    source, kwargs = pretrained_source(pretrained)
+    if "gguf_file" not in kwargs:
+        kwargs["use_safetensors"] = True
+    kwargs.update(dtype=dtype, trust_remote_code=trust_remote_code)
     if len(devices) > 1:
         kwargs.update(host_device_map(devices))
     try:
-        model = AutoModelForCausalLM.from_pretrained(pretrained, attn_implementation="sdpa", **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, config=config, attn_implementation=_loading_attention(config), **kwargs
+        )  # the config read above: a GGUF's metadata is parsed once less (3 s for a 135M model)
     except (OSError, ValueError, SafetensorError) as error:
         raise ConfigurationError(f"could not load model weights from {pretrained!r}: {error}") from None
     if tensor_parallel is not None:
@@ -204,7 +264,7 @@ def build_model(
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=_loading_attention(config))
     finally:
         torch.set_default_dtype(previous)
     model.eval()
@@ -213,9 +273,10 @@ def build_model(
 
 
 def set_attention(model: PreTrainedModel, attention: Literal["star", "ring", "dense"]) -> None:
-    """The attention ``predict`` runs for ``attention``: the model's own (``dense``) or Star Attention's."""
+    """The attention ``predict`` runs for ``attention``: the model's own (``dense``: see
+    :func:`dense_attention_implementation`) or Star Attention's."""
     if attention == "dense":
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(dense_attention_implementation(type(model), model.config))
     else:
         use_star_attention(model)
 
@@ -233,8 +294,10 @@ def use_star_attention(model: PreTrainedModel) -> None:
 
 
 def load_tokenizer(pretrained: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model folder, a hub id, or the one a GGUF file carries."""
+    source, kwargs = pretrained_source(pretrained)
     try:
-        return AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as error:
         raise ConfigurationError(f"could not load the tokenizer of {pretrained!r}: {error}") from None
 

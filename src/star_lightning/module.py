@@ -18,21 +18,23 @@ from star_lightning.generation import (
     GenerationSettings,
     RequestStats,
     StarSettings,
-    context_key,
     generate,
+    request_context_key,
 )
 from star_lightning.models import DTypeName, load_model, load_tokenizer, resolve_dtype, resolve_pretrained
 from star_lightning.parallel.group import ContextGroup, SingleHostGroup, is_query_host
 from star_lightning.parallel.mixin import ContextParallelMixin
 from star_lightning.partition import validate_block_sizes
 from star_lightning.sampling import SamplingConfig
+from star_lightning.tokens import context_ids, query_ids
 
 
 class StarAttentionLM(LightningModule):
     """Long-context generation with Star Attention (or the ``ring`` / ``dense`` baselines).
 
     Args:
-        pretrained: a local model folder or a hub id; unset = the small model shipped with star_lightning.
+        pretrained: a local model folder, a GGUF file (dequantized to ``dtype``; the ``gguf`` extra) or a hub id;
+            unset = the small model shipped with star_lightning.
         attention: ``star`` (blockwise Phase 1 + exact Phase 2), ``ring`` (exact ring attention) or ``dense``
             (the model's own attention in one process).
         block_size: context tokens per block (star).
@@ -179,9 +181,12 @@ class StarAttentionLM(LightningModule):
         return text
 
     def encode_request(self, request: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context with the tokenizer's special tokens (BOS), query without: together they are the prompt."""
-        context = self.tokenizer(request["input_context"], add_special_tokens=True)["input_ids"]
-        query = self.tokenizer(request["input_query"], add_special_tokens=False)["input_ids"]
+        """Context with the tokenizer's special tokens (BOS), query without: together they are the prompt.
+
+        A context that already begins with the BOS text (a chat-template prompt, the reference implementation's
+        prepared files) is not given a second BOS."""
+        context = context_ids(self.tokenizer, request["input_context"])
+        query = query_ids(self.tokenizer, request["input_query"])
         if not context:
             raise ConfigurationError(f"request {request.get('index')}: the context encodes to no tokens")
         if not query:
@@ -203,7 +208,10 @@ class StarAttentionLM(LightningModule):
         index = int(request.get("index", 0))
         group = self.context_group()
         kept = self.kept_context
-        if kept is not None and kept.key != context_key(context_ids, self.star_settings, group):
+        same = kept is not None and kept.key == request_context_key(
+            model, context_ids, query_ids, self.star_settings, group
+        )
+        if not same:
             kept = None
         self.kept_context = None  # a context that is not reused is freed before the next one is encoded
         try:

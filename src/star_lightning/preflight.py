@@ -52,6 +52,7 @@ from star_lightning.models import (
 from star_lightning.module import StarAttentionLM
 from star_lightning.parallel.mixin import ContextParallelMixin
 from star_lightning.partition import plan_blocks
+from star_lightning.tokens import batch_lengths
 
 # Requests tokenized per call: the fast tokenizers encode a batch on all cores; a bounded batch bounds the memory of
 # the token lists (only their lengths are kept).
@@ -285,10 +286,7 @@ def prompt_lengths(tokenizer: Any, requests: Sequence[dict[str, Any]]) -> list[t
     (the context with the tokenizer's special tokens, the query without; a test holds the two together)."""
     lengths: list[tuple[int, int]] = []
     for batch in _batches(requests, _TOKENIZE_BATCH):
-        options: dict[str, Any] = {"return_attention_mask": False, "return_token_type_ids": False, "verbose": False}
-        contexts = tokenizer([r["input_context"] for r in batch], add_special_tokens=True, **options)["input_ids"]
-        queries = tokenizer([r["input_query"] for r in batch], add_special_tokens=False, **options)["input_ids"]
-        lengths.extend((len(c), len(q)) for c, q in zip(contexts, queries, strict=True))
+        lengths.extend(batch_lengths(tokenizer, [r["input_context"] for r in batch], [r["input_query"] for r in batch]))
     return lengths
 
 

@@ -87,7 +87,13 @@ def simulate_request(
             torch.cuda.reset_peak_memory_stats(device)
         _synchronize(device)
         context = encode_context(
-            model, context_ids, group, star, extra_capacity=extra if host == query_host else 0, kernels=kernels
+            model,
+            context_ids,
+            group,
+            star,
+            extra_capacity=extra if host == query_host else 0,
+            kernels=kernels,
+            prompt_length=context_ids.shape[1] + query_ids.shape[1],
         )
         result.phase1_host_s[host] = context.phase1_s
         result.phase1_host_bytes[host] = context.phase1_bytes

@@ -18,6 +18,11 @@ One entry point, :func:`attention_with_lse`, with interchangeable backends:
 Causality is always *bottom-right aligned*: query ``i`` of ``Lq`` sees keys ``0 .. Lk - Lq + i``. That is what a
 block preceded by an anchor prefix, and a query following a cached context, both need.
 
+A call may give a *sliding window* (:class:`SlidingWindow`): the true positions of its queries and keys and the
+window size; a query at position ``p`` then sees a key at ``k`` only if ``p - size < k <= p`` (transformers'
+``sliding_window_overlay`` with causality). Windowed calls run on ``math``; the callers pass a window only where it
+cuts something, so requests shorter than the window keep their kernels.
+
 A call may give a *valid length*: a one-element device tensor saying how many of the keys are real. A static-shape
 decode step (one captured CUDA graph replayed as the cache grows) passes the whole preallocated cache buffer with
 it; only the first ``valid`` keys are attended to.
@@ -84,6 +89,26 @@ class KernelChoice:
             raise ValueError(f"unknown decode kernel {self.decode!r}; choose one of {', '.join(DECODE_KERNELS)}")
 
 
+@dataclass(frozen=True)
+class SlidingWindow:
+    """A sliding-window layer's mask for one call, by true positions: query at ``p`` sees key at ``k`` iff
+    ``p - size < k <= p``."""
+
+    size: int
+    query_positions: Tensor  # [Lq] long
+    key_positions: Tensor  # [Lk] long
+
+    def part(self, queries: slice = slice(None), keys: slice = slice(None)) -> SlidingWindow:
+        """The window of a call on a slice of the queries and a slice of the keys."""
+        return SlidingWindow(self.size, self.query_positions[queries], self.key_positions[keys])
+
+    def hidden(self, rows: slice) -> Tensor:
+        """``[l, Lk]``: True where query row (of ``rows``) must not see the key."""
+        query = self.query_positions[rows][:, None]  # [l, 1]
+        key = self.key_positions[None, :]  # [1, Lk]
+        return (key > query) | (key <= query - self.size)
+
+
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
@@ -128,13 +153,16 @@ def attention_with_lse(
     softcap: float | None = None,
     kernels: KernelChoice | None = None,
     valid_length: Tensor | None = None,
+    window: SlidingWindow | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of ``query`` ``[B, Hq, Lq, D]`` over ``key``/``value`` ``[B, Hkv, Lk, D]``.
 
     Returns ``out`` ``[B, Hq, Lq, Dv]`` in the query's dtype and ``lse`` ``[B, Hq, Lq]`` (natural log, float32 or
     float64). With ``causal`` the mask is bottom-right aligned (needs ``Lk >= Lq``). A query with no visible key
     (``Lk == 0``) gets ``out = 0`` and ``lse = -inf``, which the merge ignores. With ``valid_length`` (a device
-    tensor ``[1]``) only the first ``valid_length`` keys are attended to (``triton`` or ``math``).
+    tensor ``[1]``) only the first ``valid_length`` keys are attended to (``triton`` or ``math``). With ``window``
+    the sliding-window mask applies too (``math``, whatever the backend); a query that sees no key gets ``out = 0``,
+    ``lse = -inf``.
     """
     if query.shape[1] % key.shape[1] != 0:
         raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key/value heads ({key.shape[1]})")
@@ -144,6 +172,10 @@ def attention_with_lse(
         out = query.new_zeros(*query.shape[:-1], value.shape[-1])
         lse = torch.full(query.shape[:-1], float("-inf"), device=query.device, dtype=_lse_dtype(query))
         return out, lse
+    if window is not None:
+        return _math_attention(
+            query, key, value, scale=scale, causal=causal, softcap=softcap, valid_length=valid_length, window=window
+        )
     kernels = KernelChoice() if kernels is None else kernels
     valid = valid_length
     chosen = resolve_backend(kernels, query, key, softcap, value)
@@ -187,6 +219,7 @@ def _math_attention(
     causal: bool,
     softcap: float | None,
     valid_length: Tensor | None = None,
+    window: SlidingWindow | None = None,
 ) -> tuple[Tensor, Tensor]:
     batch, q_heads, q_len, _ = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -215,8 +248,14 @@ def _math_attention(
                 rows = torch.zeros(stop - start, dtype=torch.long, device=query.device) + (limit - 1)
             hidden = torch.arange(k_len, device=query.device)[None, :] > rows[:, None]  # [l, Lk]
             scores = scores.masked_fill(hidden, float("-inf"))
+        if window is not None:
+            scores = scores.masked_fill(window.hidden(slice(start, stop)), float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, l]
-        probs = torch.exp(scores - lse.unsqueeze(-1))  # [B, Hkv, G, l, Lk]
+        if window is not None:  # a row that sees no key (all of it outside the window): weights 0, lse -inf
+            lse_finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+            probs = torch.exp(scores - lse_finite.unsqueeze(-1))  # [B, Hkv, G, l, Lk]
+        else:
+            probs = torch.exp(scores - lse.unsqueeze(-1))  # [B, Hkv, G, l, Lk]
         out = torch.matmul(probs.view(batch, kv_heads, -1, k_len), v)  # [B, Hkv, G*l, Dv]
         outs.append(out.view(batch, q_heads, stop - start, -1))  # [B, Hq, l, Dv]
         lses.append(lse.reshape(batch, q_heads, stop - start))  # [B, Hq, l]

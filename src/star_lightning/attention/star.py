@@ -6,7 +6,10 @@ and does the rest here: store what the step says into the host's KV store, compo
 (Phase 1), attend over the store and merge every host's partial exactly (Phase 2), or run the ring (baseline).
 
 Masks are built here, not by transformers: requests are processed one at a time and blocks ragged, so there is
-no padding; causality is the only mask, and it is applied bottom-right aligned by the kernels. This function is
+no padding; causality is the only mask, applied bottom-right aligned by the kernels, and for a sliding-window layer
+the window, applied by the tokens' true positions (block and anchor positions in Phase 1, the store's positions in
+Phase 2, the source host's chunk spans in the ring), so star and ring keep the model's own window semantics. A
+window that cuts nothing in a forward (the request is shorter than it) is no mask at all. This function is
 therefore deliberately not registered in ``AttentionMaskInterface`` (transformers then passes
 ``attention_mask=None``, and a mask that does reach us is rejected rather than silently ignored).
 """
@@ -17,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
-from star_lightning.attention.kernels import attention_with_lse
+from star_lightning.attention.kernels import SlidingWindow, attention_with_lse
 from star_lightning.attention.merge import merge_pair, merge_partials
 from star_lightning.attention.ring import ring_attention
 from star_lightning.attention.step import ForwardStep
@@ -51,72 +54,95 @@ def star_attention_forward(
     layer = getattr(module, "layer_idx", None)
     if not isinstance(layer, int):
         raise RuntimeError(f"{type(module).__name__} has no integer layer_idx; star_lightning cannot store its KV")
-    if sliding_window is not None and star_step.last_position >= sliding_window:
-        raise ValueError(
-            f"layer {layer} uses sliding-window attention (window {sliding_window}) but the request reaches position "
-            f"{star_step.last_position}; Star Attention serves global-attention layers only. Use requests shorter "
-            "than the window, or a model without sliding-window layers"
-        )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     step = star_step
+    window = step.window(sliding_window)
     if step.phase == "block":
-        out = _block(step, layer, query, key, value, scale, softcap)
+        out = _block(step, layer, query, key, value, scale, softcap, window)
     elif step.phase == "ring":
         if step.store is None or step.ring is None:
             raise RuntimeError("a ring step needs the host's KV store and the ring plan")
-        step.store.append(layer, key, value)
+        step.store.append(layer, key, value, step.token_positions())
         out, _ = ring_attention(
-            query, key, value, step.group, step.ring, scale=scale, softcap=softcap, kernels=step.kernels
+            query, key, value, step.group, step.ring, scale=scale, softcap=softcap, kernels=step.kernels, window=window
         )
     else:
-        out = _query(step, layer, query, key, value, scale, softcap)
+        out = _query(step, layer, query, key, value, scale, softcap, window)
     return out.transpose(1, 2).contiguous(), None  # [B, Lq, Hq, D]
 
 
 def _block(
-    step: ForwardStep, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float, softcap: float | None
+    step: ForwardStep,
+    layer: int,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    scale: float,
+    softcap: float | None,
+    window: int | None,
 ) -> Tensor:
-    """Phase 1: store the block's K/V, hand the anchor on where asked, attend causally after the anchor prefix."""
+    """Phase 1: store the block's K/V, hand the anchor on where asked, attend causally after the anchor prefix.
+
+    With a sliding window a block token sees the anchor's keys (positions ``0..a-1``) only where the window allows:
+    for a block far from the start, none of them, as in the model itself."""
+    positions = step.token_positions()  # [L]
     if step.keep_new:
         if step.store is None:
             raise RuntimeError("a block step that keeps its K/V needs the host's KV store")
-        step.store.append(layer, key[:, :, step.skip :], value[:, :, step.skip :])
+        step.store.append(layer, key[:, :, step.skip :], value[:, :, step.skip :], positions[step.skip :])
     if step.share_anchor is not None:
         # From the store where the forward stored (no second reference to the whole block's K/V), else the input.
         keys, values = step.store.view(layer) if step.keep_new and step.store is not None else (key, value)
         length = step.share_anchor.length
         step.share_anchor.put(layer, keys[:, :, :length], values[:, :, :length])  # [B, Hkv, a, D]
-    out, lse = attention_with_lse(query, key, value, scale=scale, causal=True, softcap=softcap, kernels=step.kernels)
+    own = None if window is None else SlidingWindow(window, positions, positions)
+    out, lse = attention_with_lse(
+        query, key, value, scale=scale, causal=True, softcap=softcap, kernels=step.kernels, window=own
+    )
     if step.anchor is not None:
-        anchor_keys, anchor_values = step.anchor.kv(layer, key)  # [B, Hkv, a, D]: every query sees all of it
+        anchor_keys, anchor_values = step.anchor.kv(layer, key)  # [B, Hkv, a, D]: all of it seen, but for a window
+        anchor_window = None
+        if window is not None:
+            anchor_positions = torch.arange(anchor_keys.shape[2], device=positions.device)  # [a]
+            anchor_window = SlidingWindow(window, positions, anchor_positions)
         anchor_out, anchor_lse = attention_with_lse(
-            query, anchor_keys, anchor_values, scale=scale, causal=False, softcap=softcap, kernels=step.kernels
-        )
+            query, anchor_keys, anchor_values, scale=scale, causal=False, softcap=softcap, kernels=step.kernels,
+            window=anchor_window,
+        )  # fmt: skip
         out, lse = merge_pair(anchor_out, anchor_lse, out, lse)
     return out
 
 
 def _query(
-    step: ForwardStep, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float, softcap: float | None
+    step: ForwardStep,
+    layer: int,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    scale: float,
+    softcap: float | None,
+    window: int | None,
 ) -> Tensor:
     """Phase 2: attention over this host's store (the query host first appends the new tokens), then the exact merge
     of every host's partial (each host merges the same gathered partials, so all continue with identical bits)."""
     store = step.store
     if store is None:
         raise RuntimeError("a query step needs the host's KV store")
+    positions = step.token_positions()  # [Lq]
     valid = None
     if step.static is not None:
         if step.keep_new:
-            store.write_at(layer, step.static.write_slot, key, value)
-        keys, values = store.buffers(layer)  # [B, Hkv, C, D]: the valid length marks the real keys
+            store.write_at(layer, step.static.write_slot, key, value, positions)
+        keys, values, key_positions = store.buffers(layer)  # [B, Hkv, C, D], [C]: the valid length marks the real
         valid = step.static.valid_length
     else:
         if step.keep_new:
-            store.append(layer, key, value)
+            store.append(layer, key, value, positions)
         keys, values = store.view(layer)  # [B, Hkv, len, D]
+        key_positions = store.positions(layer)  # [len]
     out, lse = attention_with_lse(
         query, keys, values, scale=scale, causal=step.keep_new, softcap=softcap, kernels=step.kernels,
-        valid_length=valid,
+        valid_length=valid, window=None if window is None else SlidingWindow(window, positions, key_positions),
     )  # fmt: skip
     outs, lses = step.group.gather_partials(out, lse)  # [N, B, Hq, Lq, D], [N, B, Hq, Lq]
     out, _ = merge_partials(outs, lses)

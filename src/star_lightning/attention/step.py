@@ -46,7 +46,9 @@ class ForwardStep:
     own forward). ``keep_new``: append this forward's K/V to ``store``, except its first ``skip`` positions (the
     anchor recomputed before a block). ``anchor``: K/V attended to before the input's own; ``share_anchor``: where
     the first ``anchor_length`` K/V of this forward go (kept, or sent to the other hosts). ``static``: Phase 2 with
-    static shapes. ``last_position``: the request's largest position (for sliding-window checks).
+    static shapes. ``last_position``: the largest position this forward's queries reach, or may reach (a static
+    decoder's last token): a sliding window no larger than it may cut something. ``positions``: the true positions
+    ``[L]`` of this forward's tokens (the engine's ``_forward`` sets them from the position ids).
     """
 
     phase: Phase
@@ -60,3 +62,14 @@ class ForwardStep:
     ring: RingPlan | None = None
     static: StaticSlot | None = None
     last_position: int = 0
+    positions: Tensor | None = None
+
+    def window(self, size: int | None) -> int | None:
+        """``size`` when a sliding window of that size can cut something in this forward, else None (the window is
+        then no mask at all, and the kernels stay those of global attention)."""
+        return size if size is not None and self.last_position >= size else None
+
+    def token_positions(self) -> Tensor:
+        if self.positions is None:
+            raise RuntimeError("a forward step without the tokens' positions: run the model through the engine")
+        return self.positions

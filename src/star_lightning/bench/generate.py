@@ -83,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_tokenizer(name: str, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
+    from star_lightning.models import pretrained_source
+
+    source, kwargs = pretrained_source(name)  # a GGUF file: the tokenizer it carries
     try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as error:
         raise ConfigurationError(
             f"--tokenizer {name}: could not load a tokenizer ({error}). Give a local folder with tokenizer files "

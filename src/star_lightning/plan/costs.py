@@ -59,6 +59,7 @@ ACTIVATION_FIXED_BYTES = 0.525 * GIB
 # --- Memory outside the model's tensors ----------------------------------------------------------------------------
 RUNTIME_RESERVE_BYTES = 2 * GIB  # CUDA context, NCCL buffers, library workspaces, allocator slack
 ANCHOR_SEND_COPIES = 1.0  # anchor_source=broadcast: host 0 keeps each layer's sent message until Phase 1 ends
+POSITION_BYTES_PER_TOKEN_LAYER = 8  # star/ring stores: each stored token's int64 position, per layer
 RING_MESSAGES = 2.0  # ring: one layer's K/V being sent and one being received, x the host's own chunk K/V
 DENSE_CACHE_GROWTH = 0.5  # dense (DynamicCache): appending copies one layer's K (or V): x one layer's K/V
 

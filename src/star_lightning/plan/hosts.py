@@ -572,9 +572,11 @@ def _host_memory(
     )
     query_activation = costs.activation_bytes(shape, request.query_tokens, merged=layout.hosts > 1, tensor_parallel=t)
     gpus = []
+    # Star and ring keep each stored token's true position beside its K/V (int64 per layer, on every shard).
+    stored_token = kv_token + (costs.POSITION_BYTES_PER_TOKEN_LAYER * shape.layers if layout.method != "dense" else 0)
     for weights, layer_share in _gpu_shares(shape, layout):
-        context_kv = context_tokens * kv_token * layer_share
-        query_kv = stored_new * kv_token * layer_share
+        context_kv = context_tokens * stored_token * layer_share
+        query_kv = stored_new * stored_token * layer_share
         anchor_kv = anchor_kv_tokens * kv_token * layer_share
         if layout.method == "dense":  # the cache grows: Phase 1 holds the context only
             growth = costs.DENSE_CACHE_GROWTH * (context_tokens + stored_new) * kv_token_layer

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from star_lightning.tokens import context_ids, query_ids
+
 
 @dataclass(frozen=True)
 class TaskTemplate:
@@ -92,8 +94,8 @@ def render(prompt: Prompt, tokenizer: Any, *, chat: bool) -> tuple[str, list[str
 
     Without chat formatting the halves are RULER's plain prompt, the answer prefix ending each query. With chat
     formatting the whole prompt is one user turn rendered by the tokenizer's template, split at the end of the
-    haystack (a marker locates it), and the answer prefix follows the assistant header as RULER appends it. A
-    leading BOS written by the template is removed so that tokenizing the context with special tokens adds one.
+    haystack (a marker locates it), and the answer prefix follows the assistant header as RULER appends it. The
+    context keeps a BOS the template writes (``predict`` adds no second one: :mod:`star_lightning.tokens`).
     """
     if not chat:
         return prompt.context, [question.query + question.answer_prefix for question in prompt.questions]
@@ -109,12 +111,9 @@ def render(prompt: Prompt, tokenizer: Any, *, chat: bool) -> tuple[str, list[str
     if len(contexts) != 1:
         raise ValueError("The tokenizer's chat template renders the shared context differently for each question.")
     (context,) = contexts
-    bos = getattr(tokenizer, "bos_token", None)
-    if bos and context.startswith(bos):
-        context = context[len(bos) :]
     return context, queries
 
 
 def count_tokens(tokenizer: Any, text: str, *, special: bool) -> int:
-    """Token count as ``predict`` tokenizes: the context with special tokens (BOS), a query without."""
-    return len(tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"])
+    """Token count as ``predict`` tokenizes: the context with special tokens (BOS, never twice), a query without."""
+    return len(context_ids(tokenizer, text) if special else query_ids(tokenizer, text))

@@ -1,0 +1,39 @@
+"""How a request becomes token ids: the context with the tokenizer's special tokens (its BOS), the query without.
+
+A context that already begins with the BOS text (a chat-template prompt such as Llama-3's or SmolLM2's, the
+reference implementation's prepared files) is not given a second BOS. ``predict``, its length check before any
+weights load, and ``generate``'s token budget all count tokens through these functions, so they agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def without_second_bos(tokenizer: Any, text: str, ids: list[int]) -> list[int]:
+    """``ids`` (the context tokenized with special tokens) without the BOS the tokenizer added in front of a text
+    that already begins with one."""
+    bos_text, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if bos_text and bos_id is not None and text.startswith(bos_text) and ids[:2] == [bos_id, bos_id]:
+        return ids[1:]
+    return ids
+
+
+def context_ids(tokenizer: Any, text: str) -> list[int]:
+    return without_second_bos(tokenizer, text, tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+
+
+def query_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def batch_lengths(tokenizer: Any, contexts: Sequence[str], queries: Sequence[str]) -> list[tuple[int, int]]:
+    """``(context tokens, query tokens)`` of many requests at once (the fast tokenizer's batch path)."""
+    options: dict[str, Any] = {"return_attention_mask": False, "return_token_type_ids": False, "verbose": False}
+    context_tokens = tokenizer(list(contexts), add_special_tokens=True, **options)["input_ids"]
+    query_tokens = tokenizer(list(queries), add_special_tokens=False, **options)["input_ids"]
+    return [
+        (len(without_second_bos(tokenizer, text, ids)), len(query))
+        for text, ids, query in zip(contexts, context_tokens, query_tokens, strict=True)
+    ]
