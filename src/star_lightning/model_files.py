@@ -158,3 +158,13 @@ def fingerprint_folder(folder: str | os.PathLike[str]) -> str:
         else:
             digest.update(path.read_bytes())
     return f"sha256:{digest.hexdigest()}"
+
+
+def fingerprint_file(path: str | os.PathLike[str]) -> str:
+    """``sha256:<hex>`` of one weights file (a GGUF): its name, size and sampled bytes, as a folder's weights."""
+    target = Path(path)
+    digest = hashlib.sha256()
+    size = target.stat().st_size
+    digest.update(f"{target.name}\0{size}\0".encode())
+    _hash_samples(digest, target, 0, size)
+    return f"sha256:{digest.hexdigest()}"

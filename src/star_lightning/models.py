@@ -23,7 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from star_lightning.attention.star import ATTENTION_NAME, register_star_attention
 from star_lightning.errors import ConfigurationError
-from star_lightning.model_files import check_weight_files, fingerprint_folder
+from star_lightning.model_files import check_weight_files, fingerprint_file, fingerprint_folder
 
 DTypeName = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 _NON_ATTENTION_LAYERS = ("linear_attention", "mamba", "conv", "recurrent", "mlstm", "slstm")
@@ -339,11 +339,14 @@ def placeable_positions(config: PretrainedConfig) -> int | None:
 def model_fingerprint(pretrained: str) -> str:
     """What identifies the weights and files of ``pretrained`` in a run record.
 
-    A local folder: :func:`star_lightning.model_files.fingerprint_folder` (sizes, headers, samples; cheap). A hub id:
-    the commit of the cached snapshot (``hub:ID@COMMIT``), which names every file of it.
+    A local folder: :func:`star_lightning.model_files.fingerprint_folder` (sizes, headers, samples; cheap); a GGUF
+    file: the same of the file. A hub id: the commit of the cached snapshot (``hub:ID@COMMIT``), which names every
+    file of it.
     """
     if Path(pretrained).is_dir():
         return fingerprint_folder(pretrained)
+    if Path(pretrained).is_file():
+        return fingerprint_file(pretrained)
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(pretrained, "config.json")
