@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from star_lightning.cli import main
-from test_cli import _read
+from star_lightning.models import set_attention
+from star_lightning.module import StarAttentionLM
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -36,26 +39,25 @@ pytestmark = [
 ]
 
 
-def _predict(data: Path, output: Path, *extra: str) -> dict[int, str]:
-    args = ["predict", "--model.pretrained", str(GGUF), "--model.dtype", "float32", "--model.max_new_tokens", "12",
-            "--data.path", str(data), "--output", str(output), "--trainer.accelerator", "cpu", "--trainer.devices",
-            "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
-    assert main(args) == 0
-    return {index: row["pred"] for index, row in _read(output).items()}
-
-
 @pytest.mark.slow
 def test_gguf_model_one_block_star_equals_dense(tmp_path: Path) -> None:
-    """generate --tokenizer FILE.gguf, then predict --model.pretrained FILE.gguf: star with one block writes dense's
-    predictions, and the real model finds the needle (the weights and tokenizer were read correctly)."""
+    """generate --tokenizer FILE.gguf, then the predict module on --model.pretrained FILE.gguf (weights and tokenizer
+    read once, as predict reads them): star with one block answers as dense, and the real model finds the needle
+    (the weights and tokenizer were read correctly)."""
     data = tmp_path / "niah.jsonl"
     generate = ["generate", "--benchmark", "ruler", "--task", "niah_single_1", "--tokenizer", str(GGUF), "--length",
                 "512", "--num_samples", "2", "--seed", "0", "--output", str(data)]  # fmt: skip
     assert main(generate) == 0
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     assert len(rows) == 2
-    dense = _predict(data, tmp_path / "dense.jsonl", "--model.attention", "dense")
-    star = _predict(data, tmp_path / "star.jsonl", "--model.block_size", "100000")
+    module = StarAttentionLM(pretrained=str(GGUF), dtype="float32", max_new_tokens=12, block_size=100000)
+    module.configure_model()
+    assert module.model is not None
+    with torch.no_grad():
+        star = {row["index"]: module.decode_text(module.run_request(row).token_ids) for row in rows}
+        set_attention(module.model, "dense")
+        module.star_settings = replace(module.star_settings, attention="dense")
+        dense = {row["index"]: module.decode_text(module.run_request(row).token_ids) for row in rows}
     assert star == dense
     for row in rows:
         assert all(answer in dense[row["index"]] for answer in row["outputs"]), (dense, row["outputs"])

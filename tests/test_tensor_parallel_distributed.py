@@ -49,7 +49,7 @@ def test_two_hosts_of_two_tensor_shards_write_what_two_hosts_write(tiny_model_di
             for i in range(2)]  # fmt: skip
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    for method in ("star", "ring"):
+    for method in ("star",):  # the ring over tensor shards: test_hosts_of_tensor_shards_compute_what_whole_hosts_do
         reference, sharded = tmp_path / f"{method}_tp1.jsonl", tmp_path / f"{method}_tp2.jsonl"
         # One host, one GPU (in this process): star's blocks do not depend on the host count, ring is exact.
         one = _args(tiny_model_dir, data, reference, 1, 1, "--model.attention", method)
@@ -80,29 +80,37 @@ def test_a_layout_that_cannot_split_the_heads_is_refused_before_weights_load(tin
 
 
 def _sharded_request(rank: int, world_size: int) -> dict:
-    """One host of two tensor shards (float64): its weights split by the plan, the request's logits and tokens."""
+    """Host ``rank // 2`` of 2, tensor shard ``rank % 2`` of 2 (float64): star (anchor broadcast per head shard) and
+    the zigzag ring over the context-parallel group of its shard."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
 
     from model_zoo import random_tokens, tiny_model
     from star_lightning.generation import GenerationSettings, StarSettings, generate
     from star_lightning.models import use_star_attention
-    from star_lightning.parallel.group import SingleHostGroup
+    from star_lightning.parallel.layout import AXES, make_layout
     from star_lightning.parallel.tensor_parallel import apply_tensor_parallel
+    from star_lightning.parallel.torch_group import DistributedContextGroup
 
+    layout = make_layout(world_size, 2, 2)
+    mesh = init_device_mesh("cpu", layout.shape, mesh_dim_names=AXES)
     model = tiny_model("llama")
-    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tensor_parallel",))
-    apply_tensor_parallel(model, mesh)
+    apply_tensor_parallel(model, mesh["tensor_parallel"])
     use_star_attention(model)
+    ranks = layout.context_parallel_ranks(0, layout.tensor_parallel_rank(rank))
+    group = DistributedContextGroup(mesh["context_parallel"].get_group(), ranks, torch.device("cpu"))
     k_proj = model.model.layers[0].self_attn.k_proj.weight
     context, query = random_tokens(70, seed=1), random_tokens(5, seed=2)
+    out: dict = {"local_kv_rows": k_proj.to_local().shape[0]}
     with torch.no_grad():
-        result = generate(model, context, query, SingleHostGroup(), StarSettings(block_size=16, anchor_block_size=12),
-                          GenerationSettings(6))  # fmt: skip
-    return {"local_kv_rows": k_proj.to_local().shape[0], "tokens": result.token_ids}
+        for name, star in (("star", StarSettings(block_size=16, anchor_block_size=12)),
+                           ("ring", StarSettings(attention="ring"))):  # fmt: skip
+            out[name] = generate(model, context, query, group, star, GenerationSettings(6)).token_ids
+    return out
 
 
-def test_a_tensor_sharded_host_computes_what_a_whole_host_computes(tmp_path: Path) -> None:
+def test_hosts_of_tensor_shards_compute_what_whole_hosts_do(tmp_path: Path) -> None:
+    """2 hosts x 2 tensor shards (4 gloo processes, float64): the tokens of one whole host, for star and ring."""
     import torch
 
     from distributed_utils import run_on_ranks
@@ -113,10 +121,14 @@ def test_a_tensor_sharded_host_computes_what_a_whole_host_computes(tmp_path: Pat
 
     model = tiny_model("llama")
     use_star_attention(model)
+    whole = {}
     with torch.no_grad():
-        whole = generate(model, random_tokens(70, seed=1), random_tokens(5, seed=2), SingleHostGroup(),
-                         StarSettings(block_size=16, anchor_block_size=12), GenerationSettings(6))  # fmt: skip
-    shards = run_on_ranks(_sharded_request, 2, tmp_path)
+        for name, star in (("star", StarSettings(block_size=16, anchor_block_size=12)),
+                           ("ring", StarSettings(attention="ring"))):  # fmt: skip
+            whole[name] = generate(model, random_tokens(70, seed=1), random_tokens(5, seed=2), SingleHostGroup(), star,
+                                   GenerationSettings(6)).token_ids  # fmt: skip
+    shards = run_on_ranks(_sharded_request, 4, tmp_path)
     rows = model.model.layers[0].self_attn.k_proj.weight.shape[0]
-    assert [shard["local_kv_rows"] for shard in shards] == [rows // 2, rows // 2]  # the heads really are split
-    assert all(shard["tokens"] == whole.token_ids for shard in shards)
+    assert [shard["local_kv_rows"] for shard in shards] == [rows // 2] * 4  # the heads really are split
+    for shard in shards:
+        assert shard["star"] == whole["star"] and shard["ring"] == whole["ring"]
