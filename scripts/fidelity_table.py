@@ -80,9 +80,9 @@ def run_cli(argv: list[str]) -> str:
     return buf.getvalue()
 
 
-def cell(model: Path, data: Path, out: Path, task: str, length: int, config: str, device: str) -> dict:
+def cell(model: Path, data: Path, out: Path, task: str, length: int, config: str, device: str, dtype: str) -> dict:
     attention, divisor, anchor = CONFIGS[config]
-    argv = ["predict", "--model.pretrained", str(model), "--model.attention", attention,
+    argv = ["predict", "--model.pretrained", str(model), "--model.attention", attention, "--model.dtype", dtype,
             "--model.max_new_tokens", str(MAX_NEW_TOKENS.get(task, 16)), "--data.path", str(data),
             "--output", str(out), "--trainer.accelerator", device, "--trainer.devices", "1",
             "--trainer.enable_progress_bar", "false"]  # fmt: skip
@@ -103,7 +103,7 @@ def below_floor(results: dict, length: int, task: str, floor: float) -> bool:
     return dense is not None and dense["score"] < floor
 
 
-def markdown(results: dict, lengths: list[int], tasks: list[str], n: int, device: str, floor: float) -> str:
+def markdown(results: dict, lengths: list[int], tasks: list[str], n: int, device: str, floor: float, dtype: str) -> str:
     configs = list(CONFIGS)
     head = ["task"] + [f"{L // 1024}K {c}" for L in lengths for c in configs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -122,7 +122,7 @@ def markdown(results: dict, lengths: list[int], tasks: list[str], n: int, device
                     row.append(f"{r['score']:.1f}" if r else "-")
         lines.append("| " + " | ".join(row) + " |")
     counts = sorted({r["count"] for r in results.values()})
-    precision = "float32" if device == "cpu" else "bfloat16"
+    precision = dtype if dtype != "auto" else ("float32" if device == "cpu" else "bfloat16")
     note = (
         f"Score 0-100 (RULER: the share of reference values found in the answer; BABILong: its "
         f"compare_answers), {n} requests per cell (counts seen: {counts}), greedy, {device.upper()} {precision}, "
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="model folder or .gguf file; default: the shipped tiny_lm")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="one CPU process or one GPU")
+    p.add_argument("--dtype", default="auto", help="--model.dtype of every cell (auto: float32 on CPU, bf16 on GPU)")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--tasks", nargs="*", default=TASKS, help="RULER tasks (none: only BABILong)")
     p.add_argument("--babilong-dir", type=Path, default=None, help="BABILong data (generate --data_dir): its tasks too")
@@ -181,13 +182,15 @@ def main(argv: list[str] | None = None) -> None:
                 if key in results or (config != "dense" and below_floor(results, length, task, args.dense_floor)):
                     continue
                 out = args.work / f"pred_{task}_{length}_{config.replace('/', '')}.jsonl"
-                results[key] = cell(model, data, out, task, length, config, args.device)
+                results[key] = cell(model, data, out, task, length, config, args.device, args.dtype)
                 print(key, results[key], file=sys.stderr, flush=True)
-                meta = {"model": str(model), "device": args.device, "num_samples": args.num_samples,
-                        "seed": args.seed, "dense_floor": args.dense_floor,
+                meta = {"model": str(model), "device": args.device, "dtype": args.dtype,
+                        "num_samples": args.num_samples, "seed": args.seed, "dense_floor": args.dense_floor,
                         "configs": {k: list(v) for k, v in CONFIGS.items()}}  # fmt: skip
                 json_path.write_text(json.dumps({"meta": meta, "cells": results}, indent=2) + "\n")
-                table = markdown(results, args.lengths, tasks, args.num_samples, args.device, args.dense_floor)
+                table = markdown(
+                    results, args.lengths, tasks, args.num_samples, args.device, args.dense_floor, args.dtype
+                )
                 md_path.write_text(title + table)
                 if args.model_card:
                     card = args.model_card.read_text()
