@@ -80,9 +80,11 @@ def run_cli(argv: list[str]) -> str:
     return buf.getvalue()
 
 
-def cell(model: Path, data: Path, out: Path, task: str, length: int, config: str, device: str, dtype: str) -> dict:
+def cell(model: Path, data: Path, out: Path, task: str, length: int, config: str, args: argparse.Namespace) -> dict:
     attention, divisor, anchor = CONFIGS[config]
-    argv = ["predict", "--model.pretrained", str(model), "--model.attention", attention, "--model.dtype", dtype,
+    device = args.device
+    argv = ["predict", "--model.pretrained", str(model), "--model.attention", attention, "--model.dtype", args.dtype,
+            "--model.decode", args.decode,
             "--model.max_new_tokens", str(MAX_NEW_TOKENS.get(task, 16)), "--data.path", str(data),
             "--output", str(out), "--trainer.accelerator", device, "--trainer.devices", "1",
             "--trainer.enable_progress_bar", "false"]  # fmt: skip
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", type=Path, default=None, help="model folder or .gguf file; default: the shipped tiny_lm")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="one CPU process or one GPU")
     p.add_argument("--dtype", default="auto", help="--model.dtype of every cell (auto: float32 on CPU, bf16 on GPU)")
+    p.add_argument("--decode", default="auto", help="--model.decode of every cell (graph: no compile per cell)")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--tasks", nargs="*", default=TASKS, help="RULER tasks (none: only BABILong)")
     p.add_argument("--babilong-dir", type=Path, default=None, help="BABILong data (generate --data_dir): its tasks too")
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
                 if key in results or (config != "dense" and below_floor(results, length, task, args.dense_floor)):
                     continue
                 out = args.work / f"pred_{task}_{length}_{config.replace('/', '')}.jsonl"
-                results[key] = cell(model, data, out, task, length, config, args.device, args.dtype)
+                results[key] = cell(model, data, out, task, length, config, args)
                 print(key, results[key], file=sys.stderr, flush=True)
                 meta = {"model": str(model), "device": args.device, "dtype": args.dtype,
                         "num_samples": args.num_samples, "seed": args.seed, "dense_floor": args.dense_floor,
