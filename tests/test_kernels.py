@@ -214,12 +214,14 @@ def test_a_kept_context_replays_its_captured_step_for_the_next_query(decode: str
     model = tiny_model("llama", dtype=torch.float32).cuda()
     use_star_attention(model)
     context = random_tokens(300, seed=3).cuda()
-    first, second = random_tokens(4, seed=4).cuda(), random_tokens(6, seed=5).cuda()
+    # Queries of one length fit the room the first left (a longer one would grow the store: a new capture).
+    first, second = random_tokens(6, seed=4).cuda(), random_tokens(6, seed=5).cuda()
     star, settings = StarSettings(block_size=100, decode=decode), GenerationSettings(max_new_tokens=9)
+    group = SingleHostGroup()  # the strategy's one group, as predict passes it for every request
     with torch.no_grad():
-        fresh = generate(model, context, second, SingleHostGroup(), star, settings)
-        kept = generate(model, context, first, SingleHostGroup(), star, settings)
-        reused = generate(model, context, second, SingleHostGroup(), star, settings, kept=kept.context)
+        fresh = generate(model, context, second, group, star, settings)
+        kept = generate(model, context, first, group, star, settings)
+        reused = generate(model, context, second, group, star, settings, kept=kept.context)
     assert reused.stats.context_reused and reused.context.decoder is kept.context.decoder
     assert reused.stats.decode_setup_s == 0.0  # replayed, not captured again
     assert reused.token_ids == fresh.token_ids
