@@ -33,25 +33,6 @@ def _sbatch(cluster: SlurmCluster, workdir: Path, options: list[str], args: list
     return result.stdout.strip().split(";")[0], text
 
 
-def test_sbatch_two_tasks_writes_every_request_once(
-    slurm_cluster: SlurmCluster, tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    data = write_requests(tmp_path / "requests.jsonl", 6)
-    output = tmp_path / "predictions.jsonl"
-    args = predict_args(tiny_model_dir, data, output, "--trainer.strategy.timeout_s", "60")[1:]  # minus "predict"
-    args.remove("--trainer.accelerator")
-    args.remove("cpu")
-    start = time.monotonic()
-    job, text = _sbatch(slurm_cluster, tmp_path, [*CPU_OPTIONS, "--ntasks-per-node=2"], args)
-    assert sorted(read_indices(output)) == list(range(6)), text
-    # Lightning took ranks and the world from SLURM, with the sizes the script derived from the allocation.
-    assert "1 node(s) x 2 task(s), accelerator cpu" in text
-    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in text
-    accounting = slurm_cluster.run("scontrol", "show", "job", job).stdout
-    assert "ExitCode=0:0" in accounting, accounting
-    assert time.monotonic() - start < 90
-
-
 def _scalars(log_dir: Path) -> dict[str, dict[int, list[float]]]:
     """Every scalar of the TensorBoard event files under ``log_dir``, read back with tensorboard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -69,15 +50,24 @@ def _scalars(log_dir: Path) -> dict[str, dict[int, list[float]]]:
 def test_sbatch_two_by_two_groups_split_the_requests_and_log_them(
     slurm_cluster: SlurmCluster, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """4 tasks as 2 data-parallel groups of 2 hosts: every request written once, each by one group, all logged."""
+    """4 tasks as 2 data-parallel groups of 2 hosts: Lightning takes the ranks and the world from SLURM, every
+    request is written once, each by one group, all logged, and the job ends cleanly in SLURM's accounting."""
     count = 7  # odd: the groups get 4 and 3 requests, and no request is repeated to even them out
     data = write_requests(tmp_path / "requests.jsonl", count)
     output = tmp_path / "predictions.jsonl"
-    args = predict_args(tiny_model_dir, data, output, "--trainer.strategy.context_parallel_size", "2")[1:]
+    args = predict_args(tiny_model_dir, data, output, "--trainer.strategy.context_parallel_size", "2",
+                        "--trainer.strategy.timeout_s", "60")[1:]  # fmt: skip
     args = [arg for arg in args if arg not in ("--trainer.accelerator", "cpu")]
-    _, text = _sbatch(slurm_cluster, tmp_path, [*CPU_OPTIONS, "--ntasks-per-node=4"], args)
+    start = time.monotonic()
+    job, text = _sbatch(slurm_cluster, tmp_path, [*CPU_OPTIONS, "--ntasks-per-node=4"], args)
     indices = read_indices(output)
     assert sorted(indices) == list(range(count)), text
+    # The sizes the script derived from the allocation, and the ranks Lightning took from SLURM.
+    assert "1 node(s) x 4 task(s), accelerator cpu" in text
+    assert "Initializing distributed: GLOBAL_RANK: 3, MEMBER: 4/4" in text
+    accounting = slurm_cluster.run("scontrol", "show", "job", job).stdout
+    assert "ExitCode=0:0" in accounting, accounting
+    assert time.monotonic() - start < 110
     scalars = _scalars(tmp_path / "lightning_logs")
     groups = scalars["request/data_parallel_group"]
     assert sorted(groups) == list(range(count)) and all(len(values) == 1 for values in groups.values())

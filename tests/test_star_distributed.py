@@ -132,7 +132,8 @@ def test_star_is_invariant_to_host_count_and_ring_equals_dense(family: str, tmp_
     for layout in ("zigzag", "contiguous"):
         torch.testing.assert_close(single[f"ring/{layout}"]["logits"], dense_logits, rtol=1e-9, atol=1e-9)
         assert single["ring_tokens"][layout] == dense_tokens
-    for world_size in (2, 3, 4) if family == "llama" else (3,):
+    # 3 hosts split the blocks unevenly, 4 evenly (2 hosts: the CLI and Fabric tests).
+    for world_size in (3, 4) if family == "llama" else (3,):
         results = run_on_ranks(_run_request, world_size, tmp_path, family=family)
         for rank, result in enumerate(results):
             _assert_star_agrees(result, single, rank, world_size)

@@ -52,6 +52,7 @@ from star_lightning.models import (
 from star_lightning.module import StarAttentionLM
 from star_lightning.parallel.mixin import ContextParallelMixin
 from star_lightning.partition import plan_blocks
+from star_lightning.plan import Layout, Request, check_fits, local_gpu
 from star_lightning.tokens import batch_lengths
 
 # Requests tokenized per call: the fast tokenizers encode a batch on all cores; a bounded batch bounds the memory of
@@ -189,9 +190,11 @@ def _check_with_lock(
     skipped: list[TooLong] = []
     if to_check:
         tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-        skipped = _check_lengths(
+        skipped, longest = _check_lengths(
             to_check, tokenizer, hparams, positions, context_parallel_size, datamodule.path, datamodule.on_too_long
         )
+        if longest is not None:
+            _check_memory(config, hparams, trainer, dtype, longest)
     datamodule.exclude(item.index for item in skipped)
 
     if overwrite and Path(output).exists():
@@ -298,9 +301,11 @@ def _check_lengths(
     hosts: int,
     request_file: str,
     on_too_long: str,
-) -> list[TooLong]:
-    """Too-long requests (skipped) or the first problem (raised); also the errors a request would hit at its turn."""
+) -> tuple[list[TooLong], Request | None]:
+    """Too-long requests (skipped) or the first problem (raised); also the errors a request would hit at its turn.
+    And the longest request that runs (for the memory check)."""
     skipped: list[TooLong] = []
+    longest: Request | None = None
     lengths = prompt_lengths(tokenizer, [request for _, request in numbered])
     for (line, request), (context, query) in zip(numbered, lengths, strict=True):
         index = request["index"]
@@ -328,7 +333,34 @@ def _check_lengths(
             raise ConfigurationError(
                 f"{where}: ring attention needs at least one context token per host ({hosts}), got {context}"
             )
-    return skipped
+        if longest is None or total > longest.context_tokens + longest.query_tokens + longest.max_new_tokens:
+            longest = Request(context, query, budget)
+    return skipped, longest
+
+
+def _check_memory(config: Any, hparams: Any, trainer: pl.Trainer, dtype: str, longest: Request) -> None:
+    """On GPUs: every host of the layout holds the longest request in its GPU's memory (:mod:`star_lightning.plan`),
+    checked before any weights load, so a layout that cannot fit fails now naming the host and its bytes, not after
+    minutes of loading."""
+    strategy = trainer.strategy
+    if strategy.root_device.type != "cuda" or not isinstance(strategy, ContextParallelMixin):
+        return
+    gpu = local_gpu(dtype, measure=False, device_index=strategy.root_device.index or 0)
+    if gpu is None:
+        return
+    parallel = strategy.validate_layout(trainer.num_nodes * trainer.num_devices)
+    layout = Layout(
+        method=hparams["attention"],
+        hosts=parallel.context_parallel_size,
+        block_size=hparams["block_size"],
+        anchor_block_size=hparams["anchor_block_size"],
+        use_anchor=hparams["anchor"],
+        anchor_source=hparams["anchor_source"],
+        ring_layout=hparams["ring_layout"],
+        tensor_parallel_size=parallel.tensor_parallel_size,
+        gpus_per_host=strategy.gpus_per_host,
+    )
+    check_fits(config, dtype=dtype, layout=layout, request=longest, gpu=gpu, max_tensor_parallel=8)
 
 
 def _jsonable(value: Any) -> Any:

@@ -164,6 +164,11 @@ class ContextParallelMixin:
             super().model_to_device()  # type: ignore[misc]
 
     @property
+    def gpus_per_host(self) -> int:
+        """GPUs one process spreads its model's layers over (1: one GPU per process)."""
+        return self._gpus_per_host
+
+    @property
     def timeout(self) -> timedelta:
         """How long a collective may wait for a peer before the job fails."""
         return timedelta(seconds=self._timeout_s)
