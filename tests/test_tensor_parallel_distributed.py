@@ -17,6 +17,8 @@ import pytest
 from star_lightning.cli import main
 from star_lightning.errors import ConfigurationError
 
+FAMILIES = ("llama", "olmo2")  # heads split; q and k gathered (OLMo-2 normalizes them over all heads)
+
 CONTEXT = "The grass is green. The sky is blue. " * 8 + "The secret code is 4711. " + "Birds sing. " * 6
 
 
@@ -94,23 +96,25 @@ def _sharded_request(rank: int, world_size: int) -> dict:
 
     layout = make_layout(world_size, 2, 2)
     mesh = init_device_mesh("cpu", layout.shape, mesh_dim_names=AXES)
-    model = tiny_model("llama")
-    apply_tensor_parallel(model, mesh["tensor_parallel"])
-    use_star_attention(model)
     ranks = layout.context_parallel_ranks(0, layout.tensor_parallel_rank(rank))
     group = DistributedContextGroup(mesh["context_parallel"].get_group(), ranks, torch.device("cpu"))
-    k_proj = model.model.layers[0].self_attn.k_proj.weight
     context, query = random_tokens(70, seed=1), random_tokens(5, seed=2)
-    out: dict = {"local_kv_rows": k_proj.to_local().shape[0]}
-    with torch.no_grad():
-        for name, star in (("star", StarSettings(block_size=16, anchor_block_size=12)),
-                           ("ring", StarSettings(attention="ring"))):  # fmt: skip
-            out[name] = generate(model, context, query, group, star, GenerationSettings(6)).token_ids
+    out: dict = {}
+    for family in FAMILIES:
+        model = tiny_model(family)
+        apply_tensor_parallel(model, mesh["tensor_parallel"])
+        use_star_attention(model)
+        out[f"{family}/local_kv_rows"] = model.model.layers[0].self_attn.k_proj.weight.to_local().shape[0]
+        with torch.no_grad():
+            for name, star in (("star", StarSettings(block_size=16, anchor_block_size=12)),
+                               ("ring", StarSettings(attention="ring"))):  # fmt: skip
+                out[f"{family}/{name}"] = generate(model, context, query, group, star, GenerationSettings(6)).token_ids
     return out
 
 
 def test_hosts_of_tensor_shards_compute_what_whole_hosts_do(tmp_path: Path) -> None:
-    """2 hosts x 2 tensor shards (4 gloo processes, float64): the tokens of one whole host, for star and ring."""
+    """2 hosts x 2 tensor shards (4 gloo processes, float64): the tokens of one whole host, for star and ring; for
+    Llama (heads split) and OLMo-2 (its plan gathers q and k: every shard computes all heads)."""
     import torch
 
     from distributed_utils import run_on_ranks
@@ -119,16 +123,20 @@ def test_hosts_of_tensor_shards_compute_what_whole_hosts_do(tmp_path: Path) -> N
     from star_lightning.models import use_star_attention
     from star_lightning.parallel.group import SingleHostGroup
 
-    model = tiny_model("llama")
-    use_star_attention(model)
-    whole = {}
-    with torch.no_grad():
-        for name, star in (("star", StarSettings(block_size=16, anchor_block_size=12)),
-                           ("ring", StarSettings(attention="ring"))):  # fmt: skip
-            whole[name] = generate(model, random_tokens(70, seed=1), random_tokens(5, seed=2), SingleHostGroup(), star,
-                                   GenerationSettings(6)).token_ids  # fmt: skip
+    whole, rows = {}, {}
+    for family in FAMILIES:
+        model = tiny_model(family)
+        use_star_attention(model)
+        rows[family] = model.model.layers[0].self_attn.k_proj.weight.shape[0]
+        with torch.no_grad():
+            for name, star in (("star", StarSettings(block_size=16, anchor_block_size=12)),
+                               ("ring", StarSettings(attention="ring"))):  # fmt: skip
+                context, query = random_tokens(70, seed=1), random_tokens(5, seed=2)
+                result = generate(model, context, query, SingleHostGroup(), star, GenerationSettings(6))
+                whole[f"{family}/{name}"] = result.token_ids
     shards = run_on_ranks(_sharded_request, 4, tmp_path)
-    rows = model.model.layers[0].self_attn.k_proj.weight.shape[0]
-    assert [shard["local_kv_rows"] for shard in shards] == [rows // 2] * 4  # the heads really are split
     for shard in shards:
-        assert shard["star"] == whole["star"] and shard["ring"] == whole["ring"]
+        for family in FAMILIES:
+            assert shard[f"{family}/local_kv_rows"] == rows[family] // 2  # the key projection's weights are split
+            assert shard[f"{family}/star"] == whole[f"{family}/star"]
+            assert shard[f"{family}/ring"] == whole[f"{family}/ring"]

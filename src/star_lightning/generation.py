@@ -206,18 +206,20 @@ def num_layers(model: nn.Module) -> int:
 
 def kv_shape(model: nn.Module) -> tuple[int, int]:
     """``(KV heads, head dim)`` of one attention layer on this process (the anchor's receive buffers need them before
-    the forward that fills them): the config's, or, with the heads split over tensor-parallel GPUs, the local count
-    read off the key projection's local weight."""
+    the forward that fills them): the config's, or, with the heads split over tensor-parallel GPUs, this GPU's share
+    (:func:`star_lightning.parallel.tensor_parallel.local_key_heads`)."""
     config = _config(model).get_text_config()
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    for module in model.modules():
+    for name, module in model.named_modules():
         projection = getattr(module, "k_proj", None)
         if isinstance(projection, nn.Linear):
-            weight = projection.weight
-            local = weight.to_local() if hasattr(weight, "to_local") else weight  # a DTensor's shard
-            return int(local.shape[0]) // head_dim, head_dim
+            if hasattr(projection.weight, "device_mesh"):  # a DTensor: the model is sharded
+                from star_lightning.parallel.tensor_parallel import local_key_heads
+
+                return local_key_heads(model, f"{name}.k_proj", kv_heads), head_dim
+            return kv_heads, head_dim
     return kv_heads, head_dim
 
 

@@ -15,6 +15,7 @@ releases. Each process reads the full weights and keeps its shard (``src_data_ra
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
@@ -98,3 +99,15 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
     plan = {pattern: style for pattern, name in model_tp_plan(type(model), config).items()
             if (style := _style(name, pattern)) is not None}  # fmt: skip
     parallelize_module(model, mesh, plan, src_data_rank=None)
+
+
+def local_key_heads(model: nn.Module, projection_path: str, heads: int) -> int:
+    """How many key/value heads this process computes: all of them, or a ``1/T`` share when the plan splits the key
+    projection's output over a mesh of ``T`` (a plan that gathers the output, as OLMo-2's, leaves them whole)."""
+    weight = model.get_submodule(projection_path).weight
+    mesh = getattr(weight, "device_mesh", None)
+    if mesh is None:
+        return heads
+    pattern = re.sub(r"\.\d+\.", ".*.", projection_path)
+    style = model_tp_plan(type(model), getattr(model, "config", None)).get(pattern)
+    return heads // mesh.size() if style in ("colwise", "local_colwise") else heads
