@@ -171,3 +171,21 @@ def test_data_parallel_groups_split_by_context(tiny_model_dir: Path, tmp_path: P
     assert sorted(group) == list(range(7))
     assert group[0] == group[2] == group[4] and group[1] == group[3] == group[5]
     assert {group[0], group[1], group[6]} == {0.0, 1.0}  # both groups worked
+
+
+def test_resume_and_dense_keep_exactly_once_with_shared_contexts(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A run stopped after some requests of a context resumes with exactly the rest; dense reuses a kept context
+    too (its transformers cache rolled back), with the predictions of re-encoding."""
+    data = _write(tmp_path / "in.jsonl", _rows())
+    quiet = ("--trainer.logger", "false")
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    assert main(_args(tiny_model_dir, data, full, *quiet)) == 0
+    assert main(_args(tiny_model_dir, data, part, "--data.limit", "3", *quiet)) == 0  # story q0, other q0, story q1
+    assert sorted(_preds(part)) == [0, 1, 2]
+    assert main(_args(tiny_model_dir, data, part, *quiet)) == 0
+    assert _preds(part) == _preds(full)  # each request once (_preds checks), the same answers
+    dense, dense_fresh = tmp_path / "dense.jsonl", tmp_path / "dense_fresh.jsonl"
+    assert main(_args(tiny_model_dir, data, dense, "--model.attention", "dense", *quiet)) == 0
+    off = ("--model.attention", "dense", "--model.reuse_context", "false", *quiet)
+    assert main(_args(tiny_model_dir, data, dense_fresh, *off)) == 0
+    assert _preds(dense) == _preds(dense_fresh) and sorted(_preds(dense)) == list(range(6))

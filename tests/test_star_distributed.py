@@ -12,6 +12,8 @@ from star_lightning.cache import KVStore
 from star_lightning.generation import (
     GenerationSettings,
     StarSettings,
+    answer,
+    encode_context,
     encode_query,
     generate,
     num_layers,
@@ -74,14 +76,31 @@ def _run_request(rank: int, world_size: int, family: str) -> dict:
             for layout in ("zigzag", "contiguous")
         }  # fmt: skip
         out["sampled_tokens"] = generate(model, context, query, group, star, SAMPLED).token_ids
-        # A kept context answers a second query exactly as a freshly encoded one (greedy and seeded sampling).
+        # A kept context answers a second query exactly as a freshly encoded one (greedy and seeded sampling; the
+        # logits of the second query over the rolled-back store == over a fresh store), for star, ring and dense.
         other = random_tokens(QUERY + 2, seed=9)
-        for name, settings in (("greedy", GenerationSettings(NEW)), ("sampled", SAMPLED)):
-            fresh = generate(model, context, other, group, star, settings)
-            kept = generate(model, context, query, group, star, settings)
-            reused = generate(model, context, other, group, star, settings, kept=kept.context)
-            out[f"reuse/{name}"] = (reused.token_ids, fresh.token_ids, reused.stats.context_reused,
-                                    reused.stats.phase1_s)  # fmt: skip
+        methods = {"star": star, "ring": StarSettings(attention="ring")}
+        if world_size == 1:
+            methods["dense"] = StarSettings(attention="dense")
+        for method, settings_of_method in methods.items():
+            if method == "dense":
+                model.set_attn_implementation("sdpa")
+            for name, settings in (("greedy", GenerationSettings(NEW)), ("sampled", SAMPLED)):
+                fresh = generate(model, context, other, group, settings_of_method, settings)
+                kept = generate(model, context, query, group, settings_of_method, settings)
+                reused = generate(model, context, other, group, settings_of_method, settings, kept=kept.context)
+                out[f"reuse/{method}/{name}"] = (reused.token_ids, fresh.token_ids, reused.stats.context_reused,
+                                                 reused.stats.phase1_s)  # fmt: skip
+            if method != "dense":
+                extra = QUERY + 2 + NEW
+                encoded = encode_context(model, context, group, settings_of_method, extra_capacity=extra)
+                answer(model, encoded, query, group, settings_of_method, GenerationSettings(NEW))
+                encoded.rollback()
+                assert encoded.store is not None
+                again = encode_query(model, encoded.store, other, CONTEXT, group)
+                new = encode_context(model, context, group, settings_of_method, extra_capacity=extra)
+                assert new.store is not None
+                out[f"reuse/{method}/logits"] = (again, encode_query(model, new.store, other, CONTEXT, group))
     return out
 
 
@@ -123,9 +142,21 @@ def _assert_star_agrees(result: dict, single: dict, rank: int, world_size: int) 
         assert result[f"{name}/host"]["sent"] == result[f"{name}/block"]["sent"] == 0
 
 
+def _assert_reuse_exact(result: dict, single: dict, methods: tuple[str, ...]) -> None:
+    for method in methods:
+        for name in ("greedy", "sampled"):
+            reused_tokens, fresh_tokens, reused, phase1_s = result[f"reuse/{method}/{name}"]
+            assert reused and phase1_s == 0.0
+            assert reused_tokens == fresh_tokens == single[f"reuse/{method}/{name}"][1]
+        if method != "dense":
+            again, fresh = result[f"reuse/{method}/logits"]
+            torch.testing.assert_close(again, fresh, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_star_is_invariant_to_host_count_and_ring_equals_dense(family: str, tmp_path) -> None:
     single = _run_request(0, 1, family)
+    _assert_reuse_exact(single, single, ("star", "ring", "dense"))
     dense_logits, dense_tokens = _dense_reference(family)
     _assert_star_agrees(single, single, 0, 1)
     # Ring attention is exact in either layout: one host or several, it equals dense attention.
@@ -146,7 +177,4 @@ def test_star_is_invariant_to_host_count_and_ring_equals_dense(family: str, tmp_
             plan = plan_blocks(CONTEXT, BLOCK, world_size, ANCHOR)
             assert result["local_context"] == plan.local_context_length(rank)
             assert result["phase2_bytes"] > 0
-            for name in ("greedy", "sampled"):
-                reused_tokens, fresh_tokens, reused, phase1_s = result[f"reuse/{name}"]
-                assert reused and phase1_s == 0.0
-                assert reused_tokens == fresh_tokens == single[f"reuse/{name}"][1]
+            _assert_reuse_exact(result, single, ("star", "ring"))

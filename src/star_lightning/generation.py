@@ -140,7 +140,9 @@ class EncodedContext:
         if self.store is not None:
             self.store.truncate(self.local_length)
         if self.cache is not None:
-            self.cache.crop(self.context_length)
+            added = self.cache.get_seq_length() - self.context_length
+            if added > 0:  # a negative crop removes tokens: the form every transformers 5.x release takes
+                self.cache.crop(-added)
 
 
 @dataclass
