@@ -111,18 +111,34 @@ def test_one_block_star_writes_the_same_predictions_as_dense(tiny_model_dir: Pat
 
 
 def test_two_hosts_write_what_one_host_writes(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """The CLI with --trainer.devices 2 (real processes, gloo): same blocks, other placement, same text."""
+    """The CLI with --trainer.devices 2 (real processes, gloo): same blocks, other placement, same text, whatever
+    the anchor's source (the 2 hosts use the default, the anchor broadcast); the zigzag ring over 2 hosts writes
+    what dense writes."""
     rows = [
         {"input_context": c, "input_query": " What is the number?", "index": 10 + i} for i, c in enumerate(CONTEXTS[:2])
     ]
     data = _write_requests(tmp_path / "in.jsonl", rows)
-    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    two = tmp_path / "two.jsonl"
     star = ["--model.block_size", "32", "--model.anchor_block_size", "16"]
-    assert main(_predict_args(tiny_model_dir, data, one, *star, "--trainer.devices", "1")) == 0
+    ones = {}
+    for source in ("host", "block"):
+        ones[source] = tmp_path / f"one_{source}.jsonl"
+        one_args = _predict_args(tiny_model_dir, data, ones[source], *star, "--model.anchor_source", source)
+        assert main([*one_args, "--trainer.devices", "1"]) == 0
     result = _run_cli(_predict_args(tiny_model_dir, data, two, *star, "--trainer.devices", "2"), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert {i: r["pred"] for i, r in _read(two).items()} == {i: r["pred"] for i, r in _read(one).items()}
+    expected = {i: r["pred"] for i, r in _read(ones["host"]).items()}
+    assert {i: r["pred"] for i, r in _read(ones["block"]).items()} == expected
+    assert {i: r["pred"] for i, r in _read(two).items()} == expected
     assert sorted(_read(two)) == [10, 11]
+    ring, dense = tmp_path / "ring.jsonl", tmp_path / "dense.jsonl"
+    assert (
+        main([*_predict_args(tiny_model_dir, data, dense, "--model.attention", "dense"), "--trainer.devices", "1"]) == 0
+    )
+    ring_args = _predict_args(tiny_model_dir, data, ring, "--model.attention", "ring", "--model.ring_layout", "zigzag")
+    result = _run_cli([*ring_args, "--trainer.devices", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {i: r["pred"] for i, r in _read(ring).items()} == {i: r["pred"] for i, r in _read(dense).items()}
 
 
 def test_an_existing_output_is_resumed_not_rewritten(tiny_model_dir: Path, tmp_path: Path) -> None:
