@@ -8,6 +8,7 @@ line on stderr naming the problem and the fix), 130 Ctrl-C, ``128 + N`` stopped 
 
 from __future__ import annotations
 
+import os
 import sys
 
 from star_lightning import __version__
@@ -81,4 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    sys.exit(main())
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (``star-lightning score x | head``): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 0
+    sys.exit(status)
