@@ -111,7 +111,9 @@ def run_simulated(model: Any, args: argparse.Namespace, env: dict[str, Any], log
                 try:
                     with torch.inference_mode():
                         if not args.no_warmup:  # kernel plans and the compiled decode step for these shapes, untimed
-                            simulate_request(model, context, query, hosts, star, settings, run_hosts=[0, 1])
+                            simulate_request(
+                                model, context, query, hosts, star, settings, run_hosts=[0, min(1, hosts - 1)]
+                            )
                         sim = simulate_request(model, context, query, hosts, star, settings, run_hosts=run_hosts)
                 except torch.OutOfMemoryError as error:
                     log(f"OOM {star} hosts={hosts} L={length}: {str(error)[:200]}")

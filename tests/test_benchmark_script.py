@@ -31,12 +31,15 @@ def _run(tmp_path: Path, *args: str) -> dict:
 
 @pytest.mark.slow
 def test_simulated_hosts_report_every_method_layout_and_host(tmp_path: Path) -> None:
-    payload = _run(tmp_path, "--simulate-hosts", "2,4", "--block-size", "64", "--anchor-sizes", "64,16",
+    payload = _run(tmp_path, "--simulate-hosts", "2,4,1", "--block-size", "64", "--anchor-sizes", "64,16",
                    "--anchor-sources", "broadcast,host,block", "--queries-per-context", "1,3")  # fmt: skip
     records = [r for r in payload["records"] if "queries_per_context" not in r]
     assert all(FIELDS <= r.keys() for r in records)
     seen = {(r["method"], r["anchor_source"], r["ring_layout"], r["hosts"], r["seq_len"], r["anchor_block_size"])
             for r in records}  # fmt: skip
+    assert [s for s in seen if s[3] == 1 and s[0] == "star"], sorted(
+        map(str, seen)
+    )  # a one-host plan (the README's decode sweep)
     for hosts in (2, 4):
         length = hosts * 64
         for source in ("broadcast", "host", "block"):
@@ -52,7 +55,9 @@ def test_simulated_hosts_report_every_method_layout_and_host(tmp_path: Path) -> 
             assert len(r["phase1_host_s"]) == r["hosts"] and all(t > 0 for t in r["phase1_host_s"])
             assert r["phase1_s"] == max(r["phase1_host_s"])
         # Only the anchor broadcast (host 0) and the ring send in Phase 1.
-        sends = (r["method"] == "star" and r["anchor_source"] == "broadcast") or r["method"] == "ring"
+        sends = r["hosts"] > 1 and (
+            (r["method"] == "star" and r["anchor_source"] == "broadcast") or r["method"] == "ring"
+        )
         assert (r["phase1_bytes"] > 0) == sends
     reuse = {r["queries_per_context"]: r for r in payload["records"] if "queries_per_context" in r}
     assert sorted(reuse) == [1, 3]

@@ -12,6 +12,7 @@ import torch
 
 from model_zoo import random_tokens, tiny_model
 from star_lightning.attention import kernels, triton_decode
+from star_lightning.attention.merge import merge_partials
 from star_lightning.generation import GenerationSettings, StarSettings, generate
 from star_lightning.models import use_star_attention
 from star_lightning.parallel.group import SingleHostGroup
@@ -164,6 +165,74 @@ def test_triton_split_kv_against_float64(q_len: int, causal: bool) -> None:
     ref_out, ref_lse = _explicit(q, k[:, :, :valid], v[:, :, :valid], 128**-0.5, causal)
     assert float((out.double() - ref_out).norm() / ref_out.norm()) < 1e-2
     assert float((lse.double() - ref_lse).abs().max()) < 5e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.skipif(not triton_decode.available(), reason="needs Triton")
+@pytest.mark.parametrize(("q_len", "causal"), [(16, True), (17, True), (33, True), (64, True), (40, False)])
+def test_triton_takes_a_short_query_in_tiles_against_float64(q_len: int, causal: bool) -> None:
+    """A Phase 2 question of up to 64 tokens (4 query heads per KV head): ``auto`` runs it on the split-KV kernel, tile
+    by tile, each chunk of positions seeing its own causal prefix; longer ones go to the fused prefill kernel."""
+    q, k, v = _qkv(32, 8, q_len, 5000, 128, torch.bfloat16, "cuda", seed=q_len)
+    choice = kernels.KernelChoice()
+    assert kernels.resolve_backend(choice, q, k, None, v) == "triton"
+    longer = torch.randn(1, 32, 65, 128, dtype=torch.bfloat16, device="cuda")  # 4 query heads per KV head: 260 rows
+    assert kernels.resolve_backend(choice, longer, k, None, v) == choice.prefill
+    valid = 3333
+    k_buf, v_buf = k.clone(), v.clone()
+    k_buf[:, :, valid:] = float("nan")
+    v_buf[:, :, valid:] = float("nan")
+    valid_length = torch.tensor([valid], dtype=torch.int32, device="cuda")
+    ref_out, ref_lse = _explicit(q, k[:, :, :valid], v[:, :, :valid], 128**-0.5, causal)
+    for buffers, length in (((k_buf, v_buf), valid_length), ((k[:, :, :valid], v[:, :, :valid]), None)):
+        out, lse = kernels.attention_with_lse(
+            q, *buffers, scale=128**-0.5, causal=causal, kernels=choice, valid_length=length
+        )
+        assert float((out.double() - ref_out).norm() / ref_out.norm()) < 1e-2
+        assert float((lse.double() - ref_lse).abs().max()) < 5e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.skipif(not triton_decode.available(), reason="needs Triton")
+@pytest.mark.parametrize("layout", ["stacked", "gathered", "broadcast"])
+def test_triton_merge_of_host_partials_against_float64(layout: str) -> None:
+    """Phase 2's N-way merge in one kernel == the float64 torch merge, for the tensors the groups hand it: stacked
+    partials, a gathered buffer's views (lse strided by D + 1) and a simulated group's broadcast (stride 0); empty
+    hosts and rows with no keys anywhere included."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    hosts, shape = 5, (1, 32, 3)  # [N, B, H, L, D=128]
+    packed = torch.randn(hosts, *shape, 129, device="cuda", generator=gen) * 4  # lse as the last channel
+    packed[1, ..., -1] = float("-inf")  # a host with no keys
+    packed[:, 0, 7, 2, -1] = float("-inf")  # a row no host has keys for
+    if layout == "gathered":
+        outs, lses = packed[..., :-1], packed[..., -1]
+    elif layout == "stacked":
+        outs, lses = packed[..., :-1].to(torch.bfloat16).contiguous(), packed[..., -1].contiguous()
+    else:
+        outs = packed[0, ..., :-1].to(torch.bfloat16).unsqueeze(0).expand(hosts, *shape, 128)
+        lses = packed[0, ..., -1].contiguous().unsqueeze(0).expand(hosts, *shape)
+    assert triton_decode.merge_supports(outs, lses)
+    out, lse = merge_partials(outs, lses)
+    ref_out, ref_lse = merge_partials(outs.double().cpu(), lses.double().cpu())
+    assert out.dtype == outs.dtype and out.shape == ref_out.shape
+    seen = torch.isfinite(ref_lse)
+    assert not seen.all() and torch.isneginf(lse.cpu()[~seen]).all() and (out.cpu()[~seen] == 0).all()
+    tol = 1e-5 if outs.dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double().cpu()[seen], ref_out[seen], rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double().cpu()[seen], ref_lse[seen], rtol=1e-6, atol=1e-5)
+
+
+def test_the_merge_kernel_reads_only_evenly_strided_rows() -> None:
+    """Which stacked partials one kernel can walk by a single row stride (the rest merge in torch)."""
+    packed = torch.zeros(2, 3, 4, 129)
+    assert triton_decode._row_stride(packed[0, ..., :-1], 1) == 129
+    assert triton_decode._row_stride(packed[0, ..., -1], 0) == 129
+    assert triton_decode._row_stride(torch.zeros(3, 4, 128), 1) == 128
+    assert triton_decode._row_stride(torch.zeros(1, 1, 128), 1) == 0
+    assert triton_decode._row_stride(torch.zeros(4, 3, 128).transpose(0, 1), 1) is None
+    assert triton_decode._row_stride(torch.zeros(3, 8, 128)[:, :4], 1) is None
 
 
 @pytest.mark.gpu

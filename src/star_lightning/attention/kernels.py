@@ -12,7 +12,8 @@ One entry point, :func:`attention_with_lse`, with interchangeable backends:
 - ``cudnn``: PyTorch's cuDNN attention kernel on CUDA (fp16/bf16), the other candidate for long blocks.
 - ``flash_attn``: the flash-attn package, when installed (the ``flash`` extra).
 
-``auto`` takes, on CUDA, ``triton`` (else ``math``) for short queries and the preferred fused kernel for long ones
+``auto`` takes, on CUDA, ``triton`` for what fits its tiles (decode tokens, short queries; else ``math`` up to
+16 tokens) and the preferred fused kernel for long queries
 (:class:`KernelChoice`; flash-attn when installed); on CPU, ``sdpa``; ``math`` wherever logits are soft-capped.
 
 Causality is always *bottom-right aligned*: query ``i`` of ``Lq`` sees keys ``0 .. Lk - Lq + i``. That is what a
@@ -134,10 +135,14 @@ def resolve_backend(
     fused_ok = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
     if not fused_ok:
         return "math"
+    # Triton takes what fits its tiles: a decode token, and a short Phase 2 query (a question of up to 64 tokens
+    # with 4 query heads per KV head), which would otherwise pay cuDNN's plan for every new query length and a
+    # prefix/causal split with its merge.
+    short_ok = kernels.decode == "triton" and softcap is None
+    if short_ok and triton_decode.supports(query, key, key if value is None else value):
+        return "triton"
     if query.shape[2] <= _SHORT_QUERY:
-        short_ok = kernels.decode == "triton" and softcap is None
-        short_ok = short_ok and triton_decode.supports(query, key, key if value is None else value)
-        return "triton" if short_ok else "math"
+        return "math"
     if flash_attn_available():
         return "flash_attn"
     return "math" if softcap is not None else kernels.prefill
@@ -184,8 +189,9 @@ def attention_with_lse(
             raise ValueError("the 'triton' backend has no logit soft-capping; use --model.backend math or auto")
         if not triton_decode.supports(query, key, value):
             raise ValueError(
-                f"the 'triton' backend runs on CUDA fp16/bf16 with at most {triton_decode.MAX_ROWS} query rows per KV "
-                f"head (query {tuple(query.shape)} {query.dtype} on {query.device}); use --model.backend auto"
+                f"the 'triton' backend runs on CUDA fp16/bf16 with at most "
+                f"{triton_decode.MAX_CHUNKS * triton_decode.MAX_ROWS} query rows per KV head (query "
+                f"{tuple(query.shape)} {query.dtype} on {query.device}); use --model.backend auto"
             )
         return triton_decode.split_kv_attention(query, key, value, scale=scale, causal=causal, valid_length=valid)
     if chosen == "math" or valid is not None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from star_lightning.attention import triton_decode
+
 
 def merge_pair(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """Merge two partials with the overflow-free sigmoid form, in float32 (or float64 for float64 inputs).
@@ -45,6 +47,8 @@ def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     """
     if outs.shape[0] == 1:
         return outs[0], lses[0]
+    if triton_decode.merge_supports(outs, lses):  # one kernel (a CUDA graph's decode step: 1 node, not 12)
+        return triton_decode.merge_partials(outs, lses)
     dtype = torch.promote_types(lses.dtype, torch.float32)
     lses = lses.to(dtype)
     top = lses.amax(dim=0)  # [..., L]

@@ -13,6 +13,7 @@ Importing this module needs Triton (present wherever PyTorch has CUDA); :func:`a
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 
 import torch
@@ -24,7 +25,8 @@ if _TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # Lengths and counts are not specialised on (a new query length must not compile a new kernel: ~1 s each)
+    @triton.jit(do_not_specialize=["q_len", "rows", "num_splits", "key_shift"])
     def _split_kv_kernel(
         q_ptr,
         k_ptr,
@@ -46,6 +48,7 @@ if _TRITON:
         rows,
         split_len,
         num_splits,
+        key_shift,
         scale_log2,
         CAUSAL: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -58,7 +61,9 @@ if _TRITON:
         b = pid_bh // kv_heads
         kvh = pid_bh % kv_heads
         groups = rows // q_len
-        valid = tl.load(valid_ptr).to(tl.int32)  # number of valid keys (the rest of the buffer is unused)
+        # keys this chunk of the query may see: the valid ones (the rest of the buffer is unused) less the key_shift
+        # last keys, which only later query positions see (causal, bottom-right aligned)
+        valid = tl.load(valid_ptr).to(tl.int32) - key_shift
 
         offs_m = tl.arange(0, BLOCK_M)  # row = g * q_len + i: query head kvh * groups + g, query position i
         offs_d = tl.arange(0, BLOCK_D)
@@ -110,35 +115,45 @@ if _TRITON:
         )
         tl.store(lse_ptr + base + offs_m, lse, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_parts", "rows"])
     def _combine_kernel(
         part_out_ptr,
         part_lse_ptr,
         out_ptr,
         lse_ptr,
-        num_splits,
+        num_parts,
         rows,
+        stride_og,
+        stride_op,
+        stride_or,
+        stride_lg,
+        stride_lp,
+        stride_lr,
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
         HEAD_DIM: tl.constexpr,
     ):
-        """Merge one row's split partials exactly: lse = logsumexp_s(lse_s), out = sum_s exp(lse_s - lse) out_s."""
-        row = tl.program_id(0)  # (batch * KV head) * rows + row; partials are [B * Hkv, S, rows, D]
-        bh = row // rows
+        """Merge one row's partials exactly: lse = logsumexp_s(lse_s), out = sum_s exp(lse_s - lse) out_s.
+
+        Row ``i`` is (group ``i // rows``, row ``i % rows``); partial ``s`` of it is at ``g * stride_og + s *
+        stride_op + r * stride_or`` (``stride_l*`` for the lse), so one kernel reads the split-KV partials
+        ``[B * Hkv, S, rows, D]``, every host's stacked partials ``[N, R, D]`` and broadcast views (stride 0)."""
+        row = tl.program_id(0)
+        g = row // rows
         r = row % rows
         offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
-        s_ok = offs_s < num_splits
-        idx = (bh * num_splits + offs_s) * rows + r  # [S]
-        lse_s = tl.load(part_lse_ptr + idx, mask=s_ok, other=float("-inf"))
+        s_ok = offs_s < num_parts
+        lse_s = tl.load(
+            part_lse_ptr + g * stride_lg + offs_s * stride_lp + r * stride_lr, mask=s_ok, other=float("-inf")
+        )
         top = tl.max(lse_s, axis=0)
         top_safe = tl.where(top == float("-inf"), 0.0, top)
-        w = tl.exp(lse_s - top_safe)  # [S]; empty splits weigh 0
+        w = tl.exp(lse_s - top_safe)  # [S]; empty partials weigh 0
         total = tl.sum(w, axis=0)
-        parts = tl.load(
-            part_out_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0
-        )
+        out_offs = g * stride_og + offs_s[:, None] * stride_op + r * stride_or + offs_d[None, :]
+        parts = tl.load(part_out_ptr + out_offs, mask=s_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         acc = tl.sum(parts * w[:, None], axis=0)  # [D]
         has = total > 0.0
         out = tl.where(has, acc / tl.where(has, total, 1.0), 0.0)
@@ -147,9 +162,12 @@ if _TRITON:
         tl.store(lse_ptr + row, lse)
 
 
-# Rows (query heads per KV head x query tokens) the kernel handles in one tile; more goes elsewhere.
+# Rows (query heads per KV head x query tokens) the kernel handles in one tile; a longer query runs as up to
+# MAX_CHUNKS tiles (each reads the cache once more), a longer one still goes elsewhere.
 MAX_ROWS = 64
+MAX_CHUNKS = 4
 _BLOCK_N = 64
+_MAX_PARTS = 1024  # partials one combine program holds (hosts or splits)
 
 
 def available() -> bool:
@@ -157,14 +175,16 @@ def available() -> bool:
 
 
 def supports(query: Tensor, key: Tensor, value: Tensor) -> bool:
-    """Whether :func:`split_kv_attention` takes this call (CUDA, fp16/bf16, a few query rows per KV head)."""
+    """Whether :func:`split_kv_attention` takes this call (CUDA, fp16/bf16, at most ``MAX_CHUNKS`` tiles of
+    ``MAX_ROWS`` query rows per KV head: a decode token, or a short Phase 2 query)."""
     groups = query.shape[1] // key.shape[1]
     return (
         available()
         and query.is_cuda
         and query.dtype in (torch.float16, torch.bfloat16)
         and key.dtype == query.dtype == value.dtype
-        and groups * query.shape[2] <= MAX_ROWS
+        and groups <= MAX_ROWS
+        and query.shape[2] <= MAX_CHUNKS * (MAX_ROWS // groups)
         and query.shape[-1] <= 256
         and key.shape[-1] == value.shape[-1] == query.shape[-1]
         and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
@@ -186,22 +206,43 @@ def split_kv_attention(
 
     ``valid_length`` is a one-element integer tensor on the GPU (no host sync; default: all ``Lk`` keys).
     Returns ``out`` ``[B, Hq, Lq, D]`` in the query's dtype and ``lse`` ``[B, Hq, Lq]`` float32 (natural log).
+    A query of more than one tile of rows runs tile by tile, each chunk of positions seeing its causal prefix.
     """
     # Triton launches on the current device: make it the tensors' own (a model spread over several GPUs has layers
     # on devices other than the current one, and a launch there would run on the wrong device's stream).
     with torch.cuda.device(query.device):
-        return _split_kv_attention(query, key, value, scale=scale, causal=causal, valid_length=valid_length)
+        if valid_length is None:
+            valid_length = torch.full((1,), key.shape[2], dtype=torch.int32, device=query.device)
+        q_len = query.shape[2]
+        chunk = max(1, MAX_ROWS // (query.shape[1] // key.shape[1]))
+        if q_len <= chunk:
+            return _split_kv_attention(query, key, value, scale=scale, causal=causal, valid_length=valid_length)
+        outs, lses = [], []
+        for start in range(0, q_len, chunk):
+            stop = min(q_len, start + chunk)
+            out, lse = _split_kv_attention(
+                query[:, :, start:stop], key, value, scale=scale, causal=causal, valid_length=valid_length,
+                key_shift=q_len - stop if causal else 0,
+            )  # fmt: skip
+            outs.append(out)
+            lses.append(lse)
+        return torch.cat(outs, dim=2), torch.cat(lses, dim=2)  # [B, Hq, Lq, D], [B, Hq, Lq]
 
 
 def _split_kv_attention(
-    query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool, valid_length: Tensor | None
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    valid_length: Tensor,
+    key_shift: int = 0,
 ) -> tuple[Tensor, Tensor]:
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, capacity = key.shape[1], key.shape[2]
     groups = q_heads // kv_heads
     rows = groups * q_len
-    if valid_length is None:
-        valid_length = torch.full((1,), capacity, dtype=torch.int32, device=query.device)
     splits, split_len = num_splits(batch, kv_heads, capacity, query.device)
     part_out = torch.empty(batch, kv_heads, splits, rows, head_dim, device=query.device, dtype=torch.float32)
     part_lse = torch.empty(batch, kv_heads, splits, rows, device=query.device, dtype=torch.float32)
@@ -228,6 +269,7 @@ def _split_kv_attention(
         rows,
         split_len,
         splits,
+        key_shift,
         scale * 1.4426950408889634,
         CAUSAL=causal,
         BLOCK_M=block_m,
@@ -246,6 +288,12 @@ def _split_kv_attention(
         lse,
         splits,
         rows,
+        splits * rows * head_dim,
+        rows * head_dim,
+        head_dim,
+        splits * rows,
+        rows,
+        1,
         BLOCK_S=triton.next_power_of_2(splits),
         BLOCK_D=block_d,
         HEAD_DIM=head_dim,
@@ -253,3 +301,59 @@ def _split_kv_attention(
     )
     # rows are (group, position), so the views are [B, Hq, Lq, D] and [B, Hq, Lq]
     return out.view(batch, q_heads, q_len, head_dim), lse.view(batch, q_heads, q_len)
+
+
+def merge_supports(outs: Tensor, lses: Tensor) -> bool:
+    """Whether :func:`merge_partials` takes these stacked partials: CUDA, float32 lse, every partial's rows evenly
+    strided (a stacked, gathered or broadcast tensor), and small enough for 32-bit offsets."""
+    if not (available() and outs.is_cuda and lses.is_cuda and lses.dtype == torch.float32):
+        return False
+    if outs.dtype not in (torch.float16, torch.bfloat16, torch.float32) or outs.shape[-1] > 256:
+        return False
+    if outs.shape[0] > _MAX_PARTS or outs.stride(-1) != 1:
+        return False
+    last_offset = sum((size - 1) * abs(stride) for size, stride in zip(outs.shape, outs.stride(), strict=True))
+    return last_offset < 2**31 and _row_stride(outs[0], 1) is not None and _row_stride(lses[0], 0) is not None
+
+
+def _row_stride(x: Tensor, trailing: int) -> int | None:
+    """The stride between consecutive rows of ``x`` when its leading dims (all but ``trailing`` last ones) flatten
+    to one evenly strided row index; ``None`` where they do not."""
+    lead = [(size, stride) for size, stride in zip(x.shape, x.stride(), strict=True)][: x.dim() - trailing]
+    lead = [(size, stride) for size, stride in lead if size != 1]
+    if not lead:
+        return 0  # a single row
+    for (_, outer), (size, inner) in itertools.pairwise(lead):
+        if outer != inner * size:
+            return None
+    return lead[-1][1]
+
+
+def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
+    """Every host's partials merged in one kernel: ``outs`` ``[N, ..., D]``, ``lses`` ``[N, ...]`` (float32) ->
+    ``out`` ``[..., D]`` in ``outs``' dtype and ``lse`` ``[...]`` float32; the arithmetic of
+    :func:`star_lightning.attention.merge.merge_partials` (its torch form is the reference the tests hold this to)."""
+    with torch.cuda.device(outs.device):
+        parts, head_dim = outs.shape[0], outs.shape[-1]
+        rows = lses[0].numel()
+        out = torch.empty(outs.shape[1:], device=outs.device, dtype=outs.dtype)  # [..., D]
+        lse = torch.empty(lses.shape[1:], device=lses.device, dtype=torch.float32)  # [...]
+        _combine_kernel[(rows, 1)](
+            outs,
+            lses,
+            out,
+            lse,
+            parts,
+            rows,
+            0,
+            outs.stride(0),
+            _row_stride(outs[0], 1),
+            0,
+            lses.stride(0),
+            _row_stride(lses[0], 0),
+            BLOCK_S=max(2, triton.next_power_of_2(parts)),
+            BLOCK_D=triton.next_power_of_2(head_dim),
+            HEAD_DIM=head_dim,
+            num_warps=4,
+        )
+        return out, lse
