@@ -47,7 +47,8 @@ TASKS = [
 ]
 ESSAY_TASKS = {"niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery"}
 # Answers are short and the model ends them with </s>; these caps only bound a runaway answer.
-MAX_NEW_TOKENS = {"niah_single_3": 48, "niah_multivalue": 48, "niah_multiquery": 48, "vt": 40}
+# cwe and fwe list several words: their bounds are RULER's own tokens_to_generate.
+MAX_NEW_TOKENS = {"niah_single_3": 48, "niah_multivalue": 48, "niah_multiquery": 48, "vt": 40, "cwe": 120, "fwe": 50}
 CONFIGS = {  # name: (attention, block = length // divisor, anchor on)
     "dense": ("dense", 0, True),
     "star_L/4": ("star", 4, True),

@@ -166,3 +166,36 @@ def test_without_a_gpu_the_gpu_must_be_named_or_given(llama_8b_dir: Path, capsys
     code, out, _ = _plan(capsys, *args, *given)
     record = json.loads(out)
     assert code == 0 and record["gpu"]["matmul_flops"] == 3e14 and record["predicted_ttft_s"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_predict_on_a_gpu_refuses_a_layout_that_cannot_fit_before_any_weights_load(tmp_path: Path) -> None:
+    """A 70B-shaped model on one GPU: predict's preflight plans the host against this GPU's memory and refuses it in
+    one line naming the host, the GPU and the bytes, exit 2, before loading anything (the folder's one safetensors
+    file holds a single tiny tensor: loading it as a 70B would fail differently)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from star_lightning.assets import default_model_path
+
+    directory = tmp_path / "70b"
+    LlamaConfig(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                intermediate_size=28672, vocab_size=128256, max_position_embeddings=131072,
+                tie_word_embeddings=False).save_pretrained(directory)  # fmt: skip
+    save_file({"placeholder": torch.zeros(1)}, str(directory / "model.safetensors"))
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_path() / file, directory / file)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"index": 0, "input_context": "a b c " * 200, "input_query": "d?"}) + "\n")
+    command = [sys.executable, "-m", "star_lightning", "predict", "--model.pretrained", str(directory),
+               "--data.path", str(requests), "--output", str(tmp_path / "out.jsonl"),
+               "--trainer.accelerator", "gpu", "--trainer.devices", "1"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    refusal = [line for line in result.stderr.splitlines() if "does not fit" in line]
+    assert result.returncode == 2 and len(refusal) == 1, result.stderr[-2000:]
+    assert "host 0" in refusal[0] and torch.cuda.get_device_name(0) in refusal[0] and "GiB" in refusal[0]
+    assert "Traceback" not in result.stderr and not (tmp_path / "out.jsonl").exists()

@@ -79,3 +79,36 @@ def test_errors_name_the_file_line_and_fix(tmp_path: Path, capsys) -> None:
     assert f"{path}, line 3: no 'task' field" in error and "pass --task NAME" in error
     assert main([str(path), "--task", "vt"]) == 0  # the fix the message names
     assert json.loads(capsys.readouterr().out)["counts"] == {"vt": 2}
+
+
+def _score_in_a_process_group(rank: int, world_size: int, paths: list[str]) -> dict:
+    """``score`` of this rank's own file inside a live process group (a session that ran ``predict`` before)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([paths[rank]]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_score_inside_a_process_group_scores_only_its_file(tmp_path: Path) -> None:
+    """Two processes joined by gloo each score their own file: each gets its file's scores, never a mix with the
+    other's (torchmetrics syncs metric states wherever torch.distributed is up; on NCCL it even fails on the CPU
+    states, as a GPU session that ran predict and then score in one process did)."""
+    from distributed_utils import run_on_ranks
+
+    def records(pred: str) -> list[dict]:
+        return [
+            {"index": 0, "task": "niah_single_1", "outputs": ["7"], "pred": pred},
+            {"index": 1, "task": "qa1", "output": "garden", "question": "Where is Mary?", "pred": pred},
+        ]
+
+    paths = [str(write(tmp_path / "right.jsonl", records("7 garden"))),
+             str(write(tmp_path / "wrong.jsonl", records("kitchen"))),]  # fmt: skip
+    right, wrong = run_on_ranks(_score_in_a_process_group, 2, tmp_path, paths=paths)
+    assert right["tasks"] == {"niah_single_1": 100.0, "qa1": 100.0} and right["counts"] == {
+        "niah_single_1": 1,
+        "qa1": 1,
+    }
+    assert wrong["tasks"] == {"niah_single_1": 0.0, "qa1": 0.0} and wrong["counts"] == {"niah_single_1": 1, "qa1": 1}

@@ -99,10 +99,13 @@ def score_records(
                 f"{where}: BABILong scoring covers {', '.join(BABILONG_LABELS)}, not {record['task']!r}."
             )
         if key not in metrics:
+            # These records are all there is (one file, read whole): never sum them with another process's, which
+            # torchmetrics would do wherever torch.distributed is up (a Python session that ran predict first).
+            local = {"sync_on_compute": False}
             if name == "babilong":
-                metrics[key] = BabilongAccuracy(record["task"])
+                metrics[key] = BabilongAccuracy(record["task"], **local)
             else:
-                metrics[key] = StringMatchAll() if name == "match_all" else StringMatchPart()
+                metrics[key] = StringMatchAll(**local) if name == "match_all" else StringMatchPart(**local)
         references = references_of(record, where)
         if name == "babilong":
             metrics[key].update([record["pred"]], [references[0]], [_babilong_question(record, where)])
