@@ -171,9 +171,9 @@ def test_without_a_gpu_the_gpu_must_be_named_or_given(llama_8b_dir: Path, capsys
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_predict_on_a_gpu_refuses_a_layout_that_cannot_fit_before_any_weights_load(tmp_path: Path) -> None:
-    """A 70B-shaped model on one GPU: predict's preflight plans the host against this GPU's memory and refuses it in
+    """A 405B-shaped model on one GPU: predict's preflight plans the host against this GPU's memory and refuses it in
     one line naming the host, the GPU and the bytes, exit 2, before loading anything (the folder's one safetensors
-    file holds a single tiny tensor: loading it as a 70B would fail differently)."""
+    file holds a single tiny tensor: loading it would fail differently)."""
     import shutil
     import subprocess
     import sys
@@ -182,9 +182,9 @@ def test_predict_on_a_gpu_refuses_a_layout_that_cannot_fit_before_any_weights_lo
 
     from star_lightning.assets import default_model_path
 
-    directory = tmp_path / "70b"
-    LlamaConfig(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                intermediate_size=28672, vocab_size=128256, max_position_embeddings=131072,
+    directory = tmp_path / "405b"  # 0.8 TB of bf16 weights: more than any one GPU (a 70B's 131 GiB fit an H200)
+    LlamaConfig(hidden_size=16384, num_hidden_layers=126, num_attention_heads=128, num_key_value_heads=8,
+                intermediate_size=53248, vocab_size=128256, max_position_embeddings=131072,
                 tie_word_embeddings=False).save_pretrained(directory)  # fmt: skip
     save_file({"placeholder": torch.zeros(1)}, str(directory / "model.safetensors"))
     for file in ("tokenizer.json", "tokenizer_config.json"):
