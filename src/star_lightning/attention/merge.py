@@ -4,7 +4,8 @@ A partial result is ``(out, lse)``: the softmax-weighted values over some subset
 sum of the exponentiated scores over that subset. Merging partials over disjoint key sets gives exactly the
 attention over their union. :func:`merge_pair` merges two (ring attention, the anchor prefix, the kernels that split
 a causal mask into a visible prefix and a square causal part); :func:`merge_partials` merges every host's at once
-(Phase 2).
+(Phase 2; on CUDA one Triton kernel with this arithmetic:
+:func:`star_lightning.attention.triton_decode.merge_partials`).
 """
 
 from __future__ import annotations

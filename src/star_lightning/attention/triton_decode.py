@@ -5,7 +5,12 @@ idle. Here the cache is cut into ``S`` splits and every program handles one (bat
 K/V tile once for all the query heads of its group (GQA) and all query positions, keeps an online softmax, and
 writes a partial ``(out, lse)``. The partials are merged over the splits with the same exact arithmetic as the
 Phase 2 merge. The number of splits depends only on the cache's capacity, and the number of valid keys can be read
-from a device tensor, so a captured CUDA graph replays it unchanged as the cache grows.
+from a device tensor, so a captured CUDA graph replays it unchanged as the cache grows. A short Phase 2 question
+(up to ``MAX_CHUNKS`` tiles of rows) runs tile by tile, each tile's positions seeing their own causal prefix.
+
+The same combine kernel, given strides, merges every host's partials in Phase 2 (:func:`merge_partials`): one
+kernel per layer where the torch form is about a dozen, which inside a decode step's CUDA graph is ~1 ms a token
+(measured on 4 hosts' partials: 7.80 -> 6.74 ms on an H200).
 
 Importing this module needs Triton (present wherever PyTorch has CUDA); :func:`available` says whether it can run.
 """
