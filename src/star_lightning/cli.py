@@ -8,8 +8,10 @@ line on stderr naming the problem and the fix), 130 Ctrl-C, ``128 + N`` stopped 
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+from collections.abc import Callable
 
 from star_lightning import __version__
 from star_lightning.errors import ConfigurationError
@@ -27,33 +29,24 @@ Run 'star-lightning COMMAND --help' for a command's options.
 """
 
 
+# Each command's entry point, ``module:function``, imported only when the command runs.
+COMMANDS = {
+    "predict": "star_lightning.predict_cli:run_predict",
+    "plan": "star_lightning.plan.command:run",
+    "generate": "star_lightning.bench.generate:main",
+    "score": "star_lightning.bench.scoring:main",
+    "table": "star_lightning.bench.results:main",
+    "export": "star_lightning.bench.export:main",
+}
+
+
 def _run(command: str, rest: list[str]) -> int | None:
     """The command's exit status; None for an unknown command."""
-    if command == "predict":
-        from star_lightning.predict_cli import run_predict
-
-        return run_predict(rest)
-    if command == "plan":
-        from star_lightning.plan.command import run as plan_main
-
-        return plan_main(rest)
-    if command == "generate":
-        from star_lightning.bench.generate import main as generate_main
-
-        return generate_main(rest)
-    if command == "score":
-        from star_lightning.bench.scoring import main as score_main
-
-        return score_main(rest)
-    if command == "table":
-        from star_lightning.bench.results import main as table_main
-
-        return table_main(rest)
-    if command == "export":
-        from star_lightning.bench.export import main as export_main
-
-        return export_main(rest)
-    return None
+    if command not in COMMANDS:
+        return None
+    module, function = COMMANDS[command].split(":")
+    entry: Callable[[list[str]], int] = getattr(importlib.import_module(module), function)
+    return entry(rest)
 
 
 def main(argv: list[str] | None = None) -> int:
