@@ -144,7 +144,8 @@ class StarAttentionLM(LightningModule):
             trust_remote_code=self.trust_remote_code,
             tensor_parallel=star_strategy.tensor_parallel_mesh if star_strategy is not None else None,
         )
-        self.tokenizer = load_tokenizer(source, trust_remote_code=self.trust_remote_code)
+        if self.tokenizer is None:  # the preflight's, where it loaded one from the same source
+            self.tokenizer = load_tokenizer(source, trust_remote_code=self.trust_remote_code)
 
     def context_group(self) -> ContextGroup:
         strategy = self._trainer.strategy if self._trainer is not None else None

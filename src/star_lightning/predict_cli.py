@@ -150,6 +150,8 @@ class StarLightningCLI(LightningCLI):
         callbacks.extend([writer, PhaseProfiler(), RequestProgress()])
         if plan is not None:
             print(plan.start_line(), file=sys.stderr, flush=True)
+            if plan.tokenizer is not None and self.model.tokenizer is None:
+                self.model.tokenizer = plan.tokenizer
         if not self._nothing_to_start(plan):
             try:
                 self.trainer.predict(self.model, datamodule=self.datamodule, return_predictions=False)

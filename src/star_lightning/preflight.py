@@ -82,6 +82,7 @@ class RunPlan:
     lock: OutputLock
     where: str  # e.g. "2 processes (cpu), 2 hosts per request"
     skipped: list[TooLong] = field(default_factory=list)
+    tokenizer: Any = None  # the one the length checks loaded: the module uses it rather than loading it again
 
     @property
     def todo(self) -> int:
@@ -188,6 +189,7 @@ def _check_with_lock(
     indices = {request["index"] for _, request in numbered}
     to_check = [(line, request) for line, request in numbered if request["index"] not in done]
     skipped: list[TooLong] = []
+    tokenizer = None
     if to_check:
         tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
         skipped, longest = _check_lengths(
@@ -210,6 +212,7 @@ def _check_with_lock(
         where=f"{world_size} process(es) on {trainer.strategy.root_device.type}, "
         f"{context_parallel_size} host(s) per request",
         skipped=skipped,
+        tokenizer=tokenizer,
     )
 
 
