@@ -112,5 +112,5 @@ def simulate_request(
                     result.peak_host_bytes[host] or 0, int(torch.cuda.max_memory_allocated(device)) - board.nbytes
                 )
         del context
-    board.messages.clear()
+    board.clear()
     return result

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from star_lightning.attention.anchor import AnchorPrefix, AnchorSink
 from star_lightning.attention.kernels import KernelChoice
+from star_lightning.attention.passing import PassingExchange
 from star_lightning.cache import KVStore
 from star_lightning.parallel.group import ContextGroup, SingleHostGroup
 from star_lightning.partition import RingPlan
@@ -39,13 +40,33 @@ class StaticSlot:
 
 
 @dataclass(frozen=True)
+class BlockRows:
+    """What the rows of a Phase 1 forward are besides its block's tokens (the defaults: the block alone).
+
+    ``prefix``: the leading rows that belong to the anchor prefix: the anchor inside the first block, or the prefix
+    recomputed before a block (``anchor_source block``, then also the step's ``skip``). They are never passed on, and
+    with passing tokens their keys (and the tail's) are the prefix keys the selection is normalised over.
+    ``tail_query``: trailing rows that are the query of the prefix (``--model.anchor_query``), computed in the first
+    block's forward: they see the first ``prefix`` keys (the anchor) and each other, causally; never stored.
+    ``selection``: the rows ``[start, stop)`` whose queries choose the passing tokens, also handed to
+    ``share_anchor``; None: the prefix's (``ForwardStep.anchor``), or no passing tokens.
+    """
+
+    prefix: int = 0
+    tail_query: int = 0
+    selection: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class ForwardStep:
     """What every attention layer does in one forward.
 
     ``store``: this host's KV store (read in Phase 2; None for a forward that stores and reads nothing, the anchor's
     own forward). ``keep_new``: append this forward's K/V to ``store``, except its first ``skip`` positions (the
-    anchor recomputed before a block). ``anchor``: K/V attended to before the input's own; ``share_anchor``: where
-    the first ``anchor_length`` K/V of this forward go (kept, or sent to the other hosts). ``static``: Phase 2 with
+    anchor recomputed before a block) and its ``rows.tail_query`` last ones. ``anchor``: the prefix K/V attended to
+    before the input's own; ``share_anchor``: where the prefix K/V of this forward go (kept, or sent to the other
+    hosts). ``rows``: what a Phase 1 forward's rows are (:class:`BlockRows`); ``passing``: the exchange of passing
+    tokens between hosts (:mod:`star_lightning.attention.passing`), None when off. ``static``: Phase 2 with
     static shapes. ``last_position``: the largest position this forward's queries reach, or may reach (a static
     decoder's last token): a sliding window no larger than it may cut something. ``positions``: the true positions
     ``[L]`` of this forward's tokens (the engine's ``_forward`` sets them from the position ids).
@@ -60,6 +81,8 @@ class ForwardStep:
     anchor: AnchorPrefix | None = None
     share_anchor: AnchorSink | None = None
     ring: RingPlan | None = None
+    rows: BlockRows = field(default_factory=BlockRows)
+    passing: PassingExchange | None = None
     static: StaticSlot | None = None
     last_position: int = 0
     positions: Tensor | None = None

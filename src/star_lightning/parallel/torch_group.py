@@ -98,6 +98,20 @@ class DistributedContextGroup:
         # ``outgoing`` stays referenced until the transfer is waited on: its memory must outlive the send.
         return _Pending(works, received, home, keep_alive=outgoing)
 
+    def start_all_gather(self, tensor: Tensor) -> Transfer:
+        home = tensor.device
+        local = tensor.to(self._device).contiguous()
+        gathered = local.new_empty((self.size, *local.shape))
+        if self.size == 1:
+            gathered[0] = local
+            return Done(gathered.to(home))
+        if dist.get_backend(self._group) == dist.Backend.NCCL:
+            work = dist.all_gather_into_tensor(gathered, local, group=self._group, async_op=True)
+        else:
+            work = dist.all_gather(list(gathered.unbind(0)), local, group=self._group, async_op=True)
+        self._bytes += local.numel() * local.element_size() * (self.size - 1)
+        return _Pending([work], gathered, home, keep_alive=local)
+
 
 class _Pending:
     """A started ``torch.distributed`` transfer; ``wait`` gives the received tensor on the caller's device."""
