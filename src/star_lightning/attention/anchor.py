@@ -99,9 +99,9 @@ class BroadcastAnchor(KeptAnchor):
 
 
 class ReceivedAnchor:
-    """Hosts 1..H-1: a layer's K/V are waited for when first needed. Without selection queries every layer's receive
-    is posted up front; with them a layer's two receives are posted when the layer first needs them, so they stay in
-    step with the layer's all-gather of passing tokens on the same process group (collectives match in order)."""
+    """Hosts 1..H-1: every layer's receive (two with selection queries) is posted up front; a layer's K/V are waited
+    for when first needed. (Passing tokens travel on a process group of their own, so these receives never have to
+    keep in step with their all-gathers.)"""
 
     def __init__(
         self,
@@ -120,24 +120,20 @@ class ReceivedAnchor:
         self._shape = (2, batch, heads, length, head_dim)
         self._selection_shape = selection_shape
         self._dtype, self._device = dtype, device
-        self._pending: list[list[Transfer] | None] = [None] * num_layers
+        self._pending: list[list[Transfer]] = [self._post() for _ in range(num_layers)]
         self._kv: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
         self._selection: list[Tensor | None] = [None] * num_layers
-        if selection_shape is None:
-            for layer in range(num_layers):
-                self._post(layer)
 
-    def _post(self, layer: int) -> list[Transfer]:
+    def _post(self) -> list[Transfer]:
         buffers = [torch.empty(self._shape, dtype=self._dtype, device=self._device)]
         if self._selection_shape is not None:
             buffers.append(torch.empty(self._selection_shape, dtype=self._dtype, device=self._device))
-        transfers = self._pending[layer] = [self._group.start_broadcast_from_first(buffer) for buffer in buffers]
-        return transfers
+        return [self._group.start_broadcast_from_first(buffer) for buffer in buffers]
 
     def _receive(self, layer: int, like: Tensor) -> tuple[Tensor, Tensor]:
         kept = self._kv[layer]
         if kept is None:
-            transfers = self._pending[layer] or self._post(layer)
+            transfers = self._pending[layer]
             self._pending[layer] = []
             message = transfers[0].wait().to(like.device)  # [2, B, Hkv, P, D]
             if message.shape[1:3] != like.shape[:2] or message.shape[-1] != like.shape[-1]:
@@ -160,6 +156,6 @@ class ReceivedAnchor:
     def finish(self) -> None:
         """Wait for layers no block needed (none, normally), so no receive is left posted."""
         for layer, transfers in enumerate(self._pending):
-            for transfer in self._post(layer) if transfers is None else transfers:
+            for transfer in transfers:
                 transfer.wait()
             self._pending[layer] = []

@@ -97,7 +97,9 @@ def _block(
         step.store.append(layer, key[:, :, step.skip : end], value[:, :, step.skip : end], positions[step.skip : end])
     if step.share_anchor is not None:
         _share_prefix(step, layer, query, key, value, end)
-    if step.passing is not None:
+    # Passing tokens leave as soon as their selection queries are at hand: now where this forward computes them, else
+    # after the block's own attention, when the prefix's K/V (received meanwhile) are waited for anyway.
+    if step.passing is not None and rows.selection is not None:
         _send_passing(step, layer, query, key, value, end, scale, softcap)
     if rows.tail_query:
         out, lse = _block_and_query(step, query, key, value, end, scale, softcap, window)
@@ -107,6 +109,8 @@ def _block(
             query, key, value, scale=scale, causal=True, softcap=softcap, kernels=step.kernels, window=own
         )
         if step.anchor is not None:
+            if step.passing is not None and rows.selection is None:
+                _send_passing(step, layer, query, key, value, end, scale, softcap)
             anchor_keys, anchor_values = step.anchor.kv(layer, key)  # [B, Hkv, P, D]: all of it seen, but for a window
             anchor_window = None
             if window is not None:
@@ -150,7 +154,7 @@ def _send_passing(
     softcap: float | None,
 ) -> None:
     """Choose this host's passing tokens of the layer among its block's tokens (not the prefix's) and start sending
-    them; the exchange is waited for after the block's own attention."""
+    them; the exchange is waited for once the block's attention to its own tokens and to the prefix is done."""
     assert step.passing is not None
     rows = step.rows
     positions = step.token_positions()
