@@ -11,6 +11,9 @@ from typing import Literal
 
 from star_lightning.errors import ConfigurationError
 
+# Passing tokens without the query in the anchor: the anchor's last tokens choose them (SnapKV's observation window).
+SELECTION_WINDOW = 32
+
 
 @dataclass(frozen=True)
 class Block:

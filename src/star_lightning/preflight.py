@@ -370,6 +370,8 @@ def _check_memory(config: Any, hparams: Any, trainer: pl.Trainer, dtype: str, lo
         ring_layout=hparams["ring_layout"],
         tensor_parallel_size=parallel.tensor_parallel_size,
         gpus_per_host=strategy.gpus_per_host,
+        anchor_query=bool(hparams.get("anchor_query", False)),
+        passing_tokens=int(hparams.get("passing_tokens", 0)),
     )
     check_fits(config, dtype=dtype, layout=layout, request=longest, gpu=gpu, max_tensor_parallel=8)
 

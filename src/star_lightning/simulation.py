@@ -94,6 +94,7 @@ def simulate_request(
             extra_capacity=extra if host == query_host else 0,
             kernels=kernels,
             prompt_length=context_ids.shape[1] + query_ids.shape[1],
+            query_ids=query_ids,
         )
         result.phase1_host_s[host] = context.phase1_s
         result.phase1_host_bytes[host] = context.phase1_bytes

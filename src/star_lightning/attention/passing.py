@@ -28,11 +28,12 @@ import torch
 from torch import Tensor
 
 from star_lightning.parallel.group import ContextGroup, Transfer
+from star_lightning.partition import SELECTION_WINDOW
+
+__all__ = ["SELECTION_WINDOW", "PassedTokens", "PassingExchange", "PassingSettings", "select_passing"]
 
 Selection = Literal["shared", "per_head"]
 SELECTIONS: tuple[str, ...] = ("shared", "per_head")
-# Without the query in the anchor, the anchor's last tokens choose (SnapKV's observation window is 32 tokens).
-SELECTION_WINDOW = 32
 
 
 @dataclass(frozen=True)
