@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--passing-tokens", type=int, default=32, help="aq+pt: passing tokens per host and layer")
     p.add_argument("--ring-layouts", default="zigzag,contiguous")
     p.add_argument("--ring-sample-hosts", type=int, default=0, help="simulated ring: run only this many hosts (>=2)")
+    p.add_argument("--star-sample-hosts", type=int, default=0,
+                   help="simulated star: run only this many hosts (>=2; host 0 and the last always); with passing "
+                        "tokens the hosts left out pass zeros of the real shapes (timing only)")  # fmt: skip
     p.add_argument("--queries-per-context", default="", help="K queries on one context (the first plan), e.g. 1,4,16")
     p.add_argument("--query-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -113,7 +116,7 @@ def run_simulated(model: Any, args: argparse.Namespace, env: dict[str, Any], log
                 if star.attention == "dense":
                     continue
                 set_attention(model, star.attention)
-                sample = args.ring_sample_hosts if star.attention == "ring" and args.ring_sample_hosts else hosts
+                sample = {"ring": args.ring_sample_hosts, "star": args.star_sample_hosts}.get(star.attention) or hosts
                 run_hosts = sorted({round(i * (hosts - 1) / max(1, sample - 1)) for i in range(sample)})
                 try:
                     with torch.inference_mode():

@@ -10,7 +10,8 @@ counted in :attr:`SimulatedHostGroup.bytes_moved` (its time is modelled by the c
   real host's (same shapes) but the values are not (ring results are timing-only in simulation).
 - Phase 1's passing tokens (an all-gather per layer): each host's contribution is recorded on the board; a host gets
   those of the hosts simulated before it (the only ones it reads) and zeros in the rows of later hosts, so the
-  tokens a host attends to are exactly a real host's.
+  tokens a host attends to are exactly a real host's. (A benchmark that samples hosts leaves earlier rows unsimulated
+  too: their zeros have the real shapes, so the compute is the real host's but its values are not: timing only.)
 - Phase 2: every host's partial is this host's own, so the merge runs over ``H`` partials as on the real group.
 """
 
