@@ -146,3 +146,29 @@ def test_one_host_with_passing_is_star() -> None:
             logits_a = encode_query(model, a.context.store, query, CONTEXT, SingleHostGroup())
             logits_b = encode_query(model, b.context.store, query, CONTEXT, SingleHostGroup())
             torch.testing.assert_close(logits_a, logits_b, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_query_aware_phase1_on_the_gpu_matches_float64() -> None:
+    """bf16 on the GPU's kernels (long blocks fused, the prefix and passing tokens on the short-query paths), 4 hosts
+    played on one GPU: each host's stored K/V within bf16 tolerance of the float64 CPU computation."""
+    name = "llama/aq_pass_per_head"
+    reference = _played_hosts(4, name, "broadcast")
+    family, overrides, *_ = CASES[name]
+    model = tiny_model(family, dtype=torch.bfloat16, **overrides).cuda()
+    use_star_attention(model)
+    board = AnchorBoard()
+    anchor, positions, passing = CASES[name][2], CASES[name][4], CASES[name][5]
+    context, query = random_tokens(CONTEXT, seed=1).cuda(), random_tokens(QUERY, seed=2).cuda()
+    with torch.no_grad():
+        for host in range(4):
+            group = SimulatedHostGroup(host, 4, board)
+            plan = plan_blocks(CONTEXT, BLOCK, 4, anchor)
+            store = KVStore(num_layers(model), plan.local_context_length(host))
+            prefill_star(
+                model, context, plan, group, store, query_ids=query, query_positions=positions, passing=passing
+            )
+            for layer in range(store.num_layers):
+                got = torch.stack(store.view(layer)).double().cpu()
+                torch.testing.assert_close(got, reference[host]["kv"][layer], rtol=0.05, atol=0.05)
