@@ -6,7 +6,7 @@ so every cell calls `star_lightning.cli.main` (in process, to skip a Python star
 computed on the side. Cells (`--configs`, names in `CONFIGS`): dense; at blocks of 1/4 and 1/8 of the sequence
 length and anchors of the whole block or a quarter of it (`_a/4`): star, star with the query in the anchor (`aq`,
 `--model.anchor_query true`) and star with the query in the anchor and passing tokens (`aq+pt`,
-`--model.passing_tokens` = block / 32, on as many hosts as blocks: `--model.simulate_hosts`, so one process predicts
+`--model.passing_tokens` = block / 32, on as many hosts as blocks: `--model.simulate_hosts 0`, so one process predicts
 what that many hosts predict); and star at block 1/4 without the anchor (`--model.anchor false`). One predict per
 length and cell runs every task's requests (one file: the tasks' files joined), then `score` splits them by task.
 Resumable: finished cells are read back from the JSON and skipped, and predict resumes a partial predictions file.
@@ -84,8 +84,7 @@ def config_options(config: str, length: int) -> list[str]:
     if spec["anchor_query"]:
         options += ["--model.anchor_query", "true"]
     if spec["passing"]:
-        options += ["--model.passing_tokens", str(block // PASSING_FRACTION), "--model.simulate_hosts",
-                    str(spec["divisor"])]  # fmt: skip
+        options += ["--model.passing_tokens", str(block // PASSING_FRACTION), "--model.simulate_hosts", "0"]
     return options
 
 
@@ -196,7 +195,7 @@ def markdown(results: dict, lengths: list[int], tasks: list[str], n: int, device
     note = (
         f"Score 0-100 (RULER: the share of reference values found in the answer; BABILong: its "
         f"compare_answers), {n} requests per cell (counts seen: {counts}), greedy, {device.upper()} {precision}, "
-        "one process (passing tokens: as many hosts as blocks, played in it with `--model.simulate_hosts`). Block "
+        "one process (passing tokens: as many hosts as blocks, played in it with `--model.simulate_hosts 0`). Block "
         f"and anchor as fractions of the sequence length L; passing tokens = block / {PASSING_FRACTION} per host and "
         "layer. "
         "Essay haystack: Python's documentation text (pydoc_data). '-' = not run."

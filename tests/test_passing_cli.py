@@ -82,7 +82,7 @@ def test_a_context_with_the_query_in_its_anchor_answers_only_that_query() -> Non
         (["--model.attention", "dense", "--model.passing_tokens", "4"], "--model.passing_tokens 4 applies to star"),
         (["--model.anchor", "false", "--model.passing_tokens", "4"], "needs the anchor"),
         (["--model.passing_pool_kernel", "4"], "--model.passing_pool_kernel must be an odd number"),
-        (["--model.simulate_hosts", "0"], "--model.simulate_hosts must be 1 (off)"),
+        (["--model.simulate_hosts", "-1"], "--model.simulate_hosts must be 1 (off), more hosts, or 0"),
         (["--model.simulate_hosts", "2", "--trainer.devices", "2"], "plays every host in one process"),
     ],
 )

@@ -148,6 +148,21 @@ def test_one_host_with_passing_is_star() -> None:
             torch.testing.assert_close(logits_a, logits_b, rtol=0, atol=0)
 
 
+def test_simulate_hosts_zero_plays_one_host_per_block() -> None:
+    """``simulated_hosts 0``: as many hosts as the request's context makes blocks (70 tokens of blocks of 16: 5)."""
+    model = tiny_model("llama")
+    use_star_attention(model)
+    context, query = random_tokens(CONTEXT, seed=1), random_tokens(QUERY, seed=2)
+    results = []
+    with torch.no_grad():
+        for hosts in (0, 5, 4):
+            star = StarSettings(block_size=BLOCK, anchor_block_size=12, anchor_query=True, passing_tokens=3,
+                                simulated_hosts=hosts)  # fmt: skip
+            results.append(generate(model, context, query, SingleHostGroup(), star, GenerationSettings(6)))
+    assert results[0].token_ids == results[1].token_ids
+    assert results[0].stats.phase1_bytes == results[1].stats.phase1_bytes != results[2].stats.phase1_bytes
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_query_aware_phase1_on_the_gpu_matches_float64() -> None:

@@ -66,7 +66,8 @@ class StarSettings:
     passing_pool_kernel: int = 7
     simulated_hosts: int = 1
     """Star: play the Phase 1 of this many hosts in this one process, host by host (exact), then Phase 2 over all of
-    their KV (:func:`encode_context`); 1 = this process is one host of its group."""
+    their KV (:func:`encode_context`); 0 = as many hosts as the context makes blocks; 1 = this process is one host of
+    its group."""
     backend: str = "auto"
     decode: DecodeMode = "auto"
     r"""Phase 2 decoding of star/ring: ``eager`` (one forward per token over the growing cache), ``static`` (static
@@ -79,8 +80,8 @@ class StarSettings:
             raise ValueError(f"anchor_source must be one of {', '.join(ANCHOR_SOURCES)}, got {self.anchor_source!r}")
         if self.passing_tokens < 0:
             raise ValueError(f"passing_tokens must be 0 (off) or a number of tokens, got {self.passing_tokens}")
-        if self.simulated_hosts < 1:
-            raise ValueError(f"simulated_hosts must be at least 1, got {self.simulated_hosts}")
+        if self.simulated_hosts < 0:
+            raise ValueError(f"simulated_hosts must be 0 (one per block), 1 (off) or more, got {self.simulated_hosts}")
         self.passing  # noqa: B018 -- validates the passing settings
 
     @property
@@ -684,17 +685,18 @@ def encode_context(
     prompt does (:mod:`star_lightning.rope`). ``query_ids``: the request's query, which ``star.anchor_query`` puts in
     the anchor prefix (required then).
 
-    ``star.simulated_hosts`` H > 1 (a group of one process): each of H hosts' Phase 1 runs in turn through the same
-    code with a group that plays host h of H (:mod:`star_lightning.parallel.simulated_group`: the anchor and the
-    passing tokens each host gets are the ones the hosts before it really computed), and the H stores are joined
-    in host order into this process's one store; Phase 2 over it is exactly the merge over H hosts' partials. So
-    one device predicts what H real hosts predict (``phase1_s``: the slowest host).
+    ``star.simulated_hosts`` H != 1 (a group of one process; 0: one host per block): each of H hosts' Phase 1 runs
+    in turn through the same code with a group that plays host h of H (:mod:`star_lightning.parallel.
+    simulated_group`: the anchor and the passing tokens each host gets are the ones the hosts before it really
+    computed), and the H stores are joined in host order into this process's one store; Phase 2 over it is exactly
+    the merge over H hosts' partials. So one device predicts what H real hosts predict (``phase1_s``: the slowest
+    host).
     """
     prompt_length = context_ids.shape[1] if prompt_length is None else prompt_length
     if star.attention == "star" and star.anchor_query and query_ids is None:
         raise ValueError("anchor_query puts the request's query in the anchor: encode_context needs query_ids")
     with pinned_rope_length(model, prompt_length):
-        if star.attention == "star" and star.simulated_hosts > 1:
+        if star.attention == "star" and star.simulated_hosts != 1:
             return _encode_simulated(model, context_ids, group, star, extra_capacity, kernels, prompt_length, query_ids)
         return _encode_context(model, context_ids, group, star, extra_capacity, kernels, prompt_length, query_ids)
 
@@ -776,7 +778,8 @@ def _encode_simulated(
         )
     kernels = KernelChoice(backend=star.backend) if kernels is None else kernels
     devices = model_devices(model)
-    context_length, hosts, layers = context_ids.shape[1], star.simulated_hosts, num_layers(model)
+    context_length, layers = context_ids.shape[1], num_layers(model)
+    hosts = star.simulated_hosts or -(-context_length // star.block_size)  # 0: one host per block
     plan = plan_blocks(context_length, star.block_size, hosts, star.anchor_block_size, star.use_anchor)
     board = AnchorBoard()
     stores, seconds, sent = [], [], 0

@@ -62,7 +62,8 @@ class StarAttentionLM(LightningModule):
             so a chosen token's neighbours come with it.
         simulate_hosts: star: play the Phase 1 of this many hosts in this one process, host by host, exactly as that
             many real hosts compute it (anchor, passing tokens), then Phase 2 over all of their KV: what a layout of
-            that many hosts predicts, measured on one device; 1 = off. Needs context_parallel_size 1.
+            that many hosts predicts, measured on one device; 0 = one host per block of each request (the paper's
+            layout, whatever the context's length); 1 = off. Needs context_parallel_size 1.
         max_new_tokens: tokens to generate at most per request; a request's own ``max_new_tokens`` field (which
             ``star-lightning generate`` writes, per task) lowers it for that request.
         temperature: 0 = greedy; otherwise sampling with this temperature.

@@ -104,10 +104,12 @@ def validate_star_options(
         raise ConfigurationError(
             f"--model.passing_pool_kernel must be an odd number >= 1 (1 = no pooling), got {passing_pool_kernel!r}"
         )
-    if not isinstance(simulate_hosts, int) or simulate_hosts < 1:
-        raise ConfigurationError(f"--model.simulate_hosts must be 1 (off) or more hosts, got {simulate_hosts!r}")
+    if not isinstance(simulate_hosts, int) or simulate_hosts < 0:
+        raise ConfigurationError(
+            f"--model.simulate_hosts must be 1 (off), more hosts, or 0 (one host per block), got {simulate_hosts!r}"
+        )
     used = [name for name, on in (("anchor_query true", anchor_query), (f"passing_tokens {passing_tokens}",
-            passing_tokens > 0), (f"simulate_hosts {simulate_hosts}", simulate_hosts > 1)) if on]  # fmt: skip
+            passing_tokens > 0), (f"simulate_hosts {simulate_hosts}", simulate_hosts != 1)) if on]  # fmt: skip
     if attention != "star" and used:
         raise ConfigurationError(
             f"--model.{used[0]} applies to star attention only, but --model.attention is {attention} (exact "

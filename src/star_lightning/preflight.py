@@ -193,7 +193,7 @@ def _check_with_lock(
     tokenizer = None
     if to_check:
         tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-        plan_hosts = max(context_parallel_size, int(hparams.get("simulate_hosts", 1)))
+        plan_hosts = max(context_parallel_size, int(hparams.get("simulate_hosts", 1)))  # 0: one per block, any
         skipped, longest = _check_lengths(
             to_check, tokenizer, hparams, positions, plan_hosts, datamodule.path, datamodule.on_too_long
         )
@@ -224,7 +224,7 @@ def _check_layout(trainer: pl.Trainer, attention: str, simulate_hosts: int = 1) 
     if not isinstance(strategy, ContextParallelMixin):
         return 1
     size = strategy.validate_layout(trainer.num_nodes * trainer.num_devices).context_parallel_size
-    if simulate_hosts > 1 and size != 1:
+    if simulate_hosts != 1 and size != 1:
         raise ConfigurationError(
             f"--model.simulate_hosts {simulate_hosts} plays every host in one process, but the context-parallel group "
             f"has {size} hosts; set --trainer.strategy.context_parallel_size 1 (the devices then split the requests) "

@@ -86,8 +86,8 @@ def prediction_settings(
     settings = {name: model_options[name] for name in MODEL_OPTIONS_THAT_DECIDE}
     settings.update(model=model, dtype=dtype, precision=str(precision), requests=requests)
     passing = settings["attention"] == "star" and bool(settings["passing_tokens"])
-    played = int(settings["simulate_hosts"] or 1)
-    settings["hosts"] = (played if played > 1 else hosts) if passing else None
+    played = int(settings["simulate_hosts"] if settings["simulate_hosts"] is not None else 1)
+    settings["hosts"] = (("one per block" if played == 0 else played) if played != 1 else hosts) if passing else None
     settings["simulate_hosts"] = None
     if not settings["anchor_query"]:
         settings["anchor_query_positions"] = None
