@@ -26,6 +26,7 @@ from transformers import DynamicCache, PretrainedConfig
 
 from star_lightning.attention.anchor import AnchorPrefix, BroadcastAnchor, KeptAnchor, ReceivedAnchor
 from star_lightning.attention.kernels import KernelChoice, sdpa_priority
+from star_lightning.attention.star import ATTENTION_NAME
 from star_lightning.attention.step import ForwardStep, StaticSlot
 from star_lightning.cache import KVStore
 from star_lightning.parallel.group import ContextGroup, is_query_host
@@ -57,10 +58,11 @@ class StarSettings:
     ring_layout: RingLayout = "zigzag"
     backend: str = "auto"
     decode: DecodeMode = "auto"
-    r"""Phase 2 decoding of star/ring: ``eager`` (one forward per token over the growing cache), ``static`` (static
-    shapes: the preallocated cache with a device-side valid length), ``graph`` (``static`` captured once as a CUDA
-    graph and replayed per token: no Python or launch overhead), ``compile`` (``graph`` of the ``torch.compile``\ d
-    step: the model's norms, rotary and activations fused); ``auto`` is ``compile`` on one GPU, ``eager`` else."""
+    r"""Phase 2 decoding, star, ring and dense alike: ``eager`` (one forward per token over the growing cache),
+    ``static`` (static shapes: the preallocated cache with a device-side valid length), ``graph`` (``static`` captured
+    once as a CUDA graph and replayed per token: no Python or launch overhead), ``compile`` (``graph`` of the
+    ``torch.compile``\ d step: the model's norms, rotary and activations fused); ``auto`` is ``compile`` on one GPU,
+    ``eager`` else."""
 
     def __post_init__(self) -> None:
         if self.anchor_source not in ANCHOR_SOURCES:
@@ -172,15 +174,18 @@ def _synchronize(devices: list[torch.device]) -> None:
             torch.cuda.synchronize(device)
 
 
-def _forward(model: Callable[..., Any], ids: Tensor, positions: Tensor, step: ForwardStep) -> Tensor:
-    """One forward of star/ring (our attention keeps the KV, so no transformers cache); the last logits ``[V]``.
-    ``model``: the model, or its compiled forward."""
+def _forward(
+    model: Callable[..., Any], ids: Tensor, positions: Tensor, step: ForwardStep, start: int | None = None
+) -> Tensor:
+    """One forward of star/ring/dense (our attention keeps the KV, so no transformers cache); the last logits ``[V]``.
+    ``model``: the model, or its compiled forward. ``start``: the first position when ``positions`` are one contiguous
+    run (``start, start + 1, ...``), which lets the layers skip what a window cannot reach without a device sync."""
     output = model(
         input_ids=ids,  # [1, L]
         position_ids=positions,  # [1, L]
         use_cache=False,
         logits_to_keep=1,
-        star_step=replace(step, positions=positions[0]),  # [L]: the true positions, for sliding windows
+        star_step=replace(step, positions=positions[0], start=start),  # [L]: the true positions, for sliding windows
     )
     return output.logits[0, -1]  # [V]
 
@@ -275,19 +280,20 @@ def prefill_star(
                 context_ids[:, :anchor],
                 _positions(0, anchor, device),
                 replace(base, keep_new=False, share_anchor=sink),
+                start=0,
             )
         prefix = received if received is not None else sink
     for block in blocks:
         block_ids = context_ids[:, block.start : block.end]  # [1, l]
         block_positions = _positions(block.start, block.end, device)
         if block.index == 0:
-            _forward(model, block_ids, block_positions, replace(base, share_anchor=sink))
+            _forward(model, block_ids, block_positions, replace(base, share_anchor=sink), start=block.start)
         elif anchor and anchor_source == "block":
             ids = torch.cat([context_ids[:, :anchor], block_ids], dim=1)  # [1, a + l]
             positions = torch.cat([_positions(0, anchor, device), block_positions], dim=1)  # [1, a + l]
             _forward(model, ids, positions, replace(base, skip=anchor))
         else:
-            _forward(model, block_ids, block_positions, replace(base, anchor=prefix))
+            _forward(model, block_ids, block_positions, replace(base, anchor=prefix), start=block.start)
     if isinstance(sink, BroadcastAnchor):
         sink.finish()
     if received is not None:
@@ -319,6 +325,32 @@ def prefill_ring(
     return group.bytes_moved - bytes_before
 
 
+def prefill_dense(
+    model: nn.Module, context_ids: Tensor, store: KVStore, *, kernels: KernelChoice | None = None
+) -> None:
+    """Phase 1 of the dense baseline: the whole context as one block on one host, with no anchor: one causal forward
+    that stores its K/V, which is exactly the model's own attention over the context (tested against transformers').
+
+    Why dense runs through the engine rather than transformers' own cache and loop: its Phase 2 (query, decode in
+    every ``--model.decode`` mode, a kept context's roll back) is then star's one-host Phase 2, kernel for kernel,
+    so an end-to-end comparison of dense and star compares their attention, not two loops (transformers' eager loop
+    decoded at 2.4x star's captured graph on an H200); sliding-window layers (Gemma-2/3, Mistral) run the same
+    windowed kernels as star's, by the same true positions. Models star cannot serve keep transformers' own attention
+    and loop (:func:`star_lightning.models.set_attention`).
+    """
+    length = context_ids.shape[1]
+    step = ForwardStep(
+        phase="block", kernels=KernelChoice() if kernels is None else kernels, store=store, last_position=length - 1
+    )
+    _forward(model, context_ids, _positions(0, length, context_ids.device), step, start=0)
+
+
+def uses_star_attention(model: nn.Module) -> bool:
+    """Whether the model's attention is Star Attention's function (dense: the model was servable)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == ATTENTION_NAME
+
+
 def encode_query(
     model: nn.Module,
     store: KVStore,
@@ -337,7 +369,7 @@ def encode_query(
         keep_new=is_query_host(group),
         last_position=stop - 1,
     )
-    return _forward(model, query_ids, _positions(start, stop, query_ids.device), step)
+    return _forward(model, query_ids, _positions(start, stop, query_ids.device), step, start=start)
 
 
 def decode_step(
@@ -581,6 +613,12 @@ def _encode_context(
                 "hosts; set --trainer.strategy.context_parallel_size 1 (the devices then split the requests) or use "
                 "--model.attention star/ring"
             )
+        if uses_star_attention(model):
+            store = KVStore(num_layers(model), context_length + extra_capacity)
+            prefill_dense(model, context_ids, store, kernels=kernels)
+            _synchronize(devices)
+            phase1_s = time.perf_counter() - t0
+            return EncodedContext(key, context_length, context_length, store=store, phase1_s=phase1_s)
         cache = DynamicCache(config=_config(model))
         with sdpa_priority(kernels, context_ids.device, context_length):
             _dense_forward(model, context_ids, _positions(0, context_length, context_ids.device), cache)

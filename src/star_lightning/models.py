@@ -273,12 +273,17 @@ def build_model(
 
 
 def set_attention(model: PreTrainedModel, attention: Literal["star", "ring", "dense"]) -> None:
-    """The attention ``predict`` runs for ``attention``: the model's own (``dense``: see
-    :func:`dense_attention_implementation`) or Star Attention's."""
+    """The attention ``predict`` runs for ``attention``: Star Attention's function for star, ring, and for dense
+    wherever it can serve the model (dense is then one block on one host: :func:`star_lightning.generation.
+    prefill_dense` says why); the model's own otherwise (dense only; see :func:`dense_attention_implementation`)."""
     if attention == "dense":
-        model.set_attn_implementation(dense_attention_implementation(type(model), model.config))
-    else:
-        use_star_attention(model)
+        try:
+            use_star_attention(model)
+            return
+        except ConfigurationError:
+            model.set_attn_implementation(dense_attention_implementation(type(model), model.config))
+            return
+    use_star_attention(model)
 
 
 def use_star_attention(model: PreTrainedModel) -> None:

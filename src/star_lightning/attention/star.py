@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
-from star_lightning.attention.kernels import SlidingWindow, attention_with_lse
+from star_lightning.attention.kernels import attention_with_lse
 from star_lightning.attention.merge import merge_pair, merge_partials
 from star_lightning.attention.ring import ring_attention
 from star_lightning.attention.step import ForwardStep
@@ -84,7 +84,7 @@ def _block(
     """Phase 1: store the block's K/V, hand the anchor on where asked, attend causally after the anchor prefix.
 
     With a sliding window a block token sees the anchor's keys (positions ``0..a-1``) only where the window allows:
-    for a block far from the start, none of them, as in the model itself."""
+    for a block far from the start, none of them, as in the model itself, and that call is skipped."""
     positions = step.token_positions()  # [L]
     if step.keep_new:
         if step.store is None:
@@ -95,19 +95,15 @@ def _block(
         keys, values = step.store.view(layer) if step.keep_new and step.store is not None else (key, value)
         length = step.share_anchor.length
         step.share_anchor.put(layer, keys[:, :, :length], values[:, :, :length])  # [B, Hkv, a, D]
-    own = None if window is None else SlidingWindow(window, positions, positions)
+    own = step.own_window(window)
     out, lse = attention_with_lse(
         query, key, value, scale=scale, causal=True, softcap=softcap, kernels=step.kernels, window=own
     )
-    if step.anchor is not None:
+    if step.anchor is not None and step.sees_anchor(window):
         anchor_keys, anchor_values = step.anchor.kv(layer, key)  # [B, Hkv, a, D]: all of it seen, but for a window
-        anchor_window = None
-        if window is not None:
-            anchor_positions = torch.arange(anchor_keys.shape[2], device=positions.device)  # [a]
-            anchor_window = SlidingWindow(window, positions, anchor_positions)
         anchor_out, anchor_lse = attention_with_lse(
             query, anchor_keys, anchor_values, scale=scale, causal=False, softcap=softcap, kernels=step.kernels,
-            window=anchor_window,
+            window=step.anchor_window(window, anchor_keys.shape[2]),
         )  # fmt: skip
         out, lse = merge_pair(anchor_out, anchor_lse, out, lse)
     return out
@@ -142,7 +138,7 @@ def _query(
         key_positions = store.positions(layer)  # [len]
     out, lse = attention_with_lse(
         query, keys, values, scale=scale, causal=step.keep_new, softcap=softcap, kernels=step.kernels,
-        valid_length=valid, window=None if window is None else SlidingWindow(window, positions, key_positions),
+        valid_length=valid, window=step.store_window(window, key_positions),
     )  # fmt: skip
     outs, lses = step.group.gather_partials(out, lse)  # [N, B, Hq, Lq, D], [N, B, Hq, Lq]
     out, _ = merge_partials(outs, lses)
