@@ -31,7 +31,11 @@ from star_lightning.rope import rope_length_key
 
 CONTEXT, QUERY, NEW, WINDOW = 70, 5, 8, 24
 PROMPT = CONTEXT + QUERY
-WINDOWED = {"mistral": {"sliding_window": WINDOW}, "gemma2": {"sliding_window": WINDOW}}  # all / alternate layers
+WINDOWED = {  # every layer / alternate layers (soft-capped) / Gemma-3's hybrid: a sliding layer, then a global one
+    "mistral": {"sliding_window": WINDOW},
+    "gemma2": {"sliding_window": WINDOW},
+    "gemma3": {"sliding_window": WINDOW},
+}
 # Phi-3's longrope switches to the long factors past original_max_position_embeddings (72): the context alone (70)
 # is below it, the prompt (75) above, so a context encoded for its own length would be in the wrong regime.
 ROPES = {

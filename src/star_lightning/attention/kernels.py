@@ -253,6 +253,8 @@ def attention_with_lse(
         lse = torch.full(query.shape[:-1], float("-inf"), device=query.device, dtype=_lse_dtype(query))
         return out, lse
     kernels = KernelChoice() if kernels is None else kernels
+    if causal and query.shape[2] == 1:  # one query, bottom-right aligned, sees every (valid) key: no causal split
+        causal = False
     if window is not None or (softcap is not None and query.is_cuda and kernels.backend in ("auto", "flex")):
         return _masked_attention(
             kernels, query, key, value, scale=scale, causal=causal, softcap=softcap, valid_length=valid_length,
