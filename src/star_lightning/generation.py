@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -426,7 +427,9 @@ class StaticDecoder:
         graph: bool,
         compile: bool = False,
     ) -> None:
-        self.model, self.store, self.group, self.use_graph = model, store, group, graph
+        self.kernels = kernels
+        self.model, self.store, self.group = model, store, group
+        self.use_graph = graph and kernels.graph_failure is None  # this engine's captures failed before: none
         self.forward = kernels.compiled_forward(model) if compile else model
         device = store.device
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
@@ -450,12 +453,15 @@ class StaticDecoder:
         self.bytes_per_step = 0
         self.replays = 0
         self.setup_s = 0.0
-        self.mode = ("compile" if compile else "graph") if graph else "static"
+        self.requested = ("compile" if compile else "graph") if graph else "static"
+        self.mode = self.requested if self.use_graph or not graph else "static"
+        """The mode it decodes in: ``static`` where a graph was asked for but cannot be captured."""
         self.capacity = store.capacity  # the buffers the graph was captured on: valid while the store keeps them
 
     def serves(self, store: KVStore, group: ContextGroup, mode: str) -> bool:
         """Whether this step, as captured, is right for a request over ``store`` (a kept context's next query)."""
-        return store is self.store and group is self.group and mode == self.mode and store.capacity == self.capacity
+        same = store is self.store and group is self.group and mode == self.requested
+        return same and store.capacity == self.capacity
 
     def begin_request(self) -> None:
         """Per-request figures start at zero; a graph captured for an earlier request is replayed as it is."""
@@ -489,11 +495,21 @@ class StaticDecoder:
         self.positions.fill_(position)
         self.slot.write_slot.fill_(length)
         self.slot.valid_length.fill_(length + 1 if self.keep_new else length)
+        if self.use_graph and self.graph is None:
+            try:
+                self._capture()
+            except RuntimeError as error:  # a kernel that cannot be captured: decode without the graph, exactly
+                warnings.warn(
+                    f"capturing the decode step as a CUDA graph failed ({str(error).splitlines()[0]}); decoding with "
+                    "the static step, uncaptured (slower, the same tokens)",
+                    stacklevel=2,
+                )
+                self.use_graph, self.graph, self.logits, self.mode = False, None, None, "static"
+                self.kernels.graph_failure = str(error).splitlines()[0]
+                torch.cuda.synchronize()
         if not self.use_graph:
             logits = self._run()
         else:
-            if self.graph is None:
-                self._capture()
             assert self.graph is not None and self.logits is not None
             self.graph.replay()
             self.replays += 1
@@ -724,6 +740,8 @@ def _answer(
     t2 = time.perf_counter()
     stats.query_s = t1 - t0
     stats.decode_setup_s = decoder.setup_s if decoder is not None else 0.0
+    if decoder is not None:
+        stats.decode_mode = decoder.mode
     stats.decode_s = t2 - t1 - stats.decode_setup_s
     stats.new_tokens = len(tokens)
     stats.phase2_bytes = group.bytes_moved - bytes_before + (decoder.replayed_bytes if decoder is not None else 0)

@@ -85,6 +85,8 @@ class KernelChoice:
     """Whether the flash-attn package is installed (looked up once per engine)."""
     flex: flex.FlexState = field(default_factory=flex.FlexState)
     """FlexAttention's compiled function on this engine, or why it failed."""
+    graph_failure: str | None = None
+    """Why capturing a decode step as a CUDA graph failed on this engine (its decoders then run uncaptured)."""
     compiled: WeakKeyDictionary[Any, Callable[..., Any]] = field(default_factory=WeakKeyDictionary)
     r"""The ``torch.compile``\ d forward of each model decoded with ``--model.decode compile`` (compiled once)."""
 
