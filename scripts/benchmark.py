@@ -54,8 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--anchor-sizes", default="", help="star anchor sizes to run (default: the block size)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--anchor-sources", default="broadcast,host", help="star: broadcast, host, block")
+    p.add_argument("--query-aware", default="star", help="star variants: star, aq (anchor_query), aq+pt (and passing)")
+    p.add_argument("--passing-tokens", type=int, default=32, help="aq+pt: passing tokens per host and layer")
     p.add_argument("--ring-layouts", default="zigzag,contiguous")
     p.add_argument("--ring-sample-hosts", type=int, default=0, help="simulated ring: run only this many hosts (>=2)")
+    p.add_argument("--star-sample-hosts", type=int, default=0,
+                   help="simulated star: run only this many hosts (>=2; host 0 and the last always); with passing "
+                        "tokens the hosts left out pass zeros of the real shapes (timing only)")  # fmt: skip
     p.add_argument("--queries-per-context", default="", help="K queries on one context (the first plan), e.g. 1,4,16")
     p.add_argument("--query-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -70,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.simulate_hosts, args.methods = [int(x) for x in split(args.simulate_hosts)], split(args.methods)
     args.lengths, args.anchor_sizes = [int(x) for x in split(args.lengths)], [int(x) for x in split(args.anchor_sizes)]
     args.anchor_sources, args.ring_layouts = split(args.anchor_sources), split(args.ring_layouts)
+    args.query_aware = split(args.query_aware)
     args.queries_per_context = [int(x) for x in split(args.queries_per_context)]
     args.command = "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     return args
@@ -82,7 +88,11 @@ def variants(args: argparse.Namespace, length: int) -> list[StarSettings]:
     if "star" in args.methods:
         for anchor in args.anchor_sizes or [block]:
             for source in args.anchor_sources:
-                out.append(StarSettings("star", block, min(anchor, block), anchor_source=source))  # type: ignore[arg-type]
+                for variant in args.query_aware:
+                    passing = args.passing_tokens if variant == "aq+pt" else 0
+                    star = StarSettings("star", block, min(anchor, block), anchor_source=source,  # type: ignore[arg-type]
+                                        anchor_query=variant in ("aq", "aq+pt"), passing_tokens=passing)  # fmt: skip
+                    out.append(star)
     if "ring" in args.methods:
         out += [StarSettings("ring", block, ring_layout=layout) for layout in args.ring_layouts]  # type: ignore[arg-type]
     if "dense" in args.methods and length <= args.max_dense_length:
@@ -106,7 +116,7 @@ def run_simulated(model: Any, args: argparse.Namespace, env: dict[str, Any], log
                 if star.attention == "dense":
                     continue
                 set_attention(model, star.attention)
-                sample = args.ring_sample_hosts if star.attention == "ring" and args.ring_sample_hosts else hosts
+                sample = {"ring": args.ring_sample_hosts, "star": args.star_sample_hosts}.get(star.attention) or hosts
                 run_hosts = sorted({round(i * (hosts - 1) / max(1, sample - 1)) for i in range(sample)})
                 try:
                     with torch.inference_mode():

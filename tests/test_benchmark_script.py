@@ -15,7 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = {"method", "anchor_source", "ring_layout", "hosts", "seq_len", "block_size", "anchor_block_size", "phase1_s",
           "phase1_host_s", "phase1_bytes", "ttft_s", "decode_ms_per_token", "total_s", "peak_mem_gib", "simulated",
-          "gpu", "phase1_floor_s", "decode_floor_ms", "predicted_ttft_s", "predicted_peak_gib"}  # fmt: skip
+          "gpu", "phase1_floor_s", "decode_floor_ms", "predicted_ttft_s", "predicted_peak_gib", "anchor_query",
+          "passing_tokens", "predicted_phase1_bytes"}  # fmt: skip
 
 
 def _run(tmp_path: Path, *args: str) -> dict:
@@ -78,3 +79,22 @@ def test_real_hosts_through_the_fabric_strategy(tmp_path: Path) -> None:
         assert len(r["phase1_host_s"]) == 2
     tokens = {r["method"] + str(r["anchor_source"]): r["tokens"] for r in records if r["method"] == "star"}
     assert tokens["starbroadcast"] == tokens["starhost"]  # the anchor's source changes no token
+
+
+def test_query_aware_records_count_their_bytes(tmp_path: Path) -> None:
+    """The query in the anchor and passing tokens beside plain star: the bytes each host sent (the prefix broadcast
+    with the query and the selection queries, every host's passing all-gathers) are what the cost model predicts."""
+    payload = _run(tmp_path, "--simulate-hosts", "4", "--block-size", "64", "--anchor-sizes", "64,16",
+                   "--anchor-sources", "broadcast,host", "--methods", "star", "--query-aware", "star,aq,aq+pt",
+                   "--passing-tokens", "4", "--query-tokens", "8", "--new-tokens", "2", "--no-warmup")  # fmt: skip
+    records = {(r["anchor_source"], r["anchor_block_size"], r["anchor_query"], r["passing_tokens"]): r
+               for r in payload["records"]}  # fmt: skip
+    for source in ("broadcast", "host"):
+        for anchor in (64, 16):
+            plain, query, passing = (records[(source, anchor, q, p)] for q, p in ((False, 0), (True, 0), (True, 4)))
+            for r in (plain, query, passing):
+                assert FIELDS <= r.keys() and r["phase1_bytes"] == r["predicted_phase1_bytes"]
+            if source == "broadcast":  # the prefix grows by the query's K/V
+                assert plain["phase1_bytes"] < query["phase1_bytes"] < passing["phase1_bytes"]
+            else:
+                assert plain["phase1_bytes"] == query["phase1_bytes"] == 0 < passing["phase1_bytes"]

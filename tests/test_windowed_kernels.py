@@ -230,3 +230,41 @@ def test_compiled_flex_soft_capping_on_cuda_against_float64() -> None:
     ref_out, ref_lse = _explicit(q.cpu(), k.cpu(), v.cpu(), 0.3, torch.arange(100, 300), torch.arange(300), None, 5.0)
     torch.testing.assert_close(out.cpu().double(), ref_out, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=1e-4, atol=1e-3)
+
+
+def test_a_block_whose_windows_reach_no_anchor_key_skips_the_anchor_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mistral, window 8, blocks of 16 after an anchor of 16: block 1 sees the anchor's last keys, blocks 2-4 none.
+    The skipped calls are exactly the ones that would have been empty: the same K/V to the last bit."""
+    from model_zoo import random_tokens, tiny_model
+    from star_lightning.attention.step import ForwardStep
+    from star_lightning.cache import KVStore
+    from star_lightning.generation import num_layers, prefill_star
+    from star_lightning.models import use_star_attention
+    from star_lightning.parallel.group import SingleHostGroup
+    from star_lightning.partition import plan_blocks
+
+    model = tiny_model("mistral", sliding_window=8)
+    use_star_attention(model)
+    context = random_tokens(70, seed=3)
+    plan = plan_blocks(70, 16, 1, 16)
+    calls: list[int] = []
+    original = kernels.attention_with_lse
+
+    def counted(query, key, value, **kwargs):
+        calls.append(key.shape[2])
+        return original(query, key, value, **kwargs)
+
+    monkeypatch.setattr("star_lightning.attention.star.attention_with_lse", counted)
+    stores = {}
+    for skipping in (True, False):
+        if not skipping:
+            monkeypatch.setattr(ForwardStep, "sees_anchor", lambda self, size: True)
+        calls.clear()
+        store = KVStore(num_layers(model), 70)
+        with torch.no_grad():
+            prefill_star(model, context, plan, SingleHostGroup(), store, anchor_source="host")
+        stores[skipping] = (torch.stack([torch.cat(store.view(layer), dim=-1) for layer in range(2)]), list(calls))
+    layers, blocks_after_anchor, far_blocks = 2, 4, 3
+    assert len(stores[False][1]) - len(stores[True][1]) == layers * far_blocks  # one anchor call per layer skipped
+    assert len(stores[True][1]) == layers * (1 + blocks_after_anchor + 1)  # block 0, four blocks' own, block 1's anchor
+    assert torch.equal(stores[True][0], stores[False][0])

@@ -27,8 +27,9 @@ from transformers import DynamicCache, PretrainedConfig
 
 from star_lightning.attention.anchor import AnchorPrefix, BroadcastAnchor, KeptAnchor, ReceivedAnchor
 from star_lightning.attention.kernels import KernelChoice, sdpa_priority
+from star_lightning.attention.passing import SELECTION_WINDOW, PassingExchange, PassingSettings, Selection
 from star_lightning.attention.star import ATTENTION_NAME
-from star_lightning.attention.step import ForwardStep, StaticSlot
+from star_lightning.attention.step import BlockRows, ForwardStep, StaticSlot
 from star_lightning.cache import KVStore
 from star_lightning.parallel.group import ContextGroup, is_query_host
 from star_lightning.partition import BlockPlan, RingLayout, RingPlan, plan_blocks, plan_ring
@@ -57,6 +58,17 @@ class StarSettings:
     ``host`` (each host computes it once), ``block`` (recomputed before every block). With one host, ``broadcast``
     and ``host`` are the same (host 0 takes it from its own first block)."""
     ring_layout: RingLayout = "zigzag"
+    anchor_query: bool = False
+    """Star: the request's query follows the anchor in every block's prefix (each block is encoded knowing what will
+    be asked); its K/V are never stored, and a context encoded this way answers only the same query."""
+    anchor_query_positions: QueryPositions = "after_anchor"
+    passing_tokens: int = 0
+    """Star: tokens each host passes per layer to the hosts after it (:mod:`star_lightning.attention.passing`)."""
+    passing_selection: Selection = "shared"
+    passing_pool_kernel: int = 7
+    simulated_hosts: int = 1
+    """Star: play the Phase 1 of this many hosts in this one process, host by host (exact), then Phase 2 over all of
+    their KV (:func:`encode_context`); 1 = this process is one host of its group."""
     backend: str = "auto"
     decode: DecodeMode = "auto"
     r"""Phase 2 decoding, star, ring and dense alike: ``eager`` (one forward per token over the growing cache),
@@ -68,6 +80,24 @@ class StarSettings:
     def __post_init__(self) -> None:
         if self.anchor_source not in ANCHOR_SOURCES:
             raise ValueError(f"anchor_source must be one of {', '.join(ANCHOR_SOURCES)}, got {self.anchor_source!r}")
+        if self.passing_tokens < 0:
+            raise ValueError(f"passing_tokens must be 0 (off) or a number of tokens, got {self.passing_tokens}")
+        if self.simulated_hosts < 1:
+            raise ValueError(f"simulated_hosts must be at least 1, got {self.simulated_hosts}")
+        self.passing  # noqa: B018 -- validates the passing settings
+
+    @property
+    def passing(self) -> PassingSettings:
+        return PassingSettings(self.passing_tokens, self.passing_selection, self.passing_pool_kernel)
+
+    def shapes_kv(self) -> tuple[object, ...]:
+        """Every setting that shapes a context's KV (a kept context is reused only where they all agree)."""
+        star = self.attention == "star"
+        return (
+            self.attention, self.block_size, self.anchor_block_size, self.use_anchor, self.ring_layout,
+            star and self.anchor_query, self.anchor_query_positions if star and self.anchor_query else None,
+            self.passing if star and self.passing_tokens else None, self.simulated_hosts if star else 1,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -231,9 +261,54 @@ def kv_shape(model: nn.Module) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
+def query_heads_per_key_head(model: nn.Module) -> int:
+    """Query heads per KV head (grouped-query attention): the same on every tensor-parallel shard."""
+    config = _config(model).get_text_config()
+    heads = int(config.num_attention_heads)
+    return heads // int(getattr(config, "num_key_value_heads", None) or heads)
+
+
 def _model_dtype_and_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     parameter = next(model.parameters())
     return parameter.dtype, parameter.device
+
+
+QueryPositions = Literal["after_anchor", "phase2"]
+QUERY_POSITIONS: tuple[str, ...] = ("after_anchor", "phase2")
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """The anchor prefix of one request: the anchor, then (``anchor_query``) the query; ids ``[1, P]`` and positions
+    ``[1, P]``, and which of its rows are the selection queries of passing tokens."""
+
+    ids: Tensor
+    positions: Tensor
+    anchor: int
+    query: int
+    selection: tuple[int, int]
+
+    @property
+    def length(self) -> int:
+        return self.anchor + self.query
+
+
+def _anchor_prefix(
+    context_ids: Tensor, plan: BlockPlan, query_ids: Tensor | None, query_positions: QueryPositions
+) -> _Prefix:
+    """``after_anchor``: the query at ``a .. a+q-1``, right after the anchor (APB gives the query consecutive positions
+    inside its anchor); ``phase2``: at ``T .. T+q-1``, where Phase 2 puts it."""
+    device, anchor = context_ids.device, plan.anchor_length
+    if query_ids is None or not anchor:
+        window = min(SELECTION_WINDOW, anchor)
+        return _Prefix(context_ids[:, :anchor], _positions(0, anchor, device), anchor, 0, (anchor - window, anchor))
+    if query_positions not in QUERY_POSITIONS:
+        raise ValueError(f"anchor_query_positions must be one of {', '.join(QUERY_POSITIONS)}, got {query_positions!r}")
+    query = query_ids.shape[1]
+    start = anchor if query_positions == "after_anchor" else plan.context_length
+    ids = torch.cat([context_ids[:, :anchor], query_ids], dim=1)  # [1, a + q]
+    positions = torch.cat([_positions(0, anchor, device), _positions(start, start + query, device)], dim=1)
+    return _Prefix(ids, positions, anchor, query, (anchor, anchor + query))
 
 
 def prefill_star(
@@ -245,13 +320,22 @@ def prefill_star(
     *,
     anchor_source: AnchorSource = "broadcast",
     kernels: KernelChoice | None = None,
+    query_ids: Tensor | None = None,
+    query_positions: QueryPositions = "after_anchor",
+    passing: PassingSettings | None = None,
 ) -> int:
-    """Phase 1 on this host: encode its blocks, each after the anchor; returns the bytes it sent.
+    """Phase 1 on this host: encode its blocks, each after the anchor prefix; returns the bytes it sent.
 
-    ``broadcast``: host 0 sends each layer's anchor K/V while it encodes the first block; the others receive it
-    (posted before their forward, waited for layer by layer) and never run the anchor's forward. ``host``: a host
-    without the first block runs the anchor's forward once and keeps its K/V. ``block``: every non-first block is a
-    forward of ``(anchor, block)`` (the reference implementation's way; only the block's K/V is stored).
+    ``broadcast``: host 0 sends each layer's prefix K/V while it encodes the first block; the others receive it
+    (posted before their forward, waited for layer by layer) and never run the prefix's forward. ``host``: a host
+    without the first block runs the prefix's forward once and keeps its K/V. ``block``: every non-first block is a
+    forward of ``(prefix, block)`` (the reference implementation's way; only the block's K/V is stored).
+
+    ``query_ids``: the request's query, appended to the anchor in every block's prefix (``--model.anchor_query``) at
+    the positions ``query_positions`` says; the first block's forward computes it too (as trailing rows that see
+    only the anchor), and no host stores it. ``passing``: every host passes ``passing.tokens`` of its block's tokens per
+    layer to the hosts after it (:mod:`star_lightning.attention.passing`); the hosts encode their blocks in rounds, in
+    step (a host with fewer blocks takes part in a round's collectives without one).
     """
     kernels = KernelChoice() if kernels is None else kernels
     device = context_ids.device
@@ -259,40 +343,73 @@ def prefill_star(
     blocks = list(plan.blocks_of(group.rank))
     anchor = plan.anchor_length
     bytes_before = group.bytes_moved
+    prefix_of = _anchor_prefix(context_ids, plan, query_ids, query_positions)
+    exchange: PassingExchange | None = None
+    dtype, root = _model_dtype_and_device(model)
+    heads, head_dim = kv_shape(model)
+    if passing is not None and passing.tokens > 0 and group.size > 1 and anchor:
+        exchange = PassingExchange(group, passing, layers, (1, heads, head_dim), dtype, root)
+    selection = prefix_of.selection if exchange is not None else None
+    last = max(plan.context_length - 1, int(prefix_of.positions.max()) if prefix_of.length else 0)
+    base = ForwardStep(phase="block", group=group, kernels=kernels, store=store, last_position=last, passing=exchange)
 
-    base = ForwardStep(phase="block", group=group, kernels=kernels, store=store, last_position=plan.context_length - 1)
-
-    prefix: AnchorPrefix | None = None  # where this host's blocks get the anchor's K/V
-    sink: KeptAnchor | None = None  # the forward that computes the anchor's K/V hands them here
+    prefix: AnchorPrefix | None = None  # where this host's blocks get the prefix's K/V
+    sink: KeptAnchor | None = None  # the forward that computes the prefix's K/V hands them here
     received: ReceivedAnchor | None = None
     owns_first = bool(blocks) and blocks[0].index == 0
     broadcast = anchor_source == "broadcast" and group.size > 1
+    prefix_positions = prefix_of.positions[0]  # [P]
     if anchor and anchor_source != "block":
         if owns_first:
-            sink = BroadcastAnchor(layers, anchor, group) if broadcast else KeptAnchor(layers, anchor)
-        elif broadcast:
-            dtype, root = _model_dtype_and_device(model)
-            heads, head_dim = kv_shape(model)
-            received = ReceivedAnchor(group, layers, (1, heads, anchor, head_dim), dtype, root)
-        else:
-            sink = KeptAnchor(layers, anchor)
-            _forward(
-                model,
-                context_ids[:, :anchor],
-                _positions(0, anchor, device),
-                replace(base, keep_new=False, share_anchor=sink),
-                start=0,
+            sink = (
+                BroadcastAnchor(layers, prefix_of.length, group, prefix_positions)
+                if broadcast
+                else KeptAnchor(layers, prefix_of.length, prefix_positions)
             )
+        elif broadcast:
+            selection_shape = None
+            if selection is not None:
+                selection_shape = (1, heads * query_heads_per_key_head(model), selection[1] - selection[0], head_dim)
+            received = ReceivedAnchor(
+                group, layers, (1, heads, prefix_of.length, head_dim), dtype, root, prefix_positions, selection_shape
+            )
+        else:
+            sink = KeptAnchor(layers, prefix_of.length, prefix_positions)
+            rows = BlockRows(selection=selection)
+            _forward(
+                model, prefix_of.ids, prefix_of.positions,
+                replace(base, keep_new=False, share_anchor=sink, rows=rows, passing=None),
+            )  # fmt: skip
         prefix = received if received is not None else sink
-    for block in blocks:
+    rounds = len(blocks)
+    if exchange is not None:  # every host takes part in every round's collectives
+        rounds = max(len(plan.blocks_of(host)) for host in range(plan.num_hosts))
+    for round_index in range(rounds):
+        if round_index >= len(blocks):
+            assert exchange is not None
+            exchange.idle()
+            continue
+        block = blocks[round_index]
         block_ids = context_ids[:, block.start : block.end]  # [1, l]
         block_positions = _positions(block.start, block.end, device)
         if block.index == 0:
-            _forward(model, block_ids, block_positions, replace(base, share_anchor=sink), start=block.start)
+            # The prefix's query rides along as trailing rows where anyone needs its K/V or selection queries.
+            tail = prefix_of.query if (sink is not None or exchange is not None) else 0
+            ids, positions = block_ids, block_positions  # [1, l]
+            if tail:
+                ids = torch.cat([block_ids, prefix_of.ids[:, anchor:]], dim=1)  # [1, l + q]
+                positions = torch.cat([block_positions, prefix_of.positions[:, anchor:]], dim=1)
+            first_selection = selection
+            if selection is not None and tail:
+                first_selection = (block.length, block.length + tail)
+            rows = BlockRows(prefix=anchor, tail_query=tail, selection=first_selection)
+            first = None if tail else block.start  # with the query's rows the positions are no contiguous run
+            _forward(model, ids, positions, replace(base, share_anchor=sink, rows=rows), start=first)
         elif anchor and anchor_source == "block":
-            ids = torch.cat([context_ids[:, :anchor], block_ids], dim=1)  # [1, a + l]
-            positions = torch.cat([_positions(0, anchor, device), block_positions], dim=1)  # [1, a + l]
-            _forward(model, ids, positions, replace(base, skip=anchor))
+            ids = torch.cat([prefix_of.ids, block_ids], dim=1)  # [1, P + l]
+            positions = torch.cat([prefix_of.positions, block_positions], dim=1)  # [1, P + l]
+            rows = BlockRows(prefix=prefix_of.length, selection=selection)
+            _forward(model, ids, positions, replace(base, skip=prefix_of.length, rows=rows))
         else:
             _forward(model, block_ids, block_positions, replace(base, anchor=prefix), start=block.start)
     if isinstance(sink, BroadcastAnchor):
@@ -571,11 +688,20 @@ def _peak_memory_bytes(devices: list[torch.device]) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def context_key(context_ids: Tensor, star: StarSettings, group: ContextGroup, rope_length: int | None = None) -> str:
+def context_key(
+    context_ids: Tensor,
+    star: StarSettings,
+    group: ContextGroup,
+    rope_length: int | None = None,
+    query_ids: Tensor | None = None,
+) -> str:
     """What identifies an encoded context: its tokens, the layout of hosts and every setting that shaped its KV
-    (``rope_length``: the prompt length a length-dependent rope was pinned to, :mod:`star_lightning.rope`)."""
+    (``rope_length``: the prompt length a length-dependent rope was pinned to, :mod:`star_lightning.rope`), and with
+    the query in the anchor, the query's tokens (``query_ids``)."""
     digest = hashlib.sha256(context_ids.detach().cpu().numpy().tobytes()).hexdigest()
-    shape = (star.attention, star.block_size, star.anchor_block_size, star.use_anchor, star.ring_layout, rope_length)
+    if star.attention == "star" and star.anchor_query and query_ids is not None:
+        digest += "+" + hashlib.sha256(query_ids.detach().cpu().numpy().tobytes()).hexdigest()
+    shape = (*star.shapes_kv(), rope_length)
     return f"{digest}:{context_ids.shape[1]}:{shape}:{group.rank}/{group.size}"
 
 
@@ -583,7 +709,8 @@ def request_context_key(
     model: nn.Module, context_ids: Tensor, query_ids: Tensor, star: StarSettings, group: ContextGroup
 ) -> str:
     """The :func:`context_key` a request's context is encoded under (a kept context answers it when they match)."""
-    return context_key(context_ids, star, group, rope_length_key(model, context_ids.shape[1] + query_ids.shape[1]))
+    rope_length = rope_length_key(model, context_ids.shape[1] + query_ids.shape[1])
+    return context_key(context_ids, star, group, rope_length, query_ids)
 
 
 def encode_context(
@@ -595,17 +722,29 @@ def encode_context(
     extra_capacity: int,
     kernels: KernelChoice | None = None,
     prompt_length: int | None = None,
+    query_ids: Tensor | None = None,
 ) -> EncodedContext:
     """Phase 1 of any method on this host, timed: the context's KV, ready for queries (``extra_capacity`` positions
     of room for the query and generated tokens on the query host).
 
     ``prompt_length`` (context + query; None: the context's length): a rope whose scaling regime depends on the
     sequence length (``dynamic``, ``longrope``) rotates every context token for it, as dense's one forward over the
-    prompt does (:mod:`star_lightning.rope`).
+    prompt does (:mod:`star_lightning.rope`). ``query_ids``: the request's query, which ``star.anchor_query`` puts in
+    the anchor prefix (required then).
+
+    ``star.simulated_hosts`` H > 1 (a group of one process): each of H hosts' Phase 1 runs in turn through the same
+    code with a group that plays host h of H (:mod:`star_lightning.parallel.simulated_group`: the anchor and the
+    passing tokens each host gets are the ones the hosts before it really computed), and the H stores are joined
+    in host order into this process's one store; Phase 2 over it is exactly the merge over H hosts' partials. So
+    one device predicts what H real hosts predict (``phase1_s``: the slowest host).
     """
     prompt_length = context_ids.shape[1] if prompt_length is None else prompt_length
+    if star.attention == "star" and star.anchor_query and query_ids is None:
+        raise ValueError("anchor_query puts the request's query in the anchor: encode_context needs query_ids")
     with pinned_rope_length(model, prompt_length):
-        return _encode_context(model, context_ids, group, star, extra_capacity, kernels, prompt_length)
+        if star.attention == "star" and star.simulated_hosts > 1:
+            return _encode_simulated(model, context_ids, group, star, extra_capacity, kernels, prompt_length, query_ids)
+        return _encode_context(model, context_ids, group, star, extra_capacity, kernels, prompt_length, query_ids)
 
 
 def _encode_context(
@@ -616,11 +755,12 @@ def _encode_context(
     extra_capacity: int,
     kernels: KernelChoice | None,
     prompt_length: int,
+    query_ids: Tensor | None,
 ) -> EncodedContext:
     kernels = KernelChoice(backend=star.backend) if kernels is None else kernels
     devices = model_devices(model)
     context_length = context_ids.shape[1]
-    key = context_key(context_ids, star, group, rope_length_key(model, prompt_length))
+    key = context_key(context_ids, star, group, rope_length_key(model, prompt_length), query_ids)
     t0 = time.perf_counter()
     if star.attention == "dense":
         if group.size != 1:
@@ -649,9 +789,67 @@ def _encode_context(
         plan = plan_blocks(context_length, star.block_size, group.size, star.anchor_block_size, star.use_anchor)
         local = plan.local_context_length(group.rank)
         store = KVStore(num_layers(model), local + extra_capacity)
-        sent = prefill_star(model, context_ids, plan, group, store, anchor_source=star.anchor_source, kernels=kernels)
+        sent = _prefill_star_settings(model, context_ids, plan, group, store, star, kernels, query_ids)
     _synchronize(devices)
     return EncodedContext(key, context_length, local, store=store, phase1_s=time.perf_counter() - t0, phase1_bytes=sent)
+
+
+def _prefill_star_settings(
+    model: nn.Module,
+    context_ids: Tensor,
+    plan: BlockPlan,
+    group: ContextGroup,
+    store: KVStore,
+    star: StarSettings,
+    kernels: KernelChoice,
+    query_ids: Tensor | None,
+) -> int:
+    return prefill_star(
+        model, context_ids, plan, group, store, anchor_source=star.anchor_source, kernels=kernels,
+        query_ids=query_ids if star.anchor_query else None, query_positions=star.anchor_query_positions,
+        passing=star.passing if star.passing_tokens else None,
+    )  # fmt: skip
+
+
+def _encode_simulated(
+    model: nn.Module,
+    context_ids: Tensor,
+    group: ContextGroup,
+    star: StarSettings,
+    extra_capacity: int,
+    kernels: KernelChoice | None,
+    prompt_length: int,
+    query_ids: Tensor | None,
+) -> EncodedContext:
+    from star_lightning.parallel.simulated_group import AnchorBoard, SimulatedHostGroup
+
+    if group.size != 1:
+        raise ValueError(
+            f"simulated_hosts plays every host in one process, but this process is one of {group.size} hosts; set "
+            "--trainer.strategy.context_parallel_size 1 or --model.simulate_hosts 1"
+        )
+    kernels = KernelChoice(backend=star.backend) if kernels is None else kernels
+    devices = model_devices(model)
+    context_length, hosts, layers = context_ids.shape[1], star.simulated_hosts, num_layers(model)
+    plan = plan_blocks(context_length, star.block_size, hosts, star.anchor_block_size, star.use_anchor)
+    board = AnchorBoard()
+    stores, seconds, sent = [], [], 0
+    for host in range(hosts):
+        t0 = time.perf_counter()
+        host_store = KVStore(layers, plan.local_context_length(host))
+        played = SimulatedHostGroup(host, hosts, board)
+        sent += _prefill_star_settings(model, context_ids, plan, played, host_store, star, kernels, query_ids)
+        _synchronize(devices)
+        seconds.append(time.perf_counter() - t0)
+        stores.append(host_store)
+    board.clear()
+    store = KVStore(layers, context_length + extra_capacity)
+    for layer in range(layers):
+        for host_store in stores:
+            keys, values = host_store.view(layer)
+            store.append(layer, keys, values, host_store.positions(layer))
+    key = context_key(context_ids, star, group, rope_length_key(model, prompt_length), query_ids)
+    return EncodedContext(key, context_length, context_length, store=store, phase1_s=max(seconds), phase1_bytes=sent)
 
 
 def answer(
@@ -780,8 +978,9 @@ def generate(
     else:
         with _phase(PHASE1, on_phase):
             context = encode_context(
-                model, context_ids, group, star, extra_capacity=extra, kernels=kernels, prompt_length=prompt_length
-            )
+                model, context_ids, group, star, extra_capacity=extra, kernels=kernels, prompt_length=prompt_length,
+                query_ids=query_ids,
+            )  # fmt: skip
     tokens, stats = answer(
         model, context, query_ids, group, star, settings, kernels=kernels, stop_check=stop_check, on_phase=on_phase
     )

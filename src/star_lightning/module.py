@@ -24,7 +24,7 @@ from star_lightning.generation import (
 from star_lightning.models import DTypeName, load_model, load_tokenizer, resolve_dtype, resolve_pretrained
 from star_lightning.parallel.group import ContextGroup, SingleHostGroup, is_query_host
 from star_lightning.parallel.mixin import ContextParallelMixin
-from star_lightning.partition import validate_block_sizes
+from star_lightning.partition import validate_block_sizes, validate_star_options
 from star_lightning.sampling import SamplingConfig
 from star_lightning.tokens import context_ids, query_ids
 
@@ -48,6 +48,21 @@ class StarAttentionLM(LightningModule):
             h and 2H-1-h: balanced causal work) or ``contiguous`` (host h holds chunk h). Same predictions.
         reuse_context: when a request's context is the one the previous request encoded (same tokens), skip Phase 1
             and answer over the kept KV (exact); ``false`` re-encodes every request (for comparison).
+        anchor_query: star: the request's query follows the anchor in every block's prefix, so each block is encoded
+            knowing what will be asked (APB's query-aware anchor); its K/V are never stored. A context encoded so
+            depends on its query: it is reused only for the same query.
+        anchor_query_positions: where the query sits in the prefix: ``after_anchor`` (positions a..a+q-1, right
+            after the anchor) or ``phase2`` (the positions Phase 2 gives it, after the context).
+        passing_tokens: star: at every layer of Phase 1 each host passes this many of its block's tokens, those the
+            query in the anchor (else the anchor's last 32 tokens) attends to most, to the hosts after it, which
+            attend to them at their true positions; 0 = Star as the paper defines it. Needs the anchor; with one
+            host nothing is passed.
+        passing_selection: ``shared`` (one choice of tokens for all heads) or ``per_head`` (each KV head its own).
+        passing_pool_kernel: the choice scores are max-pooled over this many neighbouring positions (odd; 1 = none),
+            so a chosen token's neighbours come with it.
+        simulate_hosts: star: play the Phase 1 of this many hosts in this one process, host by host, exactly as that
+            many real hosts compute it (anchor, passing tokens), then Phase 2 over all of their KV: what a layout of
+            that many hosts predicts, measured on one device; 1 = off. Needs context_parallel_size 1.
         max_new_tokens: tokens to generate at most per request; a request's own ``max_new_tokens`` field (which
             ``star-lightning generate`` writes, per task) lowers it for that request.
         temperature: 0 = greedy; otherwise sampling with this temperature.
@@ -56,11 +71,13 @@ class StarAttentionLM(LightningModule):
         stop_strings: generation stops when the text ends with one of these (the stop string is cut off).
         dtype: weights and activations; auto = bfloat16 on GPU, float32 on CPU.
         backend: local attention kernel: auto (the fastest available), math (any device, float64 too), sdpa or
-            cudnn (fused CUDA kernels for Phase 1), triton (split-KV CUDA kernel for decoding) or flash_attn (if
-            installed).
-        decode: Phase 2 decoding of star/ring: auto (compile on one GPU, eager otherwise), eager (one forward per
-            token), static (static shapes, no graph), graph (the static step captured as one CUDA graph and replayed
-            per token) or compile (graph of the torch.compile'd step: the model's norms, rotary and activations fused).
+            cudnn (fused CUDA kernels for Phase 1), triton (split-KV CUDA kernel for decoding), flash_attn (if
+            installed) or flex (FlexAttention for every call; auto takes it on CUDA for sliding-window and soft-capped
+            layers).
+        decode: Phase 2 decoding of star, ring and dense: auto (compile on one GPU, eager otherwise), eager (one
+            forward per token), static (static shapes, no graph), graph (the static step captured as one CUDA graph
+            and replayed per token) or compile (graph of the torch.compile'd step: the model's norms, rotary and
+            activations fused).
         trust_remote_code: allow model code from the hub (off: only transformers' own architectures).
     """
 
@@ -75,13 +92,19 @@ class StarAttentionLM(LightningModule):
         anchor_source: Literal["broadcast", "host", "block"] = "broadcast",
         ring_layout: Literal["zigzag", "contiguous"] = "zigzag",
         reuse_context: bool = True,
+        anchor_query: bool = False,
+        anchor_query_positions: Literal["after_anchor", "phase2"] = "after_anchor",
+        passing_tokens: int = 0,
+        passing_selection: Literal["shared", "per_head"] = "shared",
+        passing_pool_kernel: int = 7,
+        simulate_hosts: int = 1,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
         stop_strings: list[str] | None = None,
         dtype: DTypeName = "auto",
-        backend: Literal["auto", "math", "sdpa", "cudnn", "triton", "flash_attn"] = "auto",
+        backend: Literal["auto", "math", "sdpa", "cudnn", "triton", "flash_attn", "flex"] = "auto",
         decode: Literal["auto", "eager", "static", "graph", "compile"] = "auto",
         trust_remote_code: bool = False,
     ) -> None:
@@ -89,6 +112,10 @@ class StarAttentionLM(LightningModule):
         if attention not in ("star", "ring", "dense"):
             raise ConfigurationError(f"--model.attention must be star, ring or dense, got {attention!r}")
         validate_block_sizes(block_size, anchor_block_size)
+        validate_star_options(
+            attention=attention, block_size=block_size, anchor=anchor, anchor_query=anchor_query,
+            passing_tokens=passing_tokens, passing_pool_kernel=passing_pool_kernel, simulate_hosts=simulate_hosts,
+        )  # fmt: skip
         validate_backend(backend)
         if max_new_tokens <= 0:
             raise ConfigurationError(f"--model.max_new_tokens must be positive, got {max_new_tokens}")
@@ -103,6 +130,12 @@ class StarAttentionLM(LightningModule):
             use_anchor=anchor,
             anchor_source=anchor_source,
             ring_layout=ring_layout,
+            anchor_query=anchor_query,
+            anchor_query_positions=anchor_query_positions,
+            passing_tokens=passing_tokens,
+            passing_selection=passing_selection,
+            passing_pool_kernel=passing_pool_kernel,
+            simulated_hosts=simulate_hosts,
             backend=backend,
             decode=decode,
         )

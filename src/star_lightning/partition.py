@@ -11,6 +11,9 @@ from typing import Literal
 
 from star_lightning.errors import ConfigurationError
 
+# Passing tokens without the query in the anchor: the anchor's last tokens choose them (SnapKV's observation window).
+SELECTION_WINDOW = 32
+
 
 @dataclass(frozen=True)
 class Block:
@@ -74,6 +77,46 @@ def validate_block_sizes(block_size: int, anchor_block_size: int | None) -> None
         raise ConfigurationError(
             f"anchor_block_size ({anchor_block_size}) is larger than block_size ({block_size}): the anchor is a "
             "prefix of the first block; set --model.anchor_block_size to at most the block size"
+        )
+
+
+def validate_star_options(
+    *,
+    attention: str,
+    block_size: int,
+    anchor: bool,
+    anchor_query: bool,
+    passing_tokens: int,
+    passing_pool_kernel: int,
+    simulate_hosts: int,
+) -> None:
+    """Reject star's query-aware options where they are out of range or would silently do nothing."""
+    if not isinstance(passing_tokens, int) or passing_tokens < 0:
+        raise ConfigurationError(
+            f"--model.passing_tokens must be 0 (off) or a positive number of tokens, got {passing_tokens!r}"
+        )
+    if passing_tokens > block_size:
+        raise ConfigurationError(
+            f"--model.passing_tokens {passing_tokens} is larger than a block (--model.block_size {block_size}): a host "
+            f"passes at most its block's tokens; set it to 0..{block_size}"
+        )
+    if not isinstance(passing_pool_kernel, int) or passing_pool_kernel < 1 or passing_pool_kernel % 2 == 0:
+        raise ConfigurationError(
+            f"--model.passing_pool_kernel must be an odd number >= 1 (1 = no pooling), got {passing_pool_kernel!r}"
+        )
+    if not isinstance(simulate_hosts, int) or simulate_hosts < 1:
+        raise ConfigurationError(f"--model.simulate_hosts must be 1 (off) or more hosts, got {simulate_hosts!r}")
+    used = [name for name, on in (("anchor_query true", anchor_query), (f"passing_tokens {passing_tokens}",
+            passing_tokens > 0), (f"simulate_hosts {simulate_hosts}", simulate_hosts > 1)) if on]  # fmt: skip
+    if attention != "star" and used:
+        raise ConfigurationError(
+            f"--model.{used[0]} applies to star attention only, but --model.attention is {attention} (exact "
+            f"attention has no anchor or blocks); drop it or use --model.attention star"
+        )
+    if not anchor and (anchor_query or passing_tokens):
+        raise ConfigurationError(
+            f"--model.{used[0]} needs the anchor (the query joins the anchor's prefix; passing tokens are chosen by "
+            "it), but --model.anchor is false; drop it or set --model.anchor true"
         )
 
 

@@ -128,7 +128,7 @@ def check_run(
 ) -> RunPlan:
     """Every check of the module docstring, in order; returns the plan holding the output's lock."""
     hparams = module.hparams
-    context_parallel_size = _check_layout(trainer, hparams["attention"])
+    context_parallel_size = _check_layout(trainer, hparams["attention"], hparams.get("simulate_hosts", 1))
     _refuse_writing_the_input(output, datamodule.path)
     lock = OutputLock(output)
     lock.acquire()
@@ -171,6 +171,7 @@ def _check_with_lock(
         precision=str(trainer.precision),
         requests=file_sha256(datamodule.path)
         + ("" if datamodule.contexts is None else f" + contexts {file_sha256(datamodule.contexts)}"),
+        hosts=context_parallel_size,
     )
     model_path = source if not Path(source).is_dir() else str(Path(source).resolve())
     world_size = trainer.num_nodes * trainer.num_devices
@@ -192,8 +193,9 @@ def _check_with_lock(
     tokenizer = None
     if to_check:
         tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+        plan_hosts = max(context_parallel_size, int(hparams.get("simulate_hosts", 1)))
         skipped, longest = _check_lengths(
-            to_check, tokenizer, hparams, positions, context_parallel_size, datamodule.path, datamodule.on_too_long
+            to_check, tokenizer, hparams, positions, plan_hosts, datamodule.path, datamodule.on_too_long
         )
         if longest is not None:
             _check_memory(config, hparams, trainer, dtype, longest)
@@ -216,12 +218,18 @@ def _check_with_lock(
     )
 
 
-def _check_layout(trainer: pl.Trainer, attention: str) -> int:
+def _check_layout(trainer: pl.Trainer, attention: str, simulate_hosts: int = 1) -> int:
     """The context-parallel size, after the layout checks the strategy would otherwise make on every rank."""
     strategy = trainer.strategy
     if not isinstance(strategy, ContextParallelMixin):
         return 1
     size = strategy.validate_layout(trainer.num_nodes * trainer.num_devices).context_parallel_size
+    if simulate_hosts > 1 and size != 1:
+        raise ConfigurationError(
+            f"--model.simulate_hosts {simulate_hosts} plays every host in one process, but the context-parallel group "
+            f"has {size} hosts; set --trainer.strategy.context_parallel_size 1 (the devices then split the requests) "
+            "or drop --model.simulate_hosts"
+        )
     if attention == "dense" and size != 1:
         raise ConfigurationError(
             f"dense attention runs each request in one process, but the context-parallel group has {size} hosts; "
@@ -362,6 +370,8 @@ def _check_memory(config: Any, hparams: Any, trainer: pl.Trainer, dtype: str, lo
         ring_layout=hparams["ring_layout"],
         tensor_parallel_size=parallel.tensor_parallel_size,
         gpus_per_host=strategy.gpus_per_host,
+        anchor_query=bool(hparams.get("anchor_query", False)),
+        passing_tokens=int(hparams.get("passing_tokens", 0)),
     )
     check_fits(config, dtype=dtype, layout=layout, request=longest, gpu=gpu, max_tensor_parallel=8)
 

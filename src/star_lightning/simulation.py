@@ -94,6 +94,7 @@ def simulate_request(
             extra_capacity=extra if host == query_host else 0,
             kernels=kernels,
             prompt_length=context_ids.shape[1] + query_ids.shape[1],
+            query_ids=query_ids,
         )
         result.phase1_host_s[host] = context.phase1_s
         result.phase1_host_bytes[host] = context.phase1_bytes
@@ -112,5 +113,5 @@ def simulate_request(
                     result.peak_host_bytes[host] or 0, int(torch.cuda.max_memory_allocated(device)) - board.nbytes
                 )
         del context
-    board.messages.clear()
+    board.clear()
     return result

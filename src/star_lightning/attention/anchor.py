@@ -10,7 +10,13 @@ block and every host. Three ways to have them (``--model.anchor_source``):
   overlaps with their compute and they never run the anchor's forward;
 - ``block``: no prefix object at all; every block is a forward of ``(anchor, block)`` (the reference way).
 
-A prefix answers :meth:`AnchorPrefix.kv` with the layer's ``[B, Hkv, a, D]`` keys and values; a sink takes them
+The prefix is the anchor followed, with ``--model.anchor_query true``, by the request's query tokens (their K/V
+depend on the anchor and the query only: the same for every host too). Its ``positions`` are the true positions of
+the anchor and the positions the query is given in it. With passing tokens
+(:mod:`star_lightning.attention.passing`) it also carries, per layer, the *selection queries* (the query tokens',
+or the anchor's last tokens', rotated queries ``[B, Hq, s, D]``), which choose what each host passes on.
+
+A prefix answers :meth:`AnchorPrefix.kv` with the layer's ``[B, Hkv, P, D]`` keys and values; a sink takes them
 (:meth:`AnchorSink.put`) from the forward that computes them.
 """
 
@@ -26,29 +32,38 @@ from star_lightning.parallel.group import ContextGroup, Transfer
 
 class AnchorPrefix(Protocol):
     length: int
+    positions: Tensor  # [P] long: the prefix tokens' positions
 
     def kv(self, layer: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """The anchor's keys and values of ``layer`` on the device of ``like`` (the layer's own keys)."""
+        """The prefix's keys and values of ``layer`` on the device of ``like`` (the layer's own keys)."""
+        ...
+
+    def selection(self, layer: int, like: Tensor) -> Tensor | None:
+        """The selection queries ``[B, Hq, s, D]`` of ``layer`` (None: not carried, no passing tokens)."""
         ...
 
 
 class AnchorSink(Protocol):
     length: int
 
-    def put(self, layer: int, keys: Tensor, values: Tensor) -> None:
-        """Take the anchor's ``[B, Hkv, a, D]`` keys and values of ``layer`` as the forward computes them."""
+    def put(self, layer: int, keys: Tensor, values: Tensor, selection: Tensor | None = None) -> None:
+        """Take the prefix's ``[B, Hkv, P, D]`` keys and values of ``layer`` (and its selection queries) as the forward
+        computes them."""
         ...
 
 
 class KeptAnchor:
-    """Every layer's anchor K/V, kept on this host (a sink while computed, then a prefix)."""
+    """Every layer's prefix K/V, kept on this host (a sink while computed, then a prefix)."""
 
-    def __init__(self, num_layers: int, length: int) -> None:
+    def __init__(self, num_layers: int, length: int, positions: Tensor | None = None) -> None:
         self.length = length
+        self.positions = torch.arange(length) if positions is None else positions
         self._kv: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
+        self._selection: list[Tensor | None] = [None] * num_layers
 
-    def put(self, layer: int, keys: Tensor, values: Tensor) -> None:
+    def put(self, layer: int, keys: Tensor, values: Tensor, selection: Tensor | None = None) -> None:
         self._kv[layer] = (keys, values)
+        self._selection[layer] = selection
 
     def kv(self, layer: int, like: Tensor) -> tuple[Tensor, Tensor]:
         kept = self._kv[layer]
@@ -56,19 +71,25 @@ class KeptAnchor:
             raise RuntimeError(f"the anchor's K/V of layer {layer} were not computed before a block needed them")
         return kept
 
+    def selection(self, layer: int, like: Tensor) -> Tensor | None:
+        return self._selection[layer]
+
 
 class BroadcastAnchor(KeptAnchor):
-    """Host 0: keeps each layer's anchor K/V for its own later blocks and sends it to the other hosts at once."""
+    """Host 0: keeps each layer's prefix K/V for its own later blocks and sends it to the other hosts at once (the
+    selection queries, where carried, as a second message of the layer)."""
 
-    def __init__(self, num_layers: int, length: int, group: ContextGroup) -> None:
-        super().__init__(num_layers, length)
+    def __init__(self, num_layers: int, length: int, group: ContextGroup, positions: Tensor | None = None) -> None:
+        super().__init__(num_layers, length, positions)
         self._group = group
         self._sent: list[Transfer] = []
 
-    def put(self, layer: int, keys: Tensor, values: Tensor) -> None:
-        super().put(layer, keys, values)
-        message = torch.stack([keys, values])  # [2, B, Hkv, a, D]: one message per layer
+    def put(self, layer: int, keys: Tensor, values: Tensor, selection: Tensor | None = None) -> None:
+        super().put(layer, keys, values, selection)
+        message = torch.stack([keys, values])  # [2, B, Hkv, P, D]: one message per layer
         self._sent.append(self._group.start_broadcast_from_first(message))
+        if selection is not None:
+            self._sent.append(self._group.start_broadcast_from_first(selection.contiguous()))  # [B, Hq, s, D]
 
     def finish(self) -> None:
         """Wait until every layer's message has left (its buffer can then be freed)."""
@@ -78,7 +99,9 @@ class BroadcastAnchor(KeptAnchor):
 
 
 class ReceivedAnchor:
-    """Hosts 1..H-1: every layer's receive is posted up front; a layer's K/V are waited for when first needed."""
+    """Hosts 1..H-1: every layer's receive (two with selection queries) is posted up front; a layer's K/V are waited
+    for when first needed. (Passing tokens travel on a process group of their own, so these receives never have to
+    keep in step with their all-gathers.)"""
 
     def __init__(
         self,
@@ -87,33 +110,52 @@ class ReceivedAnchor:
         shape: tuple[int, int, int, int],
         dtype: torch.dtype,
         device: torch.device,
+        positions: Tensor | None = None,
+        selection_shape: tuple[int, int, int, int] | None = None,
     ) -> None:
         batch, heads, length, head_dim = shape
         self.length = length
-        self._pending: list[Transfer | None] = [
-            group.start_broadcast_from_first(torch.empty(2, batch, heads, length, head_dim, dtype=dtype, device=device))
-            for _ in range(num_layers)
-        ]
+        self.positions = torch.arange(length) if positions is None else positions
+        self._group = group
+        self._shape = (2, batch, heads, length, head_dim)
+        self._selection_shape = selection_shape
+        self._dtype, self._device = dtype, device
+        self._pending: list[list[Transfer]] = [self._post() for _ in range(num_layers)]
         self._kv: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
+        self._selection: list[Tensor | None] = [None] * num_layers
 
-    def kv(self, layer: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    def _post(self) -> list[Transfer]:
+        buffers = [torch.empty(self._shape, dtype=self._dtype, device=self._device)]
+        if self._selection_shape is not None:
+            buffers.append(torch.empty(self._selection_shape, dtype=self._dtype, device=self._device))
+        return [self._group.start_broadcast_from_first(buffer) for buffer in buffers]
+
+    def _receive(self, layer: int, like: Tensor) -> tuple[Tensor, Tensor]:
         kept = self._kv[layer]
         if kept is None:
-            transfer = self._pending[layer]
-            assert transfer is not None
-            message = transfer.wait().to(like.device)  # [2, B, Hkv, a, D]
-            self._pending[layer] = None
+            transfers = self._pending[layer]
+            self._pending[layer] = []
+            message = transfers[0].wait().to(like.device)  # [2, B, Hkv, P, D]
             if message.shape[1:3] != like.shape[:2] or message.shape[-1] != like.shape[-1]:
                 raise RuntimeError(
                     f"layer {layer}: the anchor received from host 0 has K/V of shape {tuple(message.shape[1:])} but "
                     f"this layer's keys are {tuple(like.shape)}; the hosts do not run the same model"
                 )
             kept = self._kv[layer] = (message[0], message[1])
+            if len(transfers) > 1:
+                self._selection[layer] = transfers[1].wait().to(like.device)  # [B, Hq, s, D]
         return kept
+
+    def kv(self, layer: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        return self._receive(layer, like)
+
+    def selection(self, layer: int, like: Tensor) -> Tensor | None:
+        self._receive(layer, like)
+        return self._selection[layer]
 
     def finish(self) -> None:
         """Wait for layers no block needed (none, normally), so no receive is left posted."""
-        for layer, transfer in enumerate(self._pending):
-            if transfer is not None:
+        for layer, transfers in enumerate(self._pending):
+            for transfer in transfers:
                 transfer.wait()
-                self._pending[layer] = None
+            self._pending[layer] = []

@@ -20,8 +20,9 @@ import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
-from star_lightning.attention.kernels import attention_with_lse
+from star_lightning.attention.kernels import SlidingWindow, attention_with_lse
 from star_lightning.attention.merge import merge_pair, merge_partials
+from star_lightning.attention.passing import select_passing
 from star_lightning.attention.ring import ring_attention
 from star_lightning.attention.step import ForwardStep
 
@@ -81,32 +82,176 @@ def _block(
     softcap: float | None,
     window: int | None,
 ) -> Tensor:
-    """Phase 1: store the block's K/V, hand the anchor on where asked, attend causally after the anchor prefix.
+    """Phase 1: store the block's K/V, hand the prefix on where asked, send this host's passing tokens, attend
+    causally after the prefix (and to the passing tokens of the hosts before this one).
 
-    With a sliding window a block token sees the anchor's keys (positions ``0..a-1``) only where the window allows:
-    for a block far from the start, none of them, as in the model itself, and that call is skipped."""
+    With a sliding window a block token sees the prefix's keys (the anchor at positions ``0..a-1``, the query at the
+    positions it is given) only where the window allows: for a block far from the start, none of them, as in the
+    model itself, and that call is skipped."""
     positions = step.token_positions()  # [L]
+    rows = step.rows
+    end = key.shape[2] - rows.tail_query  # rows [skip, end) are the block's own tokens
     if step.keep_new:
         if step.store is None:
             raise RuntimeError("a block step that keeps its K/V needs the host's KV store")
-        step.store.append(layer, key[:, :, step.skip :], value[:, :, step.skip :], positions[step.skip :])
+        step.store.append(layer, key[:, :, step.skip : end], value[:, :, step.skip : end], positions[step.skip : end])
     if step.share_anchor is not None:
-        # From the store where the forward stored (no second reference to the whole block's K/V), else the input.
-        keys, values = step.store.view(layer) if step.keep_new and step.store is not None else (key, value)
-        length = step.share_anchor.length
-        step.share_anchor.put(layer, keys[:, :, :length], values[:, :, :length])  # [B, Hkv, a, D]
-    own = step.own_window(window)
-    out, lse = attention_with_lse(
-        query, key, value, scale=scale, causal=True, softcap=softcap, kernels=step.kernels, window=own
-    )
-    if step.anchor is not None and step.sees_anchor(window):
-        anchor_keys, anchor_values = step.anchor.kv(layer, key)  # [B, Hkv, a, D]: all of it seen, but for a window
-        anchor_out, anchor_lse = attention_with_lse(
-            query, anchor_keys, anchor_values, scale=scale, causal=False, softcap=softcap, kernels=step.kernels,
-            window=step.anchor_window(window, anchor_keys.shape[2]),
-        )  # fmt: skip
-        out, lse = merge_pair(anchor_out, anchor_lse, out, lse)
+        _share_prefix(step, layer, query, key, value, end)
+    # Passing tokens leave as soon as their selection queries are at hand: now where this forward computes them, else
+    # after the block's own attention, when the prefix's K/V (received meanwhile) are waited for anyway.
+    if step.passing is not None and rows.selection is not None:
+        _send_passing(step, layer, query, key, value, end, scale, softcap)
+    if rows.tail_query:
+        out, lse = _block_and_query(step, query, key, value, end, scale, softcap, window)
+    else:
+        own = step.own_window(window)
+        out, lse = attention_with_lse(
+            query, key, value, scale=scale, causal=True, softcap=softcap, kernels=step.kernels, window=own
+        )
+        if step.anchor is not None:
+            if step.passing is not None and rows.selection is None:
+                _send_passing(step, layer, query, key, value, end, scale, softcap)
+            if step.sees_anchor(window):
+                anchor_keys, anchor_values = step.anchor.kv(layer, key)  # [B, Hkv, P, D]: all seen, but for a window
+                anchor_out, anchor_lse = attention_with_lse(
+                    query, anchor_keys, anchor_values, scale=scale, causal=False, softcap=softcap,
+                    kernels=step.kernels, window=step.anchor_window(window),
+                )  # fmt: skip
+                out, lse = merge_pair(anchor_out, anchor_lse, out, lse)
+    if step.passing is not None:
+        out = _attend_passing(step, layer, query, out, lse, end, scale, softcap, window)
     return out
+
+
+def _share_prefix(step: ForwardStep, layer: int, query: Tensor, key: Tensor, value: Tensor, end: int) -> None:
+    """Hand the prefix's K/V of this forward (and its selection queries) to ``share_anchor``: the first rows, and the
+    query's tail rows where the first block's forward computes them."""
+    sink = step.share_anchor
+    assert sink is not None
+    # From the store where the forward stored (no second reference to the whole block's K/V), else the input.
+    keys, values = step.store.view(layer) if step.keep_new and step.store is not None else (key, value)
+    rows = step.rows
+    if rows.tail_query:
+        keys = torch.cat([keys[:, :, : rows.prefix], key[:, :, end:]], dim=2)  # [B, Hkv, a + q, D]
+        values = torch.cat([values[:, :, : rows.prefix], value[:, :, end:]], dim=2)
+    else:
+        keys, values = keys[:, :, : sink.length], values[:, :, : sink.length]  # [B, Hkv, P, D]
+    selection = None if rows.selection is None else query[:, :, rows.selection[0] : rows.selection[1]]
+    sink.put(layer, keys, values, selection)
+
+
+def _send_passing(
+    step: ForwardStep,
+    layer: int,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    end: int,
+    scale: float,
+    softcap: float | None,
+) -> None:
+    """Choose this host's passing tokens of the layer among its block's tokens (not the prefix's) and start sending
+    them; the exchange is waited for once the block's attention to its own tokens and to the prefix is done."""
+    assert step.passing is not None
+    rows = step.rows
+    positions = step.token_positions()
+    if rows.selection is not None:  # this forward computes the prefix: the first block, or the prefix recomputed
+        selection = query[:, :, rows.selection[0] : rows.selection[1]]  # [B, Hq, s, D]
+        prefix_keys = key[:, :, : rows.prefix]
+        if rows.tail_query:
+            prefix_keys = torch.cat([prefix_keys, key[:, :, end:]], dim=2)  # [B, Hkv, a + q, D]
+    else:
+        if step.anchor is None:
+            raise RuntimeError("passing tokens are chosen by the anchor prefix's selection queries: no prefix given")
+        received = step.anchor.selection(layer, key)
+        if received is None:
+            raise RuntimeError(f"layer {layer}: the anchor prefix carries no selection queries for passing tokens")
+        selection = received
+        prefix_keys = step.anchor.kv(layer, key)[0]
+    start = rows.prefix
+    passed = select_passing(
+        selection, prefix_keys, key[:, :, start:end], value[:, :, start:end], positions[start:end],
+        step.passing.settings, scale=scale, softcap=softcap,
+    )  # fmt: skip
+    step.passing.start(layer, passed)
+
+
+def _block_and_query(
+    step: ForwardStep,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    end: int,
+    scale: float,
+    softcap: float | None,
+    window: int | None,
+) -> tuple[Tensor, Tensor]:
+    """The first block's forward with the prefix's query appended: the block's rows causal over the block, the query's
+    rows over the anchor (the first ``rows.prefix`` keys) and causally over themselves."""
+    positions = step.token_positions()
+    kernels, anchor = step.kernels, step.rows.prefix
+
+    def windowed(rows: slice, keys: slice) -> SlidingWindow | None:
+        return None if window is None else SlidingWindow(window, positions[rows], positions[keys])
+
+    block, tail, head = slice(0, end), slice(end, None), slice(0, anchor)
+    out, lse = attention_with_lse(
+        query[:, :, block], key[:, :, block], value[:, :, block], scale=scale, causal=True, softcap=softcap,
+        kernels=kernels, window=windowed(block, block),
+    )  # fmt: skip
+    tail_out, tail_lse = attention_with_lse(
+        query[:, :, tail], key[:, :, tail], value[:, :, tail], scale=scale, causal=True, softcap=softcap,
+        kernels=kernels, window=windowed(tail, tail),
+    )  # fmt: skip
+    anchor_out, anchor_lse = attention_with_lse(
+        query[:, :, tail], key[:, :, head], value[:, :, head], scale=scale, causal=False, softcap=softcap,
+        kernels=kernels, window=windowed(tail, head),
+    )  # fmt: skip
+    tail_out, tail_lse = merge_pair(anchor_out, anchor_lse, tail_out, tail_lse)
+    return torch.cat([out, tail_out], dim=2), torch.cat([lse, tail_lse], dim=2)  # [B, Hq, L, D], [B, Hq, L]
+
+
+def _attend_passing(
+    step: ForwardStep,
+    layer: int,
+    query: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    end: int,
+    scale: float,
+    softcap: float | None,
+    window: int | None,
+) -> Tensor:
+    """The block's rows ``[skip, end)`` also attend to the passing tokens of the hosts before this one (all earlier in
+    the context: no causal mask; a sliding window by their true positions), merged exactly."""
+    assert step.passing is not None
+    earlier = step.passing.earlier(layer)
+    if earlier is None:
+        return out
+    own = slice(step.skip, end)
+    rows, positions = query[:, :, own], step.token_positions()[own]  # [B, Hq, l, D], [l]
+    kernels = step.kernels
+    if window is None or earlier.shared:
+        cut = None if window is None else SlidingWindow(window, positions, earlier.positions[0])
+        passed_out, passed_lse = attention_with_lse(
+            rows, earlier.keys, earlier.values, scale=scale, causal=False, softcap=softcap, kernels=kernels, window=cut
+        )
+    else:  # each KV head chose its own tokens: their positions, hence the window, differ by head
+        groups = query.shape[1] // earlier.keys.shape[1]
+        parts = [
+            attention_with_lse(
+                rows[:, h * groups : (h + 1) * groups], earlier.keys[:, h : h + 1], earlier.values[:, h : h + 1],
+                scale=scale, causal=False, softcap=softcap, kernels=kernels,
+                window=SlidingWindow(window, positions, earlier.positions[h]),
+            )
+            for h in range(earlier.keys.shape[1])
+        ]  # fmt: skip
+        passed_out = torch.cat([part[0] for part in parts], dim=1)  # [B, Hq, l, D]
+        passed_lse = torch.cat([part[1] for part in parts], dim=1)  # [B, Hq, l]
+    merged, _ = merge_pair(out[:, :, own], lse[:, :, own], passed_out, passed_lse)
+    if own.start == 0 and end == out.shape[2]:
+        return merged
+    return torch.cat([out[:, :, : own.start], merged, out[:, :, end:]], dim=2)  # [B, Hq, L, D]
 
 
 def _query(

@@ -18,11 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 from star_lightning.attention.anchor import AnchorPrefix, AnchorSink
 from star_lightning.attention.kernels import KernelChoice, SlidingWindow
+from star_lightning.attention.passing import PassingExchange
 from star_lightning.cache import KVStore
 from star_lightning.parallel.group import ContextGroup, SingleHostGroup
 from star_lightning.partition import RingPlan
@@ -40,13 +40,33 @@ class StaticSlot:
 
 
 @dataclass(frozen=True)
+class BlockRows:
+    """What the rows of a Phase 1 forward are besides its block's tokens (the defaults: the block alone).
+
+    ``prefix``: the leading rows that belong to the anchor prefix: the anchor inside the first block, or the prefix
+    recomputed before a block (``anchor_source block``, then also the step's ``skip``). They are never passed on, and
+    with passing tokens their keys (and the tail's) are the prefix keys the selection is normalised over.
+    ``tail_query``: trailing rows that are the query of the prefix (``--model.anchor_query``), computed in the first
+    block's forward: they see the first ``prefix`` keys (the anchor) and each other, causally; never stored.
+    ``selection``: the rows ``[start, stop)`` whose queries choose the passing tokens, also handed to
+    ``share_anchor``; None: the prefix's (``ForwardStep.anchor``), or no passing tokens.
+    """
+
+    prefix: int = 0
+    tail_query: int = 0
+    selection: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class ForwardStep:
     """What every attention layer does in one forward.
 
     ``store``: this host's KV store (read in Phase 2; None for a forward that stores and reads nothing, the anchor's
     own forward). ``keep_new``: append this forward's K/V to ``store``, except its first ``skip`` positions (the
-    anchor recomputed before a block). ``anchor``: K/V attended to before the input's own; ``share_anchor``: where
-    the first ``anchor_length`` K/V of this forward go (kept, or sent to the other hosts). ``static``: Phase 2 with
+    anchor recomputed before a block) and its ``rows.tail_query`` last ones. ``anchor``: the prefix K/V attended to
+    before the input's own; ``share_anchor``: where the prefix K/V of this forward go (kept, or sent to the other
+    hosts). ``rows``: what a Phase 1 forward's rows are (:class:`BlockRows`); ``passing``: the exchange of passing
+    tokens between hosts (:mod:`star_lightning.attention.passing`), None when off. ``static``: Phase 2 with
     static shapes. ``last_position``: the largest position this forward's queries reach, or may reach (a static
     decoder's last token): a sliding window no larger than it may cut something. ``positions``: the true positions
     ``[L]`` of this forward's tokens (the engine's ``_forward`` sets them from the position ids); ``start``: the first
@@ -66,6 +86,8 @@ class ForwardStep:
     anchor: AnchorPrefix | None = None
     share_anchor: AnchorSink | None = None
     ring: RingPlan | None = None
+    rows: BlockRows = field(default_factory=BlockRows)
+    passing: PassingExchange | None = None
     static: StaticSlot | None = None
     last_position: int = 0
     positions: Tensor | None = None
@@ -93,22 +115,31 @@ class ForwardStep:
         return window
 
     def sees_anchor(self, size: int | None) -> bool:
-        """Whether any token of this forward sees an anchor key (positions ``0..a-1``) through a window of ``size``:
-        not when the first token's window starts past the anchor, as for a block far from the start; then the
-        anchor's call is skipped, not computed empty."""
+        """Whether any token of this forward sees a prefix key (the anchor's, and the positions a query in the
+        prefix is given) through a window of ``size``: not for a block far from the start, whose windows all begin
+        past the prefix; then the prefix's call is skipped, not computed empty. Decided on the host from the
+        prefix's positions (a host tensor) and the forward's contiguous run, else assumed."""
         if size is None or self.anchor is None or self.start is None:
             return True
-        return self.anchor.length - 1 > self.start - size
+        if ("sees_anchor", size) not in self.derived:
+            keys = self.anchor.positions
+            if keys.device.type != "cpu":
+                return True
+            stop = self.start + self.token_positions().shape[0]  # one past this forward's last position
+            # a key at k is seen by a token at p iff k <= p < k + size: some p in [start, stop) for some key
+            self.derived[("sees_anchor", size)] = bool(((keys > self.start - size) & (keys < stop)).any())
+        seen: bool = self.derived[("sees_anchor", size)]
+        return seen
 
-    def anchor_window(self, size: int | None, length: int) -> SlidingWindow | None:
-        """The window of this forward's tokens over the anchor's ``length`` keys (positions ``0..length-1``)."""
-        if size is None:
+    def anchor_window(self, size: int | None) -> SlidingWindow | None:
+        """The window of this forward's tokens over the prefix's keys, by their positions."""
+        if size is None or self.anchor is None:
             return None
-        if ("anchor", size, length) not in self.derived:
+        if ("anchor", size) not in self.derived:
             positions = self.token_positions()
-            anchor = torch.arange(length, device=positions.device)  # [a]
-            self.derived[("anchor", size, length)] = SlidingWindow(size, positions, anchor)
-        window: SlidingWindow = self.derived[("anchor", size, length)]
+            anchor = self.anchor.positions.to(positions.device)  # [P]
+            self.derived[("anchor", size)] = SlidingWindow(size, positions, anchor)
+        window: SlidingWindow = self.derived[("anchor", size)]
         return window
 
     def store_window(self, size: int | None, key_positions: Tensor) -> SlidingWindow | None:

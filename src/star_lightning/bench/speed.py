@@ -77,6 +77,7 @@ def _layout(star: StarSettings, hosts: int) -> Layout:
     return Layout(
         method=star.attention, hosts=hosts, block_size=star.block_size, anchor_block_size=star.anchor_block_size,
         use_anchor=star.use_anchor, anchor_source=star.anchor_source, ring_layout=star.ring_layout,
+        anchor_query=star.anchor_query, passing_tokens=star.passing_tokens,
     )  # fmt: skip
 
 
@@ -103,6 +104,8 @@ def make_record(
     record: dict[str, Any] = {
         "method": star.attention,
         "anchor_source": star.anchor_source if star.attention == "star" else None,
+        "anchor_query": star.anchor_query if star.attention == "star" else None,
+        "passing_tokens": star.passing_tokens if star.attention == "star" else None,
         "ring_layout": star.ring_layout if star.attention == "ring" else None,
         "hosts": hosts,
         "seq_len": length,
@@ -117,6 +120,7 @@ def make_record(
         "predicted_ttft_s": plan.predicted_ttft_s,
         "predicted_decode_ms_per_token": plan.predicted_decode_ms_per_token,
         "predicted_peak_gib": plan.predicted_peak_gib,
+        "predicted_phase1_bytes": sum(host.phase1_bytes for host in plan.hosts),
     }
     if failure is not None or measured is None:
         record.update(failure=failure or "not run", simulated=hasattr(measured, "hop_bytes"))
@@ -147,7 +151,9 @@ def _name(record: dict[str, Any]) -> str:
     if record["method"] == "star":
         anchor = record.get("anchor_block_size")
         short = f" anchor {_k(anchor)}" if anchor and anchor != record.get("block_size") else ""
-        return f"star/{record['anchor_source']}{short}"
+        query_aware = " +aq" if record.get("anchor_query") else ""
+        query_aware += f" +pt{record['passing_tokens']}" if record.get("passing_tokens") else ""
+        return f"star/{record['anchor_source']}{short}{query_aware}"
     if record["method"] == "ring":
         return f"ring/{record['ring_layout']}"
     return "dense"

@@ -13,7 +13,8 @@ is bfloat16 on GPUs, float32 on CPUs). Deciding settings from elsewhere: ``--tra
 file's bytes (``requests``). Never deciding: devices,
 nodes, hosts (``context_parallel_size``, exact for a fixed block size), ``gpus_per_host``, timeouts, kernels,
 decode modes, logging, the profiler, ``--data.limit`` and ``--data.on_too_long`` (they choose which requests run,
-not what a request predicts).
+not what a request predicts). Hosts decide once tokens pass between them (``passing_tokens``): then ``hosts`` is
+recorded (the context-parallel size, or the hosts ``simulate_hosts`` plays in one process).
 
 Settings that cannot matter for the chosen method are recorded as null, so changing them resumes: the block sizes
 and the anchor for ``ring``/``dense`` (exact attention), ``anchor_block_size`` without the anchor, ``top_p`` and
@@ -42,6 +43,12 @@ MODEL_OPTIONS_THAT_DECIDE = (
     "block_size",
     "anchor_block_size",
     "anchor",
+    "anchor_query",  # the query in every block's prefix: the blocks are encoded differently
+    "anchor_query_positions",
+    "passing_tokens",
+    "passing_selection",
+    "passing_pool_kernel",
+    "simulate_hosts",  # with passing tokens, the number of hosts decides which tokens pass (see ``hosts``)
     "max_new_tokens",
     "temperature",
     "top_p",
@@ -60,7 +67,7 @@ MODEL_OPTIONS_THAT_DO_NOT = (
     "backend",
     "decode",
 )
-PREDICTION_SETTINGS = (*MODEL_OPTIONS_THAT_DECIDE, "model", "dtype", "precision", "requests")
+PREDICTION_SETTINGS = (*MODEL_OPTIONS_THAT_DECIDE, "model", "dtype", "precision", "requests", "hosts")
 
 
 def record_path(output: str | os.PathLike[str]) -> Path:
@@ -69,18 +76,30 @@ def record_path(output: str | os.PathLike[str]) -> Path:
 
 
 def prediction_settings(
-    model_options: Mapping[str, Any], *, model: str, dtype: str, precision: str, requests: str
+    model_options: Mapping[str, Any], *, model: str, dtype: str, precision: str, requests: str, hosts: int = 1
 ) -> dict[str, Any]:
-    """The settings a resume must match, with the values that cannot matter for this method set to None."""
+    """The settings a resume must match, with the values that cannot matter for this method set to None.
+
+    ``hosts``: the hosts of a request (the context-parallel size); they decide a prediction only with passing tokens
+    (each host passes its own block's tokens), where the hosts played in one process (``simulate_hosts``) count
+    instead."""
     settings = {name: model_options[name] for name in MODEL_OPTIONS_THAT_DECIDE}
     settings.update(model=model, dtype=dtype, precision=str(precision), requests=requests)
+    passing = settings["attention"] == "star" and bool(settings["passing_tokens"])
+    played = int(settings["simulate_hosts"] or 1)
+    settings["hosts"] = (played if played > 1 else hosts) if passing else None
+    settings["simulate_hosts"] = None
+    if not settings["anchor_query"]:
+        settings["anchor_query_positions"] = None
+    if not passing:
+        settings.update(passing_selection=None, passing_pool_kernel=None)
     settings["stop_strings"] = list(settings["stop_strings"] or [])
     if settings["anchor_block_size"] is None:
         settings["anchor_block_size"] = settings["block_size"]
     if not settings["anchor"]:
         settings["anchor_block_size"] = None
     if settings["attention"] != "star":
-        settings.update(block_size=None, anchor_block_size=None, anchor=None)
+        settings.update(block_size=None, anchor_block_size=None, anchor=None, anchor_query=None, passing_tokens=None)
     if settings["temperature"] == 0:
         settings.update(top_p=None, seed=None)
     return settings

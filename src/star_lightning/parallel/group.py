@@ -65,6 +65,11 @@ class ContextGroup(Protocol):
         """Send ``tensor`` to host ``rank + 1``; the transfer yields what host ``rank - 1`` sent (of ``recv_shape``)."""
         ...
 
+    def start_all_gather(self, tensor: Tensor) -> Transfer:
+        """Every host's ``tensor`` (the same shape and dtype everywhere), stacked in host order: ``[N, ...]``.
+        Phase 1's passing tokens: a host reads only the rows of the hosts before it."""
+        ...
+
 
 class SingleHostGroup:
     """The one-host group: a context-parallel size of 1 needs no communication."""
@@ -85,6 +90,9 @@ class SingleHostGroup:
 
     def start_ring_shift(self, tensor: Tensor, recv_shape: tuple[int, ...]) -> Transfer:
         return Done(tensor)
+
+    def start_all_gather(self, tensor: Tensor) -> Transfer:
+        return Done(tensor.unsqueeze(0))
 
 
 def is_query_host(group: ContextGroup) -> bool:

@@ -56,6 +56,8 @@ class ContextParallelMixin:
         # and the world.
         self._model_cpu_group: dist.ProcessGroup | None = None
         self._world_cpu_group: dist.ProcessGroup | None = None
+        # Phase 1's passing tokens: the hosts of this rank's context-parallel group, a communicator of their own.
+        self._exchange_group: dist.ProcessGroup | None = None
 
     def _validate_settings(self) -> None:
         # Here rather than in __init__: the command line reports these errors itself (jsonargparse would wrap them).
@@ -118,7 +120,13 @@ class ContextParallelMixin:
         dp, tp = layout.data_parallel_rank(self.global_rank), layout.tensor_parallel_rank(self.global_rank)
         ranks = layout.context_parallel_ranks(dp, tp)
         group = self._mesh["context_parallel"].get_group() if layout.context_parallel_size > 1 else None
-        self._context_group = DistributedContextGroup(group, ranks, self.root_device)
+        exchange = None  # Phase 1's passing tokens: each context-parallel group's hosts, a communicator of their own
+        if layout.context_parallel_size > 1:
+            for members in layout.all_context_parallel_groups():
+                made = dist.new_group(members, timeout=timeout)
+                if self.global_rank in members:
+                    exchange = self._exchange_group = made
+        self._context_group = DistributedContextGroup(group, ranks, self.root_device, exchange)
         gloo_world = dist.get_backend() == dist.Backend.GLOO
         for members in layout.all_model_parallel_groups():
             cpu_group = None
@@ -136,10 +144,10 @@ class ContextParallelMixin:
     def teardown(self) -> None:
         # The world group belongs to Lightning and the mesh's groups to the mesh; only the CPU groups made here are
         # destroyed here, so no communicator outlives the job.
-        for group in (self._model_cpu_group, self._world_cpu_group):
+        for group in (self._model_cpu_group, self._world_cpu_group, self._exchange_group):
             if group is not None and dist.is_initialized() and group is not dist.group.WORLD:
                 dist.destroy_process_group(group)
-        self._model_cpu_group = self._world_cpu_group = None
+        self._model_cpu_group = self._world_cpu_group = self._exchange_group = None
         self._context_group = None
         self._mesh = None
         super().teardown()  # type: ignore[misc]

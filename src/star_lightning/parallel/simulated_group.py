@@ -8,25 +8,38 @@ counted in :attr:`SimulatedHostGroup.bytes_moved` (its time is modelled by the c
   simulations receive them from it, so their blocks see the exact anchor K/V (star is exact in simulation too).
 - The ring: a hop hands back a tensor of the received shape made from the host's own K/V, so the compute is the
   real host's (same shapes) but the values are not (ring results are timing-only in simulation).
+- Phase 1's passing tokens (an all-gather per layer): each host's contribution is recorded on the board; a host gets
+  those of the hosts simulated before it (the only ones it reads) and zeros in the rows of later hosts, so the
+  tokens a host attends to are exactly a real host's. (A benchmark that samples hosts leaves earlier rows unsimulated
+  too: their zeros have the real shapes, so the compute is the real host's but its values are not: timing only.)
 - Phase 2: every host's partial is this host's own, so the merge runs over ``H`` partials as on the real group.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from star_lightning.parallel.group import Done, Transfer
 
 
 class AnchorBoard:
-    """The anchor messages host 0 sends, in order, for the simulated receivers."""
+    """The anchor messages host 0 sends, in order, for the simulated receivers; and every all-gather's contributions
+    of the hosts simulated so far (``gathers[i][host]``: the i-th all-gather of each host, in order)."""
 
     def __init__(self) -> None:
         self.messages: list[Tensor] = []
+        self.gathers: list[dict[int, Tensor]] = []
 
     @property
     def nbytes(self) -> int:
-        return sum(message.numel() * message.element_size() for message in self.messages)
+        sent = sum(message.numel() * message.element_size() for message in self.messages)
+        gathered = sum(part.numel() * part.element_size() for parts in self.gathers for part in parts.values())
+        return sent + gathered
+
+    def clear(self) -> None:
+        self.messages.clear()
+        self.gathers.clear()
 
 
 class SimulatedHostGroup:
@@ -42,6 +55,7 @@ class SimulatedHostGroup:
         self.hop_bytes: list[int] = []  # bytes of every ring hop this host sent, in order
         self._board = board if board is not None else AnchorBoard()
         self._received = 0
+        self._gathered = 0
 
     def gather_partials(self, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
         self.bytes_moved += (out.numel() * 4 + lse.numel() * 4) * (self.size - 1)  # packed float32, as the real group
@@ -72,3 +86,13 @@ class SimulatedHostGroup:
             return Done(tensor[:, :, :length].contiguous())
         repeats = -(-length // tensor.shape[2])
         return Done(tensor.repeat(1, 1, repeats, 1)[:, :, :length].contiguous())
+
+    def start_all_gather(self, tensor: Tensor) -> Transfer:
+        if self._gathered == len(self._board.gathers):
+            self._board.gathers.append({})
+        parts = self._board.gathers[self._gathered]
+        self._gathered += 1
+        parts[self.rank] = tensor
+        self.bytes_moved += tensor.numel() * tensor.element_size() * (self.size - 1)
+        rows = [parts[host] if host in parts else torch.zeros_like(tensor) for host in range(self.size)]
+        return Done(torch.stack(rows))

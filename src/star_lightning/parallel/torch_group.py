@@ -24,12 +24,34 @@ class DistributedContextGroup:
     another device (a model spread over several GPUs of a host) are copied there and back.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None, ranks: list[int], device: torch.device) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        ranks: list[int],
+        device: torch.device,
+        exchange_group: dist.ProcessGroup | None = None,
+    ) -> None:
         self._group = group
         self._device = device
         self._ranks = list(ranks)
         self._rank = self._ranks.index(dist.get_rank())
         self._bytes = 0
+        self._exchange = exchange_group
+
+    @property
+    def exchange_group(self) -> dist.ProcessGroup:
+        """The process group of Phase 1's passing tokens: the same hosts as the group's, a communicator of their own,
+        so their all-gathers never have to keep in step with the anchor's broadcasts (which a receiver posts for
+        every layer before its forward). Made by the strategy with the other groups; for a group over the whole world
+        it is made here at first use (every rank is then in it, as group creation needs)."""
+        if self._exchange is None:
+            if self._group is not None and dist.get_world_size() != self.size:
+                raise RuntimeError(
+                    "passing tokens need the context-parallel group's exchange group, made with the other groups "
+                    "(ContextParallelMixin); construct DistributedContextGroup with exchange_group=..."
+                )
+            self._exchange = dist.new_group(self._ranks)
+        return self._exchange
 
     @property
     def process_group(self) -> dist.ProcessGroup | None:
@@ -97,6 +119,21 @@ class DistributedContextGroup:
         self._bytes += outgoing.numel() * outgoing.element_size()
         # ``outgoing`` stays referenced until the transfer is waited on: its memory must outlive the send.
         return _Pending(works, received, home, keep_alive=outgoing)
+
+    def start_all_gather(self, tensor: Tensor) -> Transfer:
+        home = tensor.device
+        local = tensor.to(self._device).contiguous()
+        gathered = local.new_empty((self.size, *local.shape))
+        if self.size == 1:
+            gathered[0] = local
+            return Done(gathered.to(home))
+        group = self.exchange_group
+        if dist.get_backend(group) == dist.Backend.NCCL:
+            work = dist.all_gather_into_tensor(gathered, local, group=group, async_op=True)
+        else:
+            work = dist.all_gather(list(gathered.unbind(0)), local, group=group, async_op=True)
+        self._bytes += local.numel() * local.element_size() * (self.size - 1)
+        return _Pending([work], gathered, home, keep_alive=local)
 
 
 class _Pending:

@@ -22,7 +22,7 @@ from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
 from star_lightning.parallel.strategy import StarStrategy
-from star_lightning.partition import validate_block_sizes
+from star_lightning.partition import validate_block_sizes, validate_star_options
 from star_lightning.plan.costs import GIB, RUNTIME_RESERVE_BYTES
 from star_lightning.plan.fit import Suggestion, describe_misfit, suggest_changes
 from star_lightning.plan.hardware import (
@@ -169,6 +169,12 @@ def _layout(cfg: Namespace) -> tuple[Layout, int]:
     context_parallel = init_args.get("context_parallel_size")
     parallel = strategy.validate_layout(world if world is not None else (context_parallel or 1) * tensor_parallel)
     validate_block_sizes(model.block_size, model.anchor_block_size)
+    validate_star_options(
+        attention=model.attention, block_size=model.block_size, anchor=model.anchor,
+        anchor_query=bool(getattr(model, "anchor_query", False)), passing_tokens=getattr(model, "passing_tokens", 0),
+        passing_pool_kernel=getattr(model, "passing_pool_kernel", 7),
+        simulate_hosts=getattr(model, "simulate_hosts", 1),
+    )  # fmt: skip
     if model.max_new_tokens <= 0:
         raise ConfigurationError(f"--model.max_new_tokens must be positive, got {model.max_new_tokens}")
     layout = Layout(
@@ -181,6 +187,8 @@ def _layout(cfg: Namespace) -> tuple[Layout, int]:
         ring_layout=model.ring_layout,
         tensor_parallel_size=tensor_parallel,
         gpus_per_host=int(init_args.get("gpus_per_host") or 1),
+        anchor_query=bool(getattr(model, "anchor_query", False)),
+        passing_tokens=int(getattr(model, "passing_tokens", 0) or 0),
     )
     return layout, parallel.data_parallel_size
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from star_lightning.errors import ConfigurationError
-from star_lightning.partition import RingLayout, plan_blocks, plan_ring, split_evenly
+from star_lightning.partition import SELECTION_WINDOW, RingLayout, plan_blocks, plan_ring, split_evenly
 from star_lightning.plan import costs
 from star_lightning.plan.costs import GIB
 from star_lightning.plan.hardware import GpuSpec, Interconnect
@@ -51,6 +51,10 @@ class Layout:
     ring_layout: RingLayout = "zigzag"
     tensor_parallel_size: int = 1
     gpus_per_host: int = 1
+    anchor_query: bool = False
+    """Star: the query follows the anchor in every block's prefix (``--model.anchor_query``)."""
+    passing_tokens: int = 0
+    """Star: tokens each host passes per layer to the hosts after it (``--model.passing_tokens``)."""
 
     @property
     def gpus_per_request(self) -> int:
@@ -321,10 +325,25 @@ class Assignment:
     anchor_length: int
     ring: tuple[tuple[tuple[int, int], ...], ...] | None
     """Ring: each host's ``[start, end)`` chunks."""
+    prefix_query: int = 0
+    """Star: query tokens in the anchor prefix."""
+    passing_tokens: int = 0
+    """Star: tokens each host passes per layer and round (0 with one host)."""
+    block_lengths: tuple[tuple[tuple[int, bool], ...], ...] = ()
+    """Star: each host's blocks as ``(length, is the first block)``, in round order."""
+
+    @property
+    def rounds(self) -> int:
+        """Star with passing tokens: the hosts encode their blocks in step, one block per round each."""
+        return max((len(blocks) for blocks in self.block_lengths), default=1)
 
 
-def assign(layout: Layout, context_tokens: int) -> Assignment:
+def assign(layout: Layout, context_tokens: int, query_tokens: int = 0) -> Assignment:
     """The Phase 1 work of each host under ``layout`` (star: the blocks :func:`~.partition.plan_blocks` gives).
+
+    ``query_tokens``: with ``anchor_query`` the prefix is the anchor and the query (the first block's forward computes
+    the query's rows after the anchor too); with ``passing_tokens`` a block also attends to what the hosts before its
+    own passed in its round or earlier.
 
     Raises the block plan's own errors (more hosts than blocks, bad block sizes).
     """
@@ -342,21 +361,31 @@ def assign(layout: Layout, context_tokens: int) -> Assignment:
         return Assignment(blocks, local, forwards, 0, spans)
     plan = plan_blocks(context_tokens, layout.block_size, layout.hosts, layout.anchor_block_size, layout.use_anchor)
     anchor = plan.anchor_length
+    query = query_tokens if (layout.anchor_query and anchor) else 0
+    prefix = anchor + query
+    passing = layout.passing_tokens if (layout.hosts > 1 and anchor) else 0
     per_host = []
     for host in range(layout.hosts):
         host_forwards: list[Forward] = []
-        remaining = list(plan.blocks_of(host))
-        if remaining[0].index == 0:
-            host_forwards.append(Forward.causal(remaining.pop(0).length))
-        elif anchor and layout.anchor_source == "host":
-            host_forwards.append(Forward.causal(anchor))
-        for block in remaining:
+        own = plan.blocks_of(host)
+        if own[0].index != 0 and anchor and layout.anchor_source == "host":
+            host_forwards.append(Forward.causal(prefix))  # the prefix's forward, once
+        for round_index, block in enumerate(own):
+            if block.index == 0:  # the anchor is its start; the prefix's query rows ride along, seeing the anchor
+                first = Forward.causal(block.length)
+                host_forwards.append(Forward(first.tokens + query, first.pairs + costs.causal_pairs(query, anchor)))
+                continue
             if anchor and layout.anchor_source == "block":
-                host_forwards.append(Forward.causal(anchor + block.length))
+                forward = Forward.causal(prefix + block.length)
             elif anchor:
-                host_forwards.append(Forward.causal(block.length, anchor, merged=True))
+                forward = Forward.causal(block.length, prefix, merged=True)
             else:
-                host_forwards.append(Forward.causal(block.length))
+                forward = Forward.causal(block.length)
+            # Tokens the hosts before this one passed in this round or earlier, seen by every row of the block.
+            passed = passing * sum(min(round_index + 1, len(plan.blocks_of(earlier))) for earlier in range(host))
+            host_forwards.append(
+                Forward(forward.tokens, forward.pairs + block.length * passed, forward.merged or passed > 0)
+            )
         per_host.append(tuple(host_forwards))
     return Assignment(
         tuple(tuple(b.index for b in plan.blocks_of(h)) for h in range(layout.hosts)),
@@ -364,6 +393,9 @@ def assign(layout: Layout, context_tokens: int) -> Assignment:
         tuple(per_host),
         anchor,
         None,
+        prefix_query=query,
+        passing_tokens=passing,
+        block_lengths=tuple(tuple((b.length, b.index == 0) for b in plan.blocks_of(h)) for h in range(layout.hosts)),
     )
 
 
@@ -456,7 +488,7 @@ def plan_request(
         )
     hosts = layout.hosts
     t = layout.tensor_parallel_size
-    work = assign(layout, request.context_tokens)
+    work = assign(layout, request.context_tokens, request.query_tokens)
     forwards, anchor, local, blocks, ring = (
         work.forwards,
         work.anchor_length,
@@ -489,7 +521,7 @@ def plan_request(
             achieved = rate * efficiency.phase1
             comm_s = _phase1_exposed_comm(
                 shape, layout, host, forwards[host], anchor_copies > 0, anchor, local, ring, achieved, interconnect
-            )
+            ) + _passing_exposed(shape, layout, work, host, achieved, interconnect)
             phase1_s = flops[host] / achieved + comm_s
         if bandwidth is not None:
             # Every step reads the weights once and this host's whole KV (the query host's own tokens included).
@@ -523,7 +555,7 @@ def plan_request(
                 host_kv_bytes=round(memory.host_kv),
                 peak_phase=memory.phase,
                 phase1_flops=flops[host],
-                phase1_bytes=_phase1_bytes_sent(shape, layout, host, anchor, local),
+                phase1_bytes=_phase1_bytes_sent(shape, layout, host, anchor, local, work),
                 phase1_floor_s=floor,
                 phase1_s=phase1_s,
                 phase1_comm_s=comm_s,
@@ -606,15 +638,56 @@ def _anchor_copies(layout: Layout, anchor: int, *, owns_first: bool) -> float:
     return 0.0 if owns_first else 1.0  # ``host``: the anchor's forward, kept
 
 
-def _phase1_bytes_sent(shape: ModelShape, layout: Layout, host: int, anchor: int, local: Sequence[int]) -> int:
-    """Bytes the host sends in Phase 1: host 0 the anchor to every other host (broadcast); ring hosts, at hop k,
-    the K/V of host ``host - k + 1``."""
+def _phase1_bytes_sent(
+    shape: ModelShape, layout: Layout, host: int, anchor: int, local: Sequence[int], work: Assignment
+) -> int:
+    """Bytes the host sends in Phase 1: host 0 the anchor prefix to every other host (broadcast; with passing tokens
+    also each layer's selection queries); ring hosts, at hop k, the K/V of host ``host - k + 1``; with passing tokens,
+    every host its passing message of each layer and round to every other host (an all-gather)."""
     if layout.method == "ring":
         size = layout.hosts
         return sum(local[(host - k + 1) % size] for k in range(1, size)) * shape.kv_bytes_per_token
+    sent = 0
+    others = layout.hosts - 1
     if layout.method == "star" and layout.anchor_source == "broadcast" and anchor and host == 0:
-        return anchor * shape.kv_bytes_per_token * (layout.hosts - 1)
-    return 0
+        sent += (anchor + work.prefix_query) * shape.kv_bytes_per_token * others
+        if work.passing_tokens:
+            selection = work.prefix_query or min(SELECTION_WINDOW, anchor)
+            sent += selection * shape.heads * shape.head_dim * shape.bytes_per_element * shape.layers * others
+    if layout.method == "star" and work.passing_tokens:
+        sent += work.rounds * shape.layers * _passing_message_bytes(shape, work.passing_tokens) * others
+    return sent
+
+
+def _passing_message_bytes(shape: ModelShape, tokens: int) -> int:
+    """One host's passing message of one layer: ``tokens`` slots of K/V and their int64 positions, every KV head."""
+    return tokens * (shape.kv_bytes_per_token_layer + shape.kv_heads * 8)
+
+
+def _passing_exposed(
+    shape: ModelShape, layout: Layout, work: Assignment, host: int, achieved_flops: float, interconnect: Interconnect
+) -> float:
+    """Seconds of the passing tokens' all-gathers not hidden: per layer and round, what the all-gather takes beyond
+    the attention it overlaps (the block's attention to the prefix; the first block's attention to itself)."""
+    if layout.method != "star" or not work.passing_tokens or layout.hosts < 2:
+        return 0.0
+    t = layout.tensor_parallel_size
+    link = interconnect.link_bytes_per_s(layout.gpus_per_request)
+    gather = (
+        interconnect.collective_latency_s
+        + (layout.hosts - 1) * _passing_message_bytes(shape, work.passing_tokens) / t / link
+    )
+    per_pair = 4.0 * shape.heads * shape.head_dim  # one layer, all heads (divided by T through the rate)
+    exposed = 0.0
+    blocks = work.block_lengths[host]
+    for round_index in range(work.rounds):
+        if round_index >= len(blocks):
+            exposed += shape.layers * gather  # a round without a block: nothing to hide it behind
+            continue
+        length, first = blocks[round_index]
+        pairs = costs.causal_pairs(length) if first else length * (work.anchor_length + work.prefix_query)
+        exposed += shape.layers * max(0.0, gather - pairs * per_pair / achieved_flops)
+    return exposed
 
 
 def _phase1_exposed_comm(
