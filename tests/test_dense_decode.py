@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from model_zoo import random_tokens, tiny_model
+from star_lightning.attention.kernels import KernelChoice
 from star_lightning.generation import GenerationSettings, StarSettings, generate, uses_star_attention
 from star_lightning.models import set_attention
 from star_lightning.parallel.group import SingleHostGroup
@@ -22,14 +23,16 @@ MODELS = {"llama": {}, "gemma3": {"sliding_window": 24}}  # Gemma-3's window cut
 SAMPLING = {"greedy": SamplingConfig(), "sampled": SamplingConfig(temperature=0.8, top_p=0.9, seed=5)}
 
 
-def _decode(model, modes: tuple[str, ...], sampling: SamplingConfig, device: str = "cpu") -> dict[str, object]:
+def _decode(
+    model, modes: tuple[str, ...], sampling: SamplingConfig, device: str = "cpu", kernels: KernelChoice | None = None
+) -> dict[str, object]:
     context, query = random_tokens(52, seed=1).to(device), random_tokens(5, seed=2).to(device)
     settings = GenerationSettings(max_new_tokens=8, sampling=sampling)
     results = {}
     for decode in modes:
         with torch.no_grad():
             star = StarSettings(attention="dense", decode=decode)
-            results[decode] = generate(model, context, query, SingleHostGroup(), star, settings)
+            results[decode] = generate(model, context, query, SingleHostGroup(), star, settings, kernels=kernels)
     return results
 
 
@@ -58,13 +61,16 @@ def test_a_model_star_cannot_serve_keeps_its_own_attention_for_dense() -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("sampling", list(SAMPLING))
 @pytest.mark.parametrize("family", list(MODELS))
-def test_dense_graph_and_compiled_decode_equal_its_static_decode(family: str, sampling: str) -> None:
-    """float32 (fusion does not move choices); Gemma-3's window layers run FlexAttention inside the graph."""
+def test_dense_graph_and_compiled_decode_equal_its_static_decode(family: str) -> None:
+    """float32 (fusion does not move choices); Gemma-3's window layers run FlexAttention inside the graph. One engine
+    (kernel choice) for all: the model's step compiles once."""
     model = tiny_model(family, dtype=torch.float32, **MODELS[family]).cuda()
     set_attention(model, "dense")
-    results = _decode(model, ("static", "graph", "compile"), SAMPLING[sampling], device="cuda")
-    assert results["graph"].token_ids == results["static"].token_ids
-    assert results["compile"].token_ids == results["static"].token_ids
-    assert results["compile"].stats.decode_mode == "compile"
+    choice = KernelChoice()
+    for sampling in SAMPLING.values():
+        results = _decode(model, ("static", "graph", "compile"), sampling, device="cuda", kernels=choice)
+        assert results["graph"].token_ids == results["static"].token_ids
+        assert results["compile"].token_ids == results["static"].token_ids
+        assert results["compile"].stats.decode_mode == "compile" and results["graph"].stats.decode_mode == "graph"
+    assert choice.flex.failure is None and choice.graph_failure is None, (choice.flex.failure, choice.graph_failure)

@@ -194,17 +194,25 @@ def test_a_failing_flex_call_falls_back_to_math_with_one_warning(monkeypatch: py
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(scope="module")
+def cuda_choice() -> KernelChoice:
+    """One engine for every CUDA call of this file: FlexAttention compiles once (then dynamic shapes), as in a run."""
+    return KernelChoice()
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("name", "query_positions", "key_positions", "causal", "valid"), CALLS)
-def test_compiled_flex_on_cuda_against_float64(dtype, name, query_positions, key_positions, causal, valid) -> None:
+def test_compiled_flex_on_cuda_against_float64(
+    dtype, name, query_positions, key_positions, causal, valid, cuda_choice
+) -> None:
     """``auto`` on CUDA takes compiled FlexAttention for windows; bf16 within bf16 rounding of float64, lse exact-ish
     and natural-log."""
     q, k, v = _qkv(query_positions.shape[0], key_positions.shape[0], dtype=dtype, seed=len(name), device="cuda")
     window = SlidingWindow(WINDOW, query_positions.cuda(), key_positions.cuda())
     valid_length = None if valid is None else torch.tensor([valid], dtype=torch.int32, device="cuda")
-    choice = KernelChoice()
+    choice = cuda_choice
     assert kernels.resolve_masked_backend(choice, q, window, valid_length) in ("flex", "flash_attn")
     out, lse = attention_with_lse(
         q, k, v, scale=0.3, causal=causal, kernels=choice, valid_length=valid_length, window=window
@@ -222,9 +230,9 @@ def test_compiled_flex_on_cuda_against_float64(dtype, name, query_positions, key
 
 @pytest.mark.gpu
 @needs_cuda
-def test_compiled_flex_soft_capping_on_cuda_against_float64() -> None:
+def test_compiled_flex_soft_capping_on_cuda_against_float64(cuda_choice) -> None:
     q, k, v = _qkv(200, 300, dtype=torch.bfloat16, device="cuda")
-    choice = KernelChoice()
+    choice = cuda_choice
     out, lse = attention_with_lse(q, k, v, scale=0.3, causal=True, softcap=5.0, kernels=choice)
     assert choice.flex.failure is None, choice.flex.failure
     ref_out, ref_lse = _explicit(q.cpu(), k.cpu(), v.cpu(), 0.3, torch.arange(100, 300), torch.arange(300), None, 5.0)
