@@ -6,6 +6,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3TextConfig,
     GraniteConfig,
     LlamaConfig,
     MistralConfig,
@@ -61,6 +62,14 @@ def _family_config(family: str) -> PretrainedConfig:
             final_logit_softcapping=30.0,
             sliding_window=4096,
         )
+    if family == "gemma3":  # hybrid: a sliding-window layer, then a global one (Gemma-3 has five of the first per one)
+        return Gemma3TextConfig(
+            **_COMMON,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=4096,
+            layer_types=["sliding_attention", "full_attention"],
+        )
     if family == "granite":
         return GraniteConfig(
             **_COMMON, attention_multiplier=0.2, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0
@@ -70,7 +79,7 @@ def _family_config(family: str) -> PretrainedConfig:
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "granite", "olmo2")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "granite", "olmo2")
 
 
 def tiny_model(

@@ -2,8 +2,10 @@
 as a user's folder, loaded by the CLI for dense, ring and star.
 
 Each family keeps what makes it itself: Mistral a sliding window that cuts, Gemma-2 soft-capping with alternating
-sliding-window layers that cut (its dense baseline runs eager: SDPA cannot soft-cap), Phi-3 longrope with prompts
-longer than its original length, Granite its attention multiplier, Qwen-3 and OLMo-2 their q/k norms.
+sliding-window layers that cut, Gemma-3 its hybrid stack (a sliding-window layer that cuts, then a global one, with
+a rope per layer type and q/k norms), Phi-3 longrope with prompts longer than its original length, Granite its
+attention multiplier, Qwen-3 and OLMo-2 their q/k norms. Dense runs as one block on one host through the engine, so
+the independent reference is the model's own: transformers' greedy decoding with its eager attention.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ WINDOW = 32  # below every context: the windows cut
 FAMILY_OVERRIDES: dict[str, dict] = {
     "mistral": {"sliding_window": WINDOW},
     "gemma2": {"sliding_window": WINDOW},
+    "gemma3": {"sliding_window": WINDOW},
     "phi3": {
         "original_max_position_embeddings": 64,
         "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
@@ -76,12 +79,35 @@ def _predict(model_dir: Path, data: Path, output: Path, *extra: str) -> dict[int
     return {index: row["pred"] for index, row in _read(output).items()}
 
 
+def _own_predictions(model_dir: Path) -> dict[int, str]:
+    """What the model itself writes: transformers' greedy decoding with its own (eager) attention, 6 new tokens."""
+    model = load_model(str(model_dir), dtype=torch.float64, devices=[torch.device("cpu")], attention="dense")
+    model.set_attn_implementation("eager")
+    module = StarAttentionLM(pretrained=str(model_dir), max_new_tokens=6, dtype="float64")
+    module.model, module.tokenizer = model, load_tokenizer(str(model_dir))
+    eos = sorted(module.generation_settings(0).eos_token_ids)
+    out = {}
+    for index, context in enumerate(CONTEXTS):
+        context_ids, query_ids = module.encode_request({"input_context": context, "input_query": QUERY})
+        prompt = torch.cat([context_ids, query_ids], dim=1)
+        with torch.no_grad():
+            generated = model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                eos_token_id=eos, pad_token_id=module.tokenizer.pad_token_id,
+            )  # fmt: skip
+        tokens = [t for t in generated[0, prompt.shape[1] :].tolist() if t not in eos]
+        out[index] = module.decode_text(tokens)
+    return out
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_runs_through_the_cli(family: str, family_dirs: dict[str, Path], requests_file: Path, tmp_path) -> None:
-    """dense, ring and one-block star write the same predictions; star with several blocks writes what the engine
-    generates on the same loaded model (the CLI adds no difference of its own)."""
+    """dense, ring and one-block star write what the model itself writes (transformers' own attention and greedy
+    decoding); star with several blocks writes what the engine generates on the same loaded model (the CLI adds no
+    difference of its own)."""
     model_dir = family_dirs[family]
     dense = _predict(model_dir, requests_file, tmp_path / "dense.jsonl", "--model.attention", "dense")
+    assert dense == _own_predictions(model_dir)
     assert _predict(model_dir, requests_file, tmp_path / "ring.jsonl", "--model.attention", "ring") == dense
     assert _predict(model_dir, requests_file, tmp_path / "one.jsonl", "--model.block_size", "100000") == dense
     blocks = _predict(model_dir, requests_file, tmp_path / "blocks.jsonl", *STAR_BLOCKS)
@@ -108,6 +134,22 @@ def test_two_hosts_write_what_one_host_writes_for_gemma2(
     result = _run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {index: row["pred"] for index, row in _read(two_out).items()} == one
+
+
+def test_gemma3_on_one_to_three_hosts_writes_what_one_host_and_dense_write(
+    family_dirs: dict[str, Path], requests_file: Path, tmp_path: Path
+) -> None:
+    """Gemma-3's hybrid stack over real gloo processes: the ring over 3 == dense on one (exact); star's blocks over 3
+    hosts == the same blocks on one host (the anchor's window cut by true positions on every host; 2 hosts: the
+    Gemma-2 test above)."""
+    model_dir = family_dirs["gemma3"]
+    dense = _predict(model_dir, requests_file, tmp_path / "dense.jsonl", "--model.attention", "dense")
+    one = _predict(model_dir, requests_file, tmp_path / "one.jsonl", *STAR_BLOCKS)
+    for hosts, extra, expected in (("3", ("--model.attention", "ring"), dense), ("3", STAR_BLOCKS, one)):
+        out = tmp_path / f"{extra[1]}_{hosts}.jsonl"
+        result = _run_cli(_predict_args(model_dir, requests_file, out, *extra, "--trainer.devices", hosts), tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert {index: row["pred"] for index, row in _read(out).items()} == expected, (hosts, extra)
 
 
 def test_a_context_that_begins_with_bos_gets_no_second_one(family_dirs: dict[str, Path]) -> None:

@@ -31,7 +31,11 @@ from star_lightning.rope import rope_length_key
 
 CONTEXT, QUERY, NEW, WINDOW = 70, 5, 8, 24
 PROMPT = CONTEXT + QUERY
-WINDOWED = {"mistral": {"sliding_window": WINDOW}, "gemma2": {"sliding_window": WINDOW}}  # all / alternate layers
+WINDOWED = {  # every layer / alternate layers (soft-capped) / Gemma-3's hybrid: a sliding layer, then a global one
+    "mistral": {"sliding_window": WINDOW},
+    "gemma2": {"sliding_window": WINDOW},
+    "gemma3": {"sliding_window": WINDOW},
+}
 # Phi-3's longrope switches to the long factors past original_max_position_embeddings (72): the context alone (70)
 # is below it, the prompt (75) above, so a context encoded for its own length would be in the wrong regime.
 ROPES = {
@@ -101,9 +105,12 @@ def _hf_greedy(model, ids: torch.Tensor) -> list[int]:
     return out[0, ids.shape[1] :].tolist()
 
 
-def _engine_logits(model, context, query, star: StarSettings, prompt_length: int | None = PROMPT) -> torch.Tensor:
-    """First-token logits of the engine: Phase 1 as ``star`` says, then the query over it."""
-    if star.attention == "dense":
+def _engine_logits(
+    model, context, query, star: StarSettings, prompt_length: int | None = PROMPT, own: bool = False
+) -> torch.Tensor:
+    """First-token logits of the engine: Phase 1 as ``star`` says, then the query over it (``own``: dense with the
+    model's own attention and cache, what dense runs for a model star cannot serve)."""
+    if own:
         model.set_attn_implementation(_reference(model))
     else:
         use_star_attention(model)
@@ -117,8 +124,8 @@ def _engine_logits(model, context, query, star: StarSettings, prompt_length: int
         return model(query, position_ids=positions, past_key_values=encoded.cache, use_cache=True).logits[0, -1]
 
 
-def _engine_tokens(model, context, query, star: StarSettings) -> list[int]:
-    if star.attention == "dense":
+def _engine_tokens(model, context, query, star: StarSettings, own: bool = False) -> list[int]:
+    if own:
         model.set_attn_implementation(_reference(model))
     else:
         use_star_attention(model)
@@ -147,8 +154,12 @@ def test_windowed_star_and_ring_equal_dense(family: str) -> None:
     for star in ONE_BLOCK:
         torch.testing.assert_close(_engine_logits(model, context, query, star), dense, **_tol(model))
         assert _engine_tokens(model, context, query, star) == dense_tokens, star.attention
-    static = StarSettings(attention="star", block_size=128, decode="static")
-    assert _engine_tokens(model, context, query, static) == dense_tokens
+    own = StarSettings(attention="dense")  # the model's own attention and cache (models star cannot serve)
+    torch.testing.assert_close(_engine_logits(model, context, query, own, own=True), dense, **_tol(model))
+    assert _engine_tokens(model, context, query, own, own=True) == dense_tokens
+    for attention in ("star", "dense"):
+        static = StarSettings(attention=attention, block_size=128, decode="static")
+        assert _engine_tokens(model, context, query, static) == dense_tokens, attention
 
 
 @pytest.mark.parametrize("family", list(WINDOWED))

@@ -33,9 +33,9 @@ class _LayerBuffer:
         return self.keys.shape[2]
 
     def grow(self, capacity: int) -> None:
-        keys = self.keys.new_empty(*self.keys.shape[:2], capacity, self.keys.shape[3])  # [B, Hkv, C', D]
-        values = self.values.new_empty(*self.values.shape[:2], capacity, self.values.shape[3])  # [B, Hkv, C', Dv]
-        positions = self.positions.new_empty(capacity)  # [C']
+        keys = self.keys.new_zeros(*self.keys.shape[:2], capacity, self.keys.shape[3])  # [B, Hkv, C', D]
+        values = self.values.new_zeros(*self.values.shape[:2], capacity, self.values.shape[3])  # [B, Hkv, C', Dv]
+        positions = self.positions.new_zeros(capacity)  # [C']
         keys[:, :, : self.length] = self.keys[:, :, : self.length]
         values[:, :, : self.length] = self.values[:, :, : self.length]
         positions[: self.length] = self.positions[: self.length]
@@ -62,10 +62,12 @@ class KVStore:
         buffer = self._layers[layer]
         if buffer is None:
             b, h, _, d = keys.shape
+            # Zeroed, not empty: a kernel that attends over the whole buffer with a valid length (FlexAttention in a
+            # static decode step) gives the unfilled slots weight 0, and 0 x NaN garbage would be NaN.
             buffer = _LayerBuffer(
-                keys.new_empty(b, h, self.capacity, d),  # [B, Hkv, C, D]
-                values.new_empty(b, h, self.capacity, values.shape[-1]),  # [B, Hkv, C, Dv]
-                torch.empty(self.capacity, dtype=torch.long, device=keys.device),  # [C]
+                keys.new_zeros(b, h, self.capacity, d),  # [B, Hkv, C, D]
+                values.new_zeros(b, h, self.capacity, values.shape[-1]),  # [B, Hkv, C, Dv]
+                torch.zeros(self.capacity, dtype=torch.long, device=keys.device),  # [C]
             )
             self._layers[layer] = buffer
         new = keys.shape[2]

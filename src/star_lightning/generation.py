@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from transformers import DynamicCache, PretrainedConfig
 from star_lightning.attention.anchor import AnchorPrefix, BroadcastAnchor, KeptAnchor, ReceivedAnchor
 from star_lightning.attention.kernels import KernelChoice, sdpa_priority
 from star_lightning.attention.passing import SELECTION_WINDOW, PassingExchange, PassingSettings, Selection
+from star_lightning.attention.star import ATTENTION_NAME
 from star_lightning.attention.step import BlockRows, ForwardStep, StaticSlot
 from star_lightning.cache import KVStore
 from star_lightning.parallel.group import ContextGroup, is_query_host
@@ -70,10 +72,11 @@ class StarSettings:
     its group."""
     backend: str = "auto"
     decode: DecodeMode = "auto"
-    r"""Phase 2 decoding of star/ring: ``eager`` (one forward per token over the growing cache), ``static`` (static
-    shapes: the preallocated cache with a device-side valid length), ``graph`` (``static`` captured once as a CUDA
-    graph and replayed per token: no Python or launch overhead), ``compile`` (``graph`` of the ``torch.compile``\ d
-    step: the model's norms, rotary and activations fused); ``auto`` is ``compile`` on one GPU, ``eager`` else."""
+    r"""Phase 2 decoding, star, ring and dense alike: ``eager`` (one forward per token over the growing cache),
+    ``static`` (static shapes: the preallocated cache with a device-side valid length), ``graph`` (``static`` captured
+    once as a CUDA graph and replayed per token: no Python or launch overhead), ``compile`` (``graph`` of the
+    ``torch.compile``\ d step: the model's norms, rotary and activations fused); ``auto`` is ``compile`` on one GPU,
+    ``eager`` else."""
 
     def __post_init__(self) -> None:
         if self.anchor_source not in ANCHOR_SOURCES:
@@ -203,15 +206,18 @@ def _synchronize(devices: list[torch.device]) -> None:
             torch.cuda.synchronize(device)
 
 
-def _forward(model: Callable[..., Any], ids: Tensor, positions: Tensor, step: ForwardStep) -> Tensor:
-    """One forward of star/ring (our attention keeps the KV, so no transformers cache); the last logits ``[V]``.
-    ``model``: the model, or its compiled forward."""
+def _forward(
+    model: Callable[..., Any], ids: Tensor, positions: Tensor, step: ForwardStep, start: int | None = None
+) -> Tensor:
+    """One forward of star/ring/dense (our attention keeps the KV, so no transformers cache); the last logits ``[V]``.
+    ``model``: the model, or its compiled forward. ``start``: the first position when ``positions`` are one contiguous
+    run (``start, start + 1, ...``), which lets the layers skip what a window cannot reach without a device sync."""
     output = model(
         input_ids=ids,  # [1, L]
         position_ids=positions,  # [1, L]
         use_cache=False,
         logits_to_keep=1,
-        star_step=replace(step, positions=positions[0]),  # [L]: the true positions, for sliding windows
+        star_step=replace(step, positions=positions[0], start=start),  # [L]: the true positions, for sliding windows
     )
     return output.logits[0, -1]  # [V]
 
@@ -398,14 +404,15 @@ def prefill_star(
             if selection is not None and tail:
                 first_selection = (block.length, block.length + tail)
             rows = BlockRows(prefix=anchor, tail_query=tail, selection=first_selection)
-            _forward(model, ids, positions, replace(base, share_anchor=sink, rows=rows))
+            first = None if tail else block.start  # with the query's rows the positions are no contiguous run
+            _forward(model, ids, positions, replace(base, share_anchor=sink, rows=rows), start=first)
         elif anchor and anchor_source == "block":
             ids = torch.cat([prefix_of.ids, block_ids], dim=1)  # [1, P + l]
             positions = torch.cat([prefix_of.positions, block_positions], dim=1)  # [1, P + l]
             rows = BlockRows(prefix=prefix_of.length, selection=selection)
             _forward(model, ids, positions, replace(base, skip=prefix_of.length, rows=rows))
         else:
-            _forward(model, block_ids, block_positions, replace(base, anchor=prefix))
+            _forward(model, block_ids, block_positions, replace(base, anchor=prefix), start=block.start)
     if isinstance(sink, BroadcastAnchor):
         sink.finish()
     if received is not None:
@@ -437,6 +444,32 @@ def prefill_ring(
     return group.bytes_moved - bytes_before
 
 
+def prefill_dense(
+    model: nn.Module, context_ids: Tensor, store: KVStore, *, kernels: KernelChoice | None = None
+) -> None:
+    """Phase 1 of the dense baseline: the whole context as one block on one host, with no anchor: one causal forward
+    that stores its K/V, which is exactly the model's own attention over the context (tested against transformers').
+
+    Why dense runs through the engine rather than transformers' own cache and loop: its Phase 2 (query, decode in
+    every ``--model.decode`` mode, a kept context's roll back) is then star's one-host Phase 2, kernel for kernel,
+    so an end-to-end comparison of dense and star compares their attention, not two loops (transformers' eager loop
+    decoded at 2.4x star's captured graph on an H200); sliding-window layers (Gemma-2/3, Mistral) run the same
+    windowed kernels as star's, by the same true positions. Models star cannot serve keep transformers' own attention
+    and loop (:func:`star_lightning.models.set_attention`).
+    """
+    length = context_ids.shape[1]
+    step = ForwardStep(
+        phase="block", kernels=KernelChoice() if kernels is None else kernels, store=store, last_position=length - 1
+    )
+    _forward(model, context_ids, _positions(0, length, context_ids.device), step, start=0)
+
+
+def uses_star_attention(model: nn.Module) -> bool:
+    """Whether the model's attention is Star Attention's function (dense: the model was servable)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == ATTENTION_NAME
+
+
 def encode_query(
     model: nn.Module,
     store: KVStore,
@@ -455,7 +488,7 @@ def encode_query(
         keep_new=is_query_host(group),
         last_position=stop - 1,
     )
-    return _forward(model, query_ids, _positions(start, stop, query_ids.device), step)
+    return _forward(model, query_ids, _positions(start, stop, query_ids.device), step, start=start)
 
 
 def decode_step(
@@ -512,7 +545,9 @@ class StaticDecoder:
         graph: bool,
         compile: bool = False,
     ) -> None:
-        self.model, self.store, self.group, self.use_graph = model, store, group, graph
+        self.kernels = kernels
+        self.model, self.store, self.group = model, store, group
+        self.use_graph = graph and kernels.graph_failure is None  # this engine's captures failed before: none
         self.forward = kernels.compiled_forward(model) if compile else model
         device = store.device
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
@@ -536,12 +571,15 @@ class StaticDecoder:
         self.bytes_per_step = 0
         self.replays = 0
         self.setup_s = 0.0
-        self.mode = ("compile" if compile else "graph") if graph else "static"
+        self.requested = ("compile" if compile else "graph") if graph else "static"
+        self.mode = self.requested if self.use_graph or not graph else "static"
+        """The mode it decodes in: ``static`` where a graph was asked for but cannot be captured."""
         self.capacity = store.capacity  # the buffers the graph was captured on: valid while the store keeps them
 
     def serves(self, store: KVStore, group: ContextGroup, mode: str) -> bool:
         """Whether this step, as captured, is right for a request over ``store`` (a kept context's next query)."""
-        return store is self.store and group is self.group and mode == self.mode and store.capacity == self.capacity
+        same = store is self.store and group is self.group and mode == self.requested
+        return same and store.capacity == self.capacity
 
     def begin_request(self) -> None:
         """Per-request figures start at zero; a graph captured for an earlier request is replayed as it is."""
@@ -575,11 +613,21 @@ class StaticDecoder:
         self.positions.fill_(position)
         self.slot.write_slot.fill_(length)
         self.slot.valid_length.fill_(length + 1 if self.keep_new else length)
+        if self.use_graph and self.graph is None:
+            try:
+                self._capture()
+            except RuntimeError as error:  # a kernel that cannot be captured: decode without the graph, exactly
+                warnings.warn(
+                    f"capturing the decode step as a CUDA graph failed ({str(error).splitlines()[0]}); decoding with "
+                    "the static step, uncaptured (slower, the same tokens)",
+                    stacklevel=2,
+                )
+                self.use_graph, self.graph, self.logits, self.mode = False, None, None, "static"
+                self.kernels.graph_failure = str(error).splitlines()[0]
+                torch.cuda.synchronize()
         if not self.use_graph:
             logits = self._run()
         else:
-            if self.graph is None:
-                self._capture()
             assert self.graph is not None and self.logits is not None
             self.graph.replay()
             self.replays += 1
@@ -723,6 +771,12 @@ def _encode_context(
                 "hosts; set --trainer.strategy.context_parallel_size 1 (the devices then split the requests) or use "
                 "--model.attention star/ring"
             )
+        if uses_star_attention(model):
+            store = KVStore(num_layers(model), context_length + extra_capacity)
+            prefill_dense(model, context_ids, store, kernels=kernels)
+            _synchronize(devices)
+            phase1_s = time.perf_counter() - t0
+            return EncodedContext(key, context_length, context_length, store=store, phase1_s=phase1_s)
         cache = DynamicCache(config=_config(model))
         with sdpa_priority(kernels, context_ids.device, context_length):
             _dense_forward(model, context_ids, _positions(0, context_length, context_ids.device), cache)
@@ -887,6 +941,8 @@ def _answer(
     t2 = time.perf_counter()
     stats.query_s = t1 - t0
     stats.decode_setup_s = decoder.setup_s if decoder is not None else 0.0
+    if decoder is not None:
+        stats.decode_mode = decoder.mode
     stats.decode_s = t2 - t1 - stats.decode_setup_s
     stats.new_tokens = len(tokens)
     stats.phase2_bytes = group.bytes_moved - bytes_before + (decoder.replayed_bytes if decoder is not None else 0)

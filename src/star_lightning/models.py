@@ -74,6 +74,19 @@ def pretrained_source(pretrained: str) -> tuple[str, dict[str, Any]]:
     return located[0], {"gguf_file": located[1]}
 
 
+def metadata_source(pretrained: str, *, trust_remote_code: bool = False) -> tuple[str, dict[str, Any]]:
+    """What a config or tokenizer is read from: as :func:`pretrained_source`, but for a GGUF file the folder its
+    metadata was saved to on first use (:mod:`star_lightning.gguf_cache`: reading it from the file took 15-20 s)."""
+    source, kwargs = pretrained_source(pretrained)
+    if "gguf_file" in kwargs:
+        from star_lightning.gguf_cache import metadata_folder
+
+        folder = metadata_folder(pretrained, trust_remote_code=trust_remote_code)
+        if folder is not None:
+            return str(folder), {}
+    return source, kwargs
+
+
 def _check_gguf_support(name: str) -> None:
     missing = [package for package in ("gguf", "accelerate") if importlib.util.find_spec(package) is None]
     if missing:
@@ -133,9 +146,11 @@ def check_remote_code(pretrained: str, *, trust_remote_code: bool = False) -> No
 
 def load_config(pretrained: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
     check_remote_code(pretrained, trust_remote_code=trust_remote_code)
-    source, kwargs = pretrained_source(pretrained)
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        source, kwargs = metadata_source(pretrained, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        config._name_or_path = pretrained_source(pretrained)[0]  # the GGUF's folder, not the cache it was read from
+        return config
     except (OSError, ValueError) as error:
         if "trust_remote_code" in str(error) and not trust_remote_code:
             raise _remote_code_error(pretrained, "transformers does not know its model type") from None
@@ -273,12 +288,17 @@ def build_model(
 
 
 def set_attention(model: PreTrainedModel, attention: Literal["star", "ring", "dense"]) -> None:
-    """The attention ``predict`` runs for ``attention``: the model's own (``dense``: see
-    :func:`dense_attention_implementation`) or Star Attention's."""
+    """The attention ``predict`` runs for ``attention``: Star Attention's function for star, ring, and for dense
+    wherever it can serve the model (dense is then one block on one host: :func:`star_lightning.generation.
+    prefill_dense` says why); the model's own otherwise (dense only; see :func:`dense_attention_implementation`)."""
     if attention == "dense":
-        model.set_attn_implementation(dense_attention_implementation(type(model), model.config))
-    else:
-        use_star_attention(model)
+        try:
+            use_star_attention(model)
+            return
+        except ConfigurationError:
+            model.set_attn_implementation(dense_attention_implementation(type(model), model.config))
+            return
+    use_star_attention(model)
 
 
 def use_star_attention(model: PreTrainedModel) -> None:
@@ -295,8 +315,8 @@ def use_star_attention(model: PreTrainedModel) -> None:
 
 def load_tokenizer(pretrained: str, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a model folder, a hub id, or the one a GGUF file carries."""
-    source, kwargs = pretrained_source(pretrained)
     try:
+        source, kwargs = metadata_source(pretrained, trust_remote_code=trust_remote_code)
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as error:
         raise ConfigurationError(f"could not load the tokenizer of {pretrained!r}: {error}") from None

@@ -72,11 +72,13 @@ class StarAttentionLM(LightningModule):
         stop_strings: generation stops when the text ends with one of these (the stop string is cut off).
         dtype: weights and activations; auto = bfloat16 on GPU, float32 on CPU.
         backend: local attention kernel: auto (the fastest available), math (any device, float64 too), sdpa or
-            cudnn (fused CUDA kernels for Phase 1), triton (split-KV CUDA kernel for decoding) or flash_attn (if
-            installed).
-        decode: Phase 2 decoding of star/ring: auto (compile on one GPU, eager otherwise), eager (one forward per
-            token), static (static shapes, no graph), graph (the static step captured as one CUDA graph and replayed
-            per token) or compile (graph of the torch.compile'd step: the model's norms, rotary and activations fused).
+            cudnn (fused CUDA kernels for Phase 1), triton (split-KV CUDA kernel for decoding), flash_attn (if
+            installed) or flex (FlexAttention for every call; auto takes it on CUDA for sliding-window and soft-capped
+            layers).
+        decode: Phase 2 decoding of star, ring and dense: auto (compile on one GPU, eager otherwise), eager (one
+            forward per token), static (static shapes, no graph), graph (the static step captured as one CUDA graph
+            and replayed per token) or compile (graph of the torch.compile'd step: the model's norms, rotary and
+            activations fused).
         trust_remote_code: allow model code from the hub (off: only transformers' own architectures).
     """
 
@@ -103,7 +105,7 @@ class StarAttentionLM(LightningModule):
         seed: int = 0,
         stop_strings: list[str] | None = None,
         dtype: DTypeName = "auto",
-        backend: Literal["auto", "math", "sdpa", "cudnn", "triton", "flash_attn"] = "auto",
+        backend: Literal["auto", "math", "sdpa", "cudnn", "triton", "flash_attn", "flex"] = "auto",
         decode: Literal["auto", "eager", "static", "graph", "compile"] = "auto",
         trust_remote_code: bool = False,
     ) -> None:

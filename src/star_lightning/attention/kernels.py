@@ -11,10 +11,15 @@ One entry point, :func:`attention_with_lse`, with interchangeable backends:
   for every call (15x faster than ``math`` on a 2K block, measured on one core).
 - ``cudnn``: PyTorch's cuDNN attention kernel on CUDA (fp16/bf16), the other candidate for long blocks.
 - ``flash_attn``: the flash-attn package, when installed (the ``flash`` extra).
+- ``flex``: PyTorch's FlexAttention (:mod:`star_lightning.attention.flex`), compiled on CUDA, for sliding windows
+  and soft-capping: a block-sparse fused kernel that visits only the key tiles a window reaches.
 
 ``auto`` takes, on CUDA, ``triton`` for what fits its tiles (decode tokens, short queries; else ``math`` up to
 16 tokens) and the preferred fused kernel for long queries
-(:class:`KernelChoice`; flash-attn when installed); on CPU, ``sdpa``; ``math`` wherever logits are soft-capped.
+(:class:`KernelChoice`; flash-attn when installed); on CPU, ``sdpa``. Windowed and soft-capped calls take, on CUDA,
+flash-attn's ``window_size`` where installed and the call allows it, else ``flex``; on CPU the windowed ones run
+``math`` over only the keys each tile of queries can reach (:func:`_banded_attention`), soft-capped ones ``math``.
+A fused kernel that fails to compile or run gives way to ``math``, with one warning.
 
 Causality is always *bottom-right aligned*: query ``i`` of ``Lq`` sees keys ``0 .. Lk - Lq + i``. That is what a
 block preceded by an anchor prefix, and a query following a cached context, both need.
@@ -40,13 +45,14 @@ from typing import Any, Literal
 from weakref import WeakKeyDictionary
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from star_lightning.attention import triton_decode
+from star_lightning.attention import flex, triton_decode
 from star_lightning.attention.merge import merge_pair
 
-Backend = Literal["auto", "math", "triton", "sdpa", "cudnn", "flash_attn"]
-BACKENDS: tuple[str, ...] = ("auto", "math", "triton", "sdpa", "cudnn", "flash_attn")
+Backend = Literal["auto", "math", "triton", "sdpa", "cudnn", "flash_attn", "flex"]
+BACKENDS: tuple[str, ...] = ("auto", "math", "triton", "sdpa", "cudnn", "flash_attn", "flex")
 PREFILL_KERNELS: tuple[str, ...] = ("sdpa", "cudnn")
 DECODE_KERNELS: tuple[str, ...] = ("triton", "math")
 
@@ -54,6 +60,8 @@ DECODE_KERNELS: tuple[str, ...] = ("triton", "math")
 _MAX_SCORE_ELEMENTS = 64 * 1024 * 1024
 # Queries up to this length count as "short" (decoding, short queries) for ``auto``.
 _SHORT_QUERY = 16
+# Query rows per tile of the CPU windowed path: enough rows for efficient matmuls, few enough keys per tile.
+_BAND_ROWS = 256
 
 
 @dataclass
@@ -64,13 +72,21 @@ class KernelChoice:
     engines in one process may choose differently). ``auto`` takes ``prefill`` for long CUDA queries (cuDNN ran at
     578-599 TFLOP/s on an H200 against flash's 338-347 on the star-block shapes of the 128K benchmark) and
     ``decode`` for short ones. What the object learns while running is kept on it: a cuDNN refusal switches
-    ``auto`` to flash (``sdpa``), and whether each fused kernel takes grouped K/V heads without copies.
+    ``auto`` to flash (``sdpa``), whether each fused kernel takes grouped K/V heads without copies, FlexAttention's
+    compiled function (or its failure). What does not change while the process runs is looked up once, here:
+    whether flash-attn is installed (``find_spec`` is not free: it ran on every call before, 18,000 times a run).
     """
 
     backend: str = "auto"
     prefill: str = "cudnn"
     decode: str = "triton"
     native_gqa: dict[str, bool | None] = field(default_factory=lambda: {"sdpa": None, "cudnn": None})
+    flash_attn: bool = field(default_factory=lambda: flash_attn_available())
+    """Whether the flash-attn package is installed (looked up once per engine)."""
+    flex: flex.FlexState = field(default_factory=flex.FlexState)
+    """FlexAttention's compiled function on this engine, or why it failed."""
+    graph_failure: str | None = None
+    """Why capturing a decode step as a CUDA graph failed on this engine (its decoders then run uncaptured)."""
     compiled: WeakKeyDictionary[Any, Callable[..., Any]] = field(default_factory=WeakKeyDictionary)
     r"""The ``torch.compile``\ d forward of each model decoded with ``--model.decode compile`` (compiled once)."""
 
@@ -98,10 +114,47 @@ class SlidingWindow:
     size: int
     query_positions: Tensor  # [Lq] long
     key_positions: Tensor  # [Lk] long
+    aligned: bool = False
+    """The queries are the keys, one contiguous run of positions (a forward attending to itself): what flash-attn's
+    ``window_size`` takes."""
+    derived: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """What the kernels derive from the positions (FlexAttention's mask, the CPU tiles' key ranges), built once for
+    every layer that shares this window (the step keeps one window per forward and kind of call)."""
 
     def part(self, queries: slice = slice(None), keys: slice = slice(None)) -> SlidingWindow:
         """The window of a call on a slice of the queries and a slice of the keys."""
         return SlidingWindow(self.size, self.query_positions[queries], self.key_positions[keys])
+
+    def positional_mask(self, valid_length: Tensor | None) -> flex.PositionalMask:
+        """FlexAttention's mask of this window (keys past ``valid_length`` unseen), built once per window."""
+        if "flex" not in self.derived:
+            self.derived["flex"] = flex.positional_mask(
+                self.query_positions, self.key_positions, self.size, valid_length
+            )
+        mask: flex.PositionalMask = self.derived["flex"]
+        return mask
+
+    def band_tiles(self, key_length: int) -> list[tuple[slice, slice]] | None:
+        """Tiles of ``_BAND_ROWS`` query rows, each with the range of the first ``key_length`` keys its rows can
+        reach; None when the keys' positions do not ascend. Built once per window."""
+        if ("band", key_length) not in self.derived:
+            keys = self.key_positions[:key_length]  # [Lk]
+            tiles = None
+            if bool((keys[1:] >= keys[:-1]).all()):
+                queries, far = self.query_positions, 1 << 40
+                pad = -queries.shape[0] % _BAND_ROWS
+                low = F.pad(queries, (0, pad), value=far).view(-1, _BAND_ROWS).amin(-1)  # [T]: each tile's least
+                high = F.pad(queries, (0, pad), value=-far).view(-1, _BAND_ROWS).amax(-1)  # [T]: and largest
+                first = torch.searchsorted(keys, low - self.size, right=True).tolist()  # first key in reach
+                last = torch.searchsorted(keys, high, right=True).tolist()  # one past the last
+                length = queries.shape[0]
+                tiles = [
+                    (slice(start, min(length, start + _BAND_ROWS)), slice(a, max(a, b)))
+                    for start, a, b in zip(range(0, length, _BAND_ROWS), first, last, strict=True)
+                ]
+            self.derived[("band", key_length)] = tiles
+        result: list[tuple[slice, slice]] | None = self.derived[("band", key_length)]
+        return result
 
     def hidden(self, rows: slice) -> Tensor:
         """``[l, Lk]``: True where query row (of ``rows``) must not see the key."""
@@ -121,6 +174,11 @@ def validate_backend(backend: str) -> None:
         raise ValueError(
             "attention backend 'flash_attn' was asked for but the flash-attn package is not installed; "
             "install the extra (pip install 'star-lightning[flash]') or use --model.backend auto"
+        )
+    if backend == "flex" and not flex.available():
+        raise ValueError(
+            f"attention backend 'flex' needs FlexAttention (torch >= 2.5; this is {torch.__version__}); "
+            "use --model.backend auto"
         )
 
 
@@ -143,9 +201,28 @@ def resolve_backend(
         return "triton"
     if query.shape[2] <= _SHORT_QUERY:
         return "math"
-    if flash_attn_available():
+    if kernels.flash_attn:
         return "flash_attn"
     return "math" if softcap is not None else kernels.prefill
+
+
+def resolve_masked_backend(
+    kernels: KernelChoice, query: Tensor, window: SlidingWindow | None, valid_length: Tensor | None = None
+) -> str:
+    """The kernel of a windowed or soft-capped call: ``flash_attn`` (its ``window_size``) where installed and the call
+    is a forward attending to itself, ``flex`` on CUDA, tiles of ``math`` (``banded``) for CPU windows, else
+    ``math``. A forced ``math`` or ``flex`` is kept; a forced fused kernel that cannot mask takes ``auto``'s choice."""
+    if kernels.backend in ("math", "flex"):
+        return kernels.backend
+    cuda_ok = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if cuda_ok and kernels.backend in ("auto", "flash_attn") and kernels.flash_attn and valid_length is None:
+        if query.dtype != torch.float32 and query.shape[-1] <= 256 and (window is None or window.aligned):
+            return "flash_attn"
+    if cuda_ok and flex.available() and kernels.flex.failure is None:
+        return "flex"
+    if window is not None and query.device.type == "cpu":
+        return "banded"
+    return "math"
 
 
 def attention_with_lse(
@@ -165,8 +242,8 @@ def attention_with_lse(
     Returns ``out`` ``[B, Hq, Lq, Dv]`` in the query's dtype and ``lse`` ``[B, Hq, Lq]`` (natural log, float32 or
     float64). With ``causal`` the mask is bottom-right aligned (needs ``Lk >= Lq``). A query with no visible key
     (``Lk == 0``) gets ``out = 0`` and ``lse = -inf``, which the merge ignores. With ``valid_length`` (a device
-    tensor ``[1]``) only the first ``valid_length`` keys are attended to (``triton`` or ``math``). With ``window``
-    the sliding-window mask applies too (``math``, whatever the backend); a query that sees no key gets ``out = 0``,
+    tensor ``[1]``) only the first ``valid_length`` keys are attended to. With ``window`` the sliding-window mask
+    applies too (:func:`resolve_masked_backend` picks the kernel); a query that sees no key gets ``out = 0``,
     ``lse = -inf``.
     """
     if query.shape[1] % key.shape[1] != 0:
@@ -177,11 +254,18 @@ def attention_with_lse(
         out = query.new_zeros(*query.shape[:-1], value.shape[-1])
         lse = torch.full(query.shape[:-1], float("-inf"), device=query.device, dtype=_lse_dtype(query))
         return out, lse
-    if window is not None:
-        return _math_attention(
-            query, key, value, scale=scale, causal=causal, softcap=softcap, valid_length=valid_length, window=window
-        )
     kernels = KernelChoice() if kernels is None else kernels
+    if causal and query.shape[2] == 1:  # one query, bottom-right aligned, sees every (valid) key: no causal split
+        causal = False
+    if window is not None or (softcap is not None and query.is_cuda and kernels.backend in ("auto", "flex")):
+        return _masked_attention(
+            kernels, query, key, value, scale=scale, causal=causal, softcap=softcap, valid_length=valid_length,
+            window=window,
+        )  # fmt: skip
+    if kernels.backend == "flex":
+        return _masked_attention(
+            kernels, query, key, value, scale=scale, causal=causal, softcap=softcap, valid_length=valid_length
+        )
     valid = valid_length
     chosen = resolve_backend(kernels, query, key, softcap, value)
     if chosen == "triton":
@@ -210,6 +294,82 @@ def attention_with_lse(
             kernels.prefill = "sdpa"
             chosen = "sdpa"
     return _fused_attention(kernels, chosen, query, key, value, scale=scale, causal=causal)
+
+
+def _masked_attention(
+    kernels: KernelChoice,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    softcap: float | None,
+    valid_length: Tensor | None,
+    window: SlidingWindow | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A windowed or soft-capped call on the kernel :func:`resolve_masked_backend` picks; a fused kernel that fails
+    gives way to ``math`` (with one warning, and for good on this engine)."""
+    chosen = resolve_masked_backend(kernels, query, window, valid_length)
+    if chosen == "flash_attn":
+        size = None if window is None else window.size
+        return _flash_attn_attention(query, key, value, scale=scale, causal=causal, softcap=softcap, window=size)
+    if chosen == "flex":
+        if window is not None:
+            mask = window.positional_mask(valid_length)
+        else:
+            queries, keys = flex.positions_for(query.shape[2], key.shape[2], causal, valid_length, query.device)
+            mask = flex.positional_mask(queries, keys, None, valid_length)
+        try:
+            return flex.flex_attention_with_lse(kernels.flex, query, key, value, mask, scale=scale, softcap=softcap)
+        except Exception as error:  # any failure of the compiler or the kernel: fall back, exactly
+            if kernels.backend == "flex":  # asked for by name: say so, do not hide it
+                raise
+            kernels.flex.fail(error)
+    if chosen == "banded" and window is not None:
+        return _banded_attention(
+            query, key, value, scale=scale, softcap=softcap, valid_length=valid_length, window=window
+        )
+    return _math_attention(
+        query, key, value, scale=scale, causal=causal, softcap=softcap, valid_length=valid_length, window=window
+    )
+
+
+def _banded_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    scale: float,
+    softcap: float | None,
+    valid_length: Tensor | None,
+    window: SlidingWindow,
+) -> tuple[Tensor, Tensor]:
+    """A windowed call on CPU as tiles of query rows, each on ``math`` over only the keys its window can reach.
+
+    The keys' positions must ascend (they do in every store and chunk the engine builds; otherwise: plain ``math``).
+    A tile of ``T`` rows reaches at most ``T + W`` keys, so a call costs ``Lq x (T + W)``, not ``Lq x Lk``: at 8K tokens
+    and a window of 512, a twelfth. Exact: every key a row can see is in its tile's range, the mask does the rest.
+    """
+    tiles = window.band_tiles(key.shape[2] if valid_length is None else int(valid_length.reshape(-1)[0]))
+    if tiles is None:
+        return _math_attention(
+            query, key, value, scale=scale, causal=False, softcap=softcap, valid_length=valid_length, window=window
+        )
+    outs, lses = [], []
+    for rows, cols in tiles:
+        if cols.stop <= cols.start:  # no key in reach: out 0, lse -inf
+            q = query[:, :, rows]  # [B, Hq, T, D]
+            out = q.new_zeros(*q.shape[:-1], value.shape[-1])
+            lse = torch.full(q.shape[:-1], float("-inf"), device=q.device, dtype=_lse_dtype(q))
+        else:
+            out, lse = _math_attention(
+                query[:, :, rows], key[:, :, cols], value[:, :, cols], scale=scale, causal=False, softcap=softcap,
+                window=window.part(rows, cols),
+            )  # fmt: skip
+        outs.append(out)  # [B, Hq, T, Dv]
+        lses.append(lse)  # [B, Hq, T]
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def _lse_dtype(query: Tensor) -> torch.dtype:
@@ -334,10 +494,20 @@ def _fused_op(
 
 
 def _flash_attn_attention(
-    query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool, softcap: float | None
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    softcap: float | None,
+    window: int | None = None,
 ) -> tuple[Tensor, Tensor]:
+    """flash-attn; a ``window`` (only for a forward attending to itself: queries are the keys) is its
+    ``window_size=(window - 1, 0)``, which with bottom-right causality is exactly ``p - window < k <= p``."""
     from flash_attn import flash_attn_func  # optional dependency, checked by validate_backend
 
+    extra = {} if window is None else {"window_size": (window - 1, 0)}
     out, lse, _ = flash_attn_func(
         query.transpose(1, 2),  # [B, Lq, Hq, D]
         key.transpose(1, 2),  # [B, Lk, Hkv, D]
@@ -346,6 +516,7 @@ def _flash_attn_attention(
         causal=causal,  # flash-attn aligns causal masks bottom-right
         softcap=0.0 if softcap is None else softcap,
         return_attn_probs=True,
+        **extra,
     )
     return out.transpose(1, 2), lse[..., : query.shape[2]].float()  # [B, Hq, Lq, D], [B, Hq, Lq]
 

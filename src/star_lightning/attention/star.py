@@ -87,7 +87,7 @@ def _block(
 
     With a sliding window a block token sees the prefix's keys (the anchor at positions ``0..a-1``, the query at the
     positions it is given) only where the window allows: for a block far from the start, none of them, as in the
-    model itself."""
+    model itself, and that call is skipped."""
     positions = step.token_positions()  # [L]
     rows = step.rows
     end = key.shape[2] - rows.tail_query  # rows [skip, end) are the block's own tokens
@@ -104,23 +104,20 @@ def _block(
     if rows.tail_query:
         out, lse = _block_and_query(step, query, key, value, end, scale, softcap, window)
     else:
-        own = None if window is None else SlidingWindow(window, positions, positions)
+        own = step.own_window(window)
         out, lse = attention_with_lse(
             query, key, value, scale=scale, causal=True, softcap=softcap, kernels=step.kernels, window=own
         )
         if step.anchor is not None:
             if step.passing is not None and rows.selection is None:
                 _send_passing(step, layer, query, key, value, end, scale, softcap)
-            anchor_keys, anchor_values = step.anchor.kv(layer, key)  # [B, Hkv, P, D]: all of it seen, but for a window
-            anchor_window = None
-            if window is not None:
-                anchor_positions = step.anchor.positions.to(positions.device)  # [P]
-                anchor_window = SlidingWindow(window, positions, anchor_positions)
-            anchor_out, anchor_lse = attention_with_lse(
-                query, anchor_keys, anchor_values, scale=scale, causal=False, softcap=softcap, kernels=step.kernels,
-                window=anchor_window,
-            )  # fmt: skip
-            out, lse = merge_pair(anchor_out, anchor_lse, out, lse)
+            if step.sees_anchor(window):
+                anchor_keys, anchor_values = step.anchor.kv(layer, key)  # [B, Hkv, P, D]: all seen, but for a window
+                anchor_out, anchor_lse = attention_with_lse(
+                    query, anchor_keys, anchor_values, scale=scale, causal=False, softcap=softcap,
+                    kernels=step.kernels, window=step.anchor_window(window),
+                )  # fmt: skip
+                out, lse = merge_pair(anchor_out, anchor_lse, out, lse)
     if step.passing is not None:
         out = _attend_passing(step, layer, query, out, lse, end, scale, softcap, window)
     return out
@@ -286,7 +283,7 @@ def _query(
         key_positions = store.positions(layer)  # [len]
     out, lse = attention_with_lse(
         query, keys, values, scale=scale, causal=step.keep_new, softcap=softcap, kernels=step.kernels,
-        valid_length=valid, window=None if window is None else SlidingWindow(window, positions, key_positions),
+        valid_length=valid, window=step.store_window(window, key_positions),
     )  # fmt: skip
     outs, lses = step.group.gather_partials(out, lse)  # [N, B, Hq, Lq, D], [N, B, Hq, Lq]
     out, _ = merge_partials(outs, lses)

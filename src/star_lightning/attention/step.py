@@ -16,12 +16,12 @@ Phases:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor
 
 from star_lightning.attention.anchor import AnchorPrefix, AnchorSink
-from star_lightning.attention.kernels import KernelChoice
+from star_lightning.attention.kernels import KernelChoice, SlidingWindow
 from star_lightning.attention.passing import PassingExchange
 from star_lightning.cache import KVStore
 from star_lightning.parallel.group import ContextGroup, SingleHostGroup
@@ -69,7 +69,12 @@ class ForwardStep:
     tokens between hosts (:mod:`star_lightning.attention.passing`), None when off. ``static``: Phase 2 with
     static shapes. ``last_position``: the largest position this forward's queries reach, or may reach (a static
     decoder's last token): a sliding window no larger than it may cut something. ``positions``: the true positions
-    ``[L]`` of this forward's tokens (the engine's ``_forward`` sets them from the position ids).
+    ``[L]`` of this forward's tokens (the engine's ``_forward`` sets them from the position ids); ``start``: the first
+    of them as a host integer when they are one contiguous run (None: not known without a device sync).
+
+    What every layer of the forward would otherwise rebuild (the sliding windows of its kinds of call, with the masks
+    and tiles the kernels derive from them) is built by the first layer that needs it and kept here (``derived``):
+    one step object per forward, so nothing of one forward reaches the next.
     """
 
     phase: Phase
@@ -86,6 +91,8 @@ class ForwardStep:
     static: StaticSlot | None = None
     last_position: int = 0
     positions: Tensor | None = None
+    start: int | None = None
+    derived: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def window(self, size: int | None) -> int | None:
         """``size`` when a sliding window of that size can cut something in this forward, else None (the window is
@@ -96,3 +103,51 @@ class ForwardStep:
         if self.positions is None:
             raise RuntimeError("a forward step without the tokens' positions: run the model through the engine")
         return self.positions
+
+    def own_window(self, size: int | None) -> SlidingWindow | None:
+        """The window of this forward's tokens attending to themselves (None without a window)."""
+        if size is None:
+            return None
+        if ("own", size) not in self.derived:
+            positions = self.token_positions()
+            self.derived[("own", size)] = SlidingWindow(size, positions, positions, aligned=self.start is not None)
+        window: SlidingWindow = self.derived[("own", size)]
+        return window
+
+    def sees_anchor(self, size: int | None) -> bool:
+        """Whether any token of this forward sees a prefix key (the anchor's, and the positions a query in the
+        prefix is given) through a window of ``size``: not for a block far from the start, whose windows all begin
+        past the prefix; then the prefix's call is skipped, not computed empty. Decided on the host from the
+        prefix's positions (a host tensor) and the forward's contiguous run, else assumed."""
+        if size is None or self.anchor is None or self.start is None:
+            return True
+        if ("sees_anchor", size) not in self.derived:
+            keys = self.anchor.positions
+            if keys.device.type != "cpu":
+                return True
+            stop = self.start + self.token_positions().shape[0]  # one past this forward's last position
+            # a key at k is seen by a token at p iff k <= p < k + size: some p in [start, stop) for some key
+            self.derived[("sees_anchor", size)] = bool(((keys > self.start - size) & (keys < stop)).any())
+        seen: bool = self.derived[("sees_anchor", size)]
+        return seen
+
+    def anchor_window(self, size: int | None) -> SlidingWindow | None:
+        """The window of this forward's tokens over the prefix's keys, by their positions."""
+        if size is None or self.anchor is None:
+            return None
+        if ("anchor", size) not in self.derived:
+            positions = self.token_positions()
+            anchor = self.anchor.positions.to(positions.device)  # [P]
+            self.derived[("anchor", size)] = SlidingWindow(size, positions, anchor)
+        window: SlidingWindow = self.derived[("anchor", size)]
+        return window
+
+    def store_window(self, size: int | None, key_positions: Tensor) -> SlidingWindow | None:
+        """The window of this forward's tokens over the host's store, whose positions (``key_positions``, the same in
+        every layer) the first layer gives."""
+        if size is None:
+            return None
+        if ("store", size) not in self.derived:
+            self.derived[("store", size)] = SlidingWindow(size, self.token_positions(), key_positions)
+        window: SlidingWindow = self.derived[("store", size)]
+        return window

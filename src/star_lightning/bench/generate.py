@@ -83,10 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_tokenizer(name: str, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
-    from star_lightning.models import pretrained_source
+    from star_lightning.models import metadata_source
 
-    source, kwargs = pretrained_source(name)  # a GGUF file: the tokenizer it carries
     try:
+        source, kwargs = metadata_source(name, trust_remote_code=trust_remote_code)  # a GGUF file: its tokenizer
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as error:
         raise ConfigurationError(

@@ -7,6 +7,7 @@ the same request in lockstep); the group's first rank turns them into scalars wi
 - ``request/*``: one value per request -- ``phase1_s`` (the slowest host; 0 for a reused context),
   ``context_reused`` (1 when the request was answered over the previous request's kept context, else 0),
   ``query_s`` and ``ttft_s`` (query encoding and time to first token, on the query host), ``decode_s``,
+  ``decode_setup_s`` (capturing, and compiling, the static decode step: 0 when a captured step is replayed),
   ``decode_tokens_per_s``, ``new_tokens``, ``context_tokens``, ``phase1_bytes`` (bytes all hosts sent in Phase 1:
   the anchor broadcast, the ring's K/V), ``phase2_bytes`` (bytes all hosts sent in Phase 2 collectives),
   ``peak_mem_gib`` (the largest host) and ``data_parallel_group`` (which group served it);
@@ -48,6 +49,7 @@ def request_scalars(per_host: list[RequestStats], data_parallel_rank: int) -> di
         "request/query_s": query.query_s,
         "request/ttft_s": query.ttft_s,
         "request/decode_s": query.decode_s,
+        "request/decode_setup_s": query.decode_setup_s,
         "request/decode_tokens_per_s": decode_tokens_per_s(query),
         "request/new_tokens": float(query.new_tokens),
         "request/context_tokens": float(query.context_tokens),

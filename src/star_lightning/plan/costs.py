@@ -61,7 +61,6 @@ RUNTIME_RESERVE_BYTES = 2 * GIB  # CUDA context, NCCL buffers, library workspace
 ANCHOR_SEND_COPIES = 1.0  # anchor_source=broadcast: host 0 keeps each layer's sent message until Phase 1 ends
 POSITION_BYTES_PER_TOKEN_LAYER = 8  # star/ring stores: each stored token's int64 position, per layer
 RING_MESSAGES = 2.0  # ring: one layer's K/V being sent and one being received, x the host's own chunk K/V
-DENSE_CACHE_GROWTH = 0.5  # dense (DynamicCache): appending copies one layer's K (or V): x one layer's K/V
 
 # --- Times ---------------------------------------------------------------------------------------------------------
 # Phase 1 end to end reached 63-71% of the bf16 matmul rate (H200, Llama-3.1-8B shape, 32K-256K, cuDNN attention).
@@ -74,7 +73,8 @@ DECODE_OVERHEAD_S_PER_LAYER = 0.121e-3
 # The query's encoding (Phase 2's first forward, eager, new shapes for the kernels) beyond its bytes and FLOPs:
 # measured TTFT - Phase 1 was 0.05 s on 2 H200s at 16K-128K (0.08-0.18 s on one, where Phase 1's end is one clock).
 QUERY_OVERHEAD_S = 0.05
-# Eager decoding (dense through transformers' own loop; hosts of several GPUs): 18-34 ms/token measured, noisy.
+# Eager decoding (hosts of several GPUs; dense through transformers' own loop before it ran through the engine):
+# 18-34 ms/token measured, noisy.
 EAGER_DECODE_OVERHEAD_S_PER_LAYER = 0.44e-3
 
 

@@ -501,7 +501,7 @@ def plan_request(
     rate = None if gpu.matmul_flops is None else gpu.matmul_flops * t
     bandwidth = None if gpu.copy_bytes_per_s is None else gpu.copy_bytes_per_s * t
     latency = interconnect.collective_latency_s
-    eager = layout.method == "dense" or layout.gpus_per_host > 1
+    eager = layout.gpus_per_host > 1  # dense decodes as star does (one host through the engine)
     overhead = efficiency.eager_decode_overhead_s_per_layer if eager else efficiency.decode_overhead_s_per_layer
     per_token_collectives = shape.layers * latency * ((hosts > 1) + 2 * (t > 1))
 
@@ -605,22 +605,17 @@ def _host_memory(
     query_activation = costs.activation_bytes(shape, request.query_tokens, merged=layout.hosts > 1, tensor_parallel=t)
     gpus = []
     # Star and ring keep each stored token's true position beside its K/V (int64 per layer, on every shard).
-    stored_token = kv_token + (costs.POSITION_BYTES_PER_TOKEN_LAYER * shape.layers if layout.method != "dense" else 0)
+    stored_token = kv_token + costs.POSITION_BYTES_PER_TOKEN_LAYER * shape.layers
     for weights, layer_share in _gpu_shares(shape, layout):
         context_kv = context_tokens * stored_token * layer_share
         query_kv = stored_new * stored_token * layer_share
         anchor_kv = anchor_kv_tokens * kv_token * layer_share
-        if layout.method == "dense":  # the cache grows: Phase 1 holds the context only
-            growth = costs.DENSE_CACHE_GROWTH * (context_tokens + stored_new) * kv_token_layer
-            phases = {
-                "phase1": (context_kv, phase1_activation),
-                "phase2": (context_kv + query_kv + growth, query_activation),
-            }
-        else:  # the store is allocated for everything up front; the anchor is freed before Phase 2
-            phases = {
-                "phase1": (context_kv + query_kv + anchor_kv, phase1_activation),
-                "phase2": (context_kv + query_kv, query_activation),
-            }
+        # The store is allocated for everything up front (dense's too: one block through the engine); the anchor is
+        # freed before Phase 2.
+        phases = {
+            "phase1": (context_kv + query_kv + anchor_kv, phase1_activation),
+            "phase2": (context_kv + query_kv, query_activation),
+        }
         phase = max(phases, key=lambda name: sum(phases[name]))
         kv_alive, activation = phases[phase]
         peak = weights + kv_alive + activation

@@ -2,8 +2,9 @@
 
 No weights are read and no model is built: layer count, widths, heads and the parameter count follow from the
 config. The parameter count is exact for the families Star Attention serves (Llama, Qwen2, Qwen3, Mistral, Phi-3,
-Gemma-2, Granite, OLMo-2: the test suite checks it against transformers' own models); for other dense decoders it is
-counted as for a Llama-like layer (their norms and biases may differ by a few thousand parameters per layer).
+Gemma-2, Gemma-3, Granite, OLMo-2: the test suite checks it against transformers' own models); for other dense
+decoders it is counted as for a Llama-like layer (their norms and biases may differ by a few thousand parameters per
+layer).
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from star_lightning.errors import ConfigurationError
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 # Norm weights (each of width ``hidden``) per decoder layer where it is not the usual two.
-_NORMS_PER_LAYER = {"gemma2": 4}
+_NORMS_PER_LAYER = {"gemma2": 4, "gemma3_text": 4}
 # Per-head norms of q and k: ``head`` = one weight of width head_dim each (Qwen3), ``full`` = of the whole q / k
 # width (OLMo-2).
-_QK_NORM = {"qwen3": "head", "olmo2": "full"}
+_QK_NORM = {"qwen3": "head", "olmo2": "full", "gemma3_text": "head"}
 # Families whose q/k/v projections always carry a bias (no config switch).
 _QKV_BIAS_ALWAYS = frozenset({"qwen2"})
-_KNOWN_FAMILIES = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "granite", "olmo2"})
+_KNOWN_FAMILIES = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text", "granite", "olmo2"})
 
 
 def dtype_name(dtype: Any) -> str:
