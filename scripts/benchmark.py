@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--anchor-sources", default="broadcast,host", help="star: broadcast, host, block")
     p.add_argument("--query-aware", default="star", help="star variants: star, aq (anchor_query), aq+pt (and passing)")
-    p.add_argument("--passing-tokens", type=int, default=32, help="aq+pt: passing tokens per host and layer")
+    p.add_argument("--passing-tokens", default="32", help="aq+pt: passing tokens per host and layer, e.g. 32,1024")
     p.add_argument("--ring-layouts", default="zigzag,contiguous")
     p.add_argument("--ring-sample-hosts", type=int, default=0, help="simulated ring: run only this many hosts (>=2)")
     p.add_argument("--star-sample-hosts", type=int, default=0,
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.simulate_hosts, args.methods = [int(x) for x in split(args.simulate_hosts)], split(args.methods)
     args.lengths, args.anchor_sizes = [int(x) for x in split(args.lengths)], [int(x) for x in split(args.anchor_sizes)]
     args.anchor_sources, args.ring_layouts = split(args.anchor_sources), split(args.ring_layouts)
-    args.query_aware = split(args.query_aware)
+    args.query_aware, args.passing_tokens = split(args.query_aware), [int(x) for x in split(args.passing_tokens)]
     args.queries_per_context = [int(x) for x in split(args.queries_per_context)]
     args.command = "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     return args
@@ -89,10 +89,10 @@ def variants(args: argparse.Namespace, length: int) -> list[StarSettings]:
         for anchor in args.anchor_sizes or [block]:
             for source in args.anchor_sources:
                 for variant in args.query_aware:
-                    passing = args.passing_tokens if variant == "aq+pt" else 0
-                    star = StarSettings("star", block, min(anchor, block), anchor_source=source,  # type: ignore[arg-type]
-                                        anchor_query=variant in ("aq", "aq+pt"), passing_tokens=passing)  # fmt: skip
-                    out.append(star)
+                    query = variant in ("aq", "aq+pt")
+                    for passing in args.passing_tokens if variant == "aq+pt" else [0]:
+                        out.append(StarSettings("star", block, min(anchor, block), anchor_source=source,  # type: ignore[arg-type]
+                                                anchor_query=query, passing_tokens=passing))  # fmt: skip
     if "ring" in args.methods:
         out += [StarSettings("ring", block, ring_layout=layout) for layout in args.ring_layouts]  # type: ignore[arg-type]
     if "dense" in args.methods and length <= args.max_dense_length:
