@@ -105,8 +105,7 @@ def request_ids(model: Any, length: int, tokens: int, seed: int, device: torch.d
     return torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator).to(device)  # [1, tokens]
 
 
-def run_simulated(model: Any, args: argparse.Namespace, env: dict[str, Any], log: Any) -> list[dict[str, Any]]:
-    records = []
+def run_simulated(model: Any, args: argparse.Namespace, env: dict[str, Any], log: Any, records: list) -> list[dict]:
     settings = GenerationSettings(max_new_tokens=args.new_tokens)
     for hosts in args.simulate_hosts:
         for length in args.lengths or [hosts * args.block_size]:
@@ -134,8 +133,7 @@ def run_simulated(model: Any, args: argparse.Namespace, env: dict[str, Any], log
     return records
 
 
-def run_dense(model: Any, args: argparse.Namespace, env: dict[str, Any], log: Any) -> list[dict[str, Any]]:
-    records = []
+def run_dense(model: Any, args: argparse.Namespace, env: dict[str, Any], log: Any, records: list) -> list[dict]:
     lengths = sorted({*(args.lengths or []), *(h * args.block_size for h in args.simulate_hosts)})
     for length in lengths:
         if "dense" not in args.methods or length > args.max_dense_length:
@@ -210,6 +208,29 @@ def run_real(fabric: Any, model: Any, args: argparse.Namespace, env: dict[str, A
     return records
 
 
+class Saved(list):
+    """The run's records, written to ``OUT/results.json`` whenever one is added."""
+
+    def __init__(self, out: Path, env: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        super().__init__(records)
+        self.out, self.env = out, env
+        self._write()
+
+    def _write(self) -> None:
+        payload = {"environment": speed.jsonable(self.env), "records": list(self)}
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        tmp.replace(self.out / "results.json")
+
+    def append(self, record: dict[str, Any]) -> None:  # type: ignore[override]
+        super().append(record)
+        self._write()
+
+    def extend(self, records: Any) -> None:  # type: ignore[override]
+        super().extend(records)
+        self._write()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
@@ -242,19 +263,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.nprocs > 1:
         records += run_real(fabric, model, args, env, log)
     if fabric.global_rank == 0:  # one GPU's work: the others wait at the barrier below
-        records += run_simulated(model, args, env, log)
-        records += run_dense(model, args, env, log)
-        if args.queries_per_context and args.simulate_hosts:
-            records += run_reuse(model, args, env, log)
         out.mkdir(parents=True, exist_ok=True)
         if args.append and (out / "results.json").exists():
             earlier = json.loads((out / "results.json").read_text())
             records = earlier["records"] + records
             env["command"] = earlier["environment"]["command"] + " && " + env["command"]
-        payload = {"environment": speed.jsonable(env), "records": records}
-        (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+        saved = Saved(out, env, records)  # results.json after every record: a run stopped midway keeps them
+        run_simulated(model, args, env, log, saved)
+        run_dense(model, args, env, log, saved)
+        if args.queries_per_context and args.simulate_hosts:
+            saved.extend(run_reuse(model, args, env, log))
         speed.render(json.loads((out / "results.json").read_text()), out)
-        log(f"done: {len(records)} records in {out}")
+        log(f"done: {len(saved)} records in {out}")
     fabric.barrier()
 
 

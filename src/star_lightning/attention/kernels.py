@@ -218,7 +218,10 @@ def resolve_masked_backend(
     if cuda_ok and kernels.backend in ("auto", "flash_attn") and kernels.flash_attn and valid_length is None:
         if query.dtype != torch.float32 and query.shape[-1] <= 256 and (window is None or window.aligned):
             return "flash_attn"
-    if cuda_ok and flex.available() and kernels.flex.failure is None:
+    # A CUDA graph cannot capture FlexAttention's call as torch 2.11 builds it (a host-to-device copy; seen on an
+    # H200): a captured decode step's masked calls take ``math`` (one token: one pass over the cache).
+    capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
+    if cuda_ok and flex.available() and kernels.flex.failure is None and not capturing:
         return "flex"
     if window is not None and query.device.type == "cpu":
         return "banded"
