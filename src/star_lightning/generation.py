@@ -312,6 +312,15 @@ def _anchor_prefix(
     return _Prefix(ids, positions, anchor, query, (anchor, anchor + query))
 
 
+def _candidates(plan: BlockPlan, host: int, round_index: int) -> int:
+    """Tokens host ``host`` may pass in round ``round_index``: its block of that round, without the anchor."""
+    blocks = plan.blocks_of(host)
+    if round_index >= len(blocks):
+        return 0
+    block = blocks[round_index]
+    return block.length - (plan.anchor_length if block.index == 0 else 0)
+
+
 def prefill_star(
     model: nn.Module,
     context_ids: Tensor,
@@ -386,6 +395,8 @@ def prefill_star(
     if exchange is not None:  # every host takes part in every round's collectives
         rounds = max(len(plan.blocks_of(host)) for host in range(plan.num_hosts))
     for round_index in range(rounds):
+        if exchange is not None:  # what each host can pass this round: its block's tokens, the anchor's excepted
+            exchange.begin_round([_candidates(plan, host, round_index) for host in range(plan.num_hosts)])
         if round_index >= len(blocks):
             assert exchange is not None
             exchange.idle()

@@ -59,10 +59,7 @@ class PassedTokens:
     keys: Tensor
     values: Tensor
     positions: Tensor
-
-    @property
-    def shared(self) -> bool:
-        return bool((self.positions == self.positions[:1]).all())
+    shared: bool = True
 
 
 def candidate_scores(
@@ -121,16 +118,19 @@ def select_passing(
     scores = candidate_scores(selection_queries, prefix_keys, keys, scale=scale, softcap=softcap)  # [B, Hq, n]
     chosen = choose(scores, settings.tokens, kv_heads, settings).expand(batch, kv_heads, -1)  # [B, Hkv, k]
     index = chosen.unsqueeze(-1).expand(-1, -1, -1, head_dim)  # [B, Hkv, k, D]
-    return PassedTokens(keys.gather(2, index), values.gather(2, index), positions[chosen[0]])  # [Hkv, k]
+    shared = settings.selection == "shared"
+    return PassedTokens(keys.gather(2, index), values.gather(2, index), positions[chosen[0]], shared)  # [Hkv, k]
 
 
 class PassingExchange:
     """The all-gather of every host's passing tokens, one fixed-size message per layer, and what a host has received.
 
     A message is ``tokens`` slots of keys and values (bytes) followed by their positions (int64, -1 for an unused
-    slot), so one collective carries both. :meth:`start` sends this host's choice for a layer and returns at once;
-    :meth:`earlier` waits for the layer's message and gives the tokens of every host before this one, from this round
-    and every earlier round (a host with several blocks encodes one per round, in step with the others).
+    slot), so one collective carries both; how many slots each host filled is known from the block plan
+    (:meth:`begin_round`), so nothing waits on the device. :meth:`start` sends this host's choice for a layer and
+    returns at once; :meth:`earlier` waits for the layer's message and gives the tokens of every host before this
+    one, from this round and every earlier round (a host with several blocks encodes one per round, in step with the
+    others).
     :meth:`idle` is a round in which this host has no block: it only takes part in the collectives.
     """
 
@@ -151,6 +151,12 @@ class PassingExchange:
         self.device = device
         self._pending: list[Transfer | None] = [None] * num_layers
         self._received: list[list[PassedTokens]] = [[] for _ in range(num_layers)]
+        self._counts: list[int] = []
+
+    def begin_round(self, counts: list[int]) -> None:
+        """How many tokens each host passes this round (``min(tokens, its candidates)``: every host knows it from the
+        block plan, so reading the messages never waits on the device)."""
+        self._counts = [min(self.settings.tokens, count) for count in counts]
 
     @property
     def _kv_bytes(self) -> int:
@@ -166,12 +172,12 @@ class PassingExchange:
         positions[:, :count] = passed.positions
         return torch.cat([kv.reshape(-1).view(torch.uint8), positions.reshape(-1).view(torch.uint8)])  # [bytes]
 
-    def _unpack(self, message: Tensor) -> PassedTokens:
+    def _unpack(self, message: Tensor, count: int) -> PassedTokens:
         tokens = self.settings.tokens
         kv = message[: self._kv_bytes].view(self.dtype).view(2, self.batch, self.kv_heads, tokens, self.head_dim)
         positions = message[self._kv_bytes :].view(torch.long).view(self.kv_heads, tokens)  # [Hkv, K]
-        count = int((positions[0] >= 0).sum().item())
-        return PassedTokens(kv[0, :, :, :count], kv[1, :, :, :count], positions[:, :count])
+        shared = self.settings.selection == "shared"
+        return PassedTokens(kv[0, :, :, :count], kv[1, :, :, :count], positions[:, :count], shared)
 
     def start(self, layer: int, passed: PassedTokens) -> None:
         if self._pending[layer] is not None:
@@ -185,7 +191,8 @@ class PassingExchange:
             raise RuntimeError(f"layer {layer}: no passing tokens were sent this round")
         gathered = pending.wait()  # [N, bytes]
         self._pending[layer] = None
-        self._received[layer].extend(self._unpack(gathered[host]) for host in range(self.group.rank))
+        counts = self._counts
+        self._received[layer].extend(self._unpack(gathered[host], counts[host]) for host in range(self.group.rank))
         parts = [part for part in self._received[layer] if part.keys.shape[2]]
         if not parts:
             return None
@@ -193,6 +200,7 @@ class PassingExchange:
             torch.cat([part.keys for part in parts], dim=2),  # [B, Hkv, m, D]
             torch.cat([part.values for part in parts], dim=2),
             torch.cat([part.positions for part in parts], dim=1),  # [Hkv, m]
+            self.settings.selection == "shared",
         )
 
     def idle(self) -> None:
