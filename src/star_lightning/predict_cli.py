@@ -18,6 +18,7 @@ import sys
 import warnings
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
@@ -29,6 +30,7 @@ from star_lightning.callbacks.progress import RequestProgress
 from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
+from star_lightning.options import OneLineErrors, bad_value, check_devices, closest
 from star_lightning.parallel.strategy import StarStrategy
 from star_lightning.preflight import RunPlan, check_run, speaks_for_job
 
@@ -82,6 +84,10 @@ class _DropInfo(logging.Filter):
         return not str(record.msg).startswith(_QUIET_INFO)
 
 
+class PredictParser(OneLineErrors, LightningArgumentParser):
+    """``predict``'s parser: an option error is one line (:mod:`star_lightning.options`), not the usage text."""
+
+
 class StarLightningCLI(LightningCLI):
     """LightningCLI for ``predict``: ``--output`` / ``--overwrite``, inference-only Trainer options, no seeding."""
 
@@ -129,7 +135,11 @@ class StarLightningCLI(LightningCLI):
         self.config_init = self.parser.instantiate(self.config)
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
-        self.trainer = self.instantiate_trainer()
+        _check_trainer_options(self.config["trainer"])
+        try:
+            self.trainer = self.instantiate_trainer()
+        except (MisconfigurationException, ValueError) as error:  # what Lightning refuses that the checks let by
+            raise ConfigurationError(f"the --trainer.* options: {' '.join(str(error).split())}") from None
 
     def check(self) -> RunPlan | None:
         """The checks before any weights or process group, in the process that speaks for the job (None elsewhere)."""
@@ -193,6 +203,24 @@ class StarLightningCLI(LightningCLI):
         return not (others_started and self.trainer.world_size > 1)
 
 
+def _check_trainer_options(trainer: Any) -> None:
+    """The Trainer options Lightning would refuse with a traceback from inside the Trainer, refused in one line."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    check_devices(trainer["devices"])
+    if isinstance(trainer["num_nodes"], int) and trainer["num_nodes"] < 1:
+        raise bad_value("trainer.num_nodes", trainer["num_nodes"], "a positive number of nodes")
+    for option, names in (
+        ("accelerator", ["auto", "gpu", *AcceleratorRegistry.available_accelerators()]),
+        ("strategy", ["auto", *StrategyRegistry.available_strategies()]),
+    ):
+        value = trainer[option]
+        if isinstance(value, str) and value not in names and "." not in value:
+            choices = ", ".join(sorted(set(names)))
+            raise bad_value(f"trainer.{option}", value, f"one of {choices} (or a class path){closest(value, names)}")
+
+
 def _quiet_lightning() -> None:
     for message in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
@@ -213,13 +241,23 @@ def run_predict(argv: list[str]) -> int:
     # Interpolations written from the config's root (``${model.block_size}``) resolve against the merged config.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     _quiet_lightning()
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    # Subclass options take their class with their value: the defaults' classes name them for the suggestions.
+    option_classes = {"trainer.strategy": StarStrategy, "trainer.logger": TensorBoardLogger}
     try:
         cli = StarLightningCLI(
             StarAttentionLM,
             RequestDataModule,
             args=argv,
             run=False,
-            parser_kwargs={"parser_mode": "omegaconf+", "prog": "star-lightning predict", "description": DESCRIPTION},
+            parser_class=PredictParser,
+            parser_kwargs={
+                "parser_mode": "omegaconf+",
+                "prog": "star-lightning predict",
+                "description": DESCRIPTION,
+                "option_classes": option_classes,
+            },
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_callback=None,
             auto_configure_optimizers=False,
