@@ -104,6 +104,8 @@ class RequestDataModule(LightningDataModule):
         self.output = output
         self.requests: list[dict[str, Any]] = []
         self.total_requests = 0
+        # Each request's position in the file (its order among the requests run), by index.
+        self.positions: dict[int, int] = {}
         self._excluded: set[int] = set()
 
     def exclude(self, indices: Iterable[int]) -> None:
@@ -114,6 +116,7 @@ class RequestDataModule(LightningDataModule):
         requests = read_requests(self.path, self.contexts)
         if self.limit is not None:
             requests = requests[: self.limit]
+        self.positions = {request["index"]: position for position, request in enumerate(requests)}
         done, excluded = self._indices_to_leave_out()
         requests = [r for r in requests if r["index"] not in excluded]
         self.total_requests = len(requests)
