@@ -31,6 +31,7 @@ from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
 from star_lightning.options import OneLineErrors, bad_value, check_devices, closest
+from star_lightning.parallel.lifetime import kill_children, lost_peer
 from star_lightning.parallel.strategy import StarStrategy
 from star_lightning.preflight import RunPlan, check_run, speaks_for_job
 
@@ -173,25 +174,46 @@ class StarLightningCLI(LightningCLI):
                         print(hint, file=sys.stderr, flush=True)
                     raise SystemExit(130) from None
                 raise
-            except Exception:
-                self._name_dead_ranks(writer)
+            except Exception as error:
+                # A rank that died or hung fails every other rank's next collective: one line names it, and the
+                # others' echoes (gloo's "connection closed", their tracebacks) are not printed.
+                if self._name_dead_ranks(writer) or self._name_lost_peer(error, writer):
+                    kill_children()
+                    raise SystemExit(1) from None
                 raise
         skipped = plan.skipped_line() if plan is not None else None
         if skipped:
             print(skipped, file=sys.stderr, flush=True)
         return 0
 
-    def _name_dead_ranks(self, writer: JsonlPredictionWriter) -> None:
+    def _name_dead_ranks(self, writer: JsonlPredictionWriter) -> bool:
         """The ranks Lightning's launcher started that died: this rank's error (a collective failing) is only their
         echo. Lightning names them too, but only if its observer thread looks before this process ends."""
         children = getattr(self.trainer.strategy.launcher, "procs", None) or []
         first_rank = self.trainer.node_rank * self.trainer.num_devices + 1  # children are local ranks 1, 2, ...
+        named = False
         for rank, child in enumerate(children, start=first_rank):
             code = child.poll()
             if code:
                 how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
                 message = f"rank {rank} (pid {child.pid}) ended ({how}), so the job stops; {writer.resume_hint()}"
                 print(f"star-lightning predict: {message}", file=sys.stderr, flush=True)
+                named = True
+        return named
+
+    def _name_lost_peer(self, error: Exception, writer: JsonlPredictionWriter) -> bool:
+        """A collective failed because another rank ended or hung, and this process cannot tell which (ranks SLURM
+        or torchrun started): global rank 0 says so in one line, the others exit quietly."""
+        reason = lost_peer(error)
+        if reason is None:
+            return False
+        if self.trainer.is_global_zero:
+            message = (
+                f"a collective failed ({reason}): another rank of the job ended or stopped answering, so the job "
+                f"stops; {writer.resume_hint()}"
+            )
+            print(f"star-lightning predict: {message}", file=sys.stderr, flush=True)
+        return True
 
     def _nothing_to_start(self, plan: RunPlan | None) -> bool:
         """Every request is done or skipped, and no rank waits for this process (Lightning would start the others
