@@ -39,7 +39,8 @@ DESCRIPTION = (
     "Run Star Attention (or the exact ring / dense baselines) over a JSONL file of requests and write one "
     "prediction per request to --output. An existing output is resumed only by the run that made it (same "
     "prediction settings in its run record OUTPUT.run.json); --overwrite true starts it over. Exit codes: 0 done, "
-    "2 bad input or settings (one line on stderr), 130 Ctrl-C, 128+N stopped by signal N (rerun to resume)."
+    "1 a rank died or hung (one line names it), 2 bad input or settings (one line on stderr), 130 Ctrl-C, 128+N "
+    "stopped by signal N (rerun to resume)."
 )
 
 TRAINER_DEFAULTS: dict[str, Any] = {
