@@ -31,7 +31,7 @@ from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
 from star_lightning.options import OneLineErrors, bad_value, check_devices, closest
-from star_lightning.parallel.lifetime import kill_children, lost_peer
+from star_lightning.parallel.lifetime import kill_launched_ranks, lost_peer, watch_ranks
 from star_lightning.parallel.strategy import StarStrategy
 from star_lightning.preflight import RunPlan, check_run, speaks_for_job
 
@@ -142,6 +142,13 @@ class StarLightningCLI(LightningCLI):
             self.trainer = self.instantiate_trainer()
         except (MisconfigurationException, ValueError) as error:  # what Lightning refuses that the checks let by
             raise ConfigurationError(f"the --trainer.* options: {' '.join(str(error).split())}") from None
+        watch_ranks(lambda: [(rank, child.pid) for rank, child in self._launched_ranks()])
+
+    def _launched_ranks(self) -> list[tuple[int, Any]]:
+        """``(global rank, Popen)`` of the ranks Lightning's launcher started from this process (none elsewhere)."""
+        children = getattr(self.trainer.strategy.launcher, "procs", None) or []
+        first_rank = self.trainer.node_rank * self.trainer.num_devices + 1  # children are local ranks 1, 2, ...
+        return list(enumerate(children, start=first_rank))
 
     def check(self) -> RunPlan | None:
         """The checks before any weights or process group, in the process that speaks for the job (None elsewhere)."""
@@ -179,7 +186,7 @@ class StarLightningCLI(LightningCLI):
                 # A rank that died or hung fails every other rank's next collective: one line names it, and the
                 # others' echoes (gloo's "connection closed", their tracebacks) are not printed.
                 if self._name_dead_ranks(writer) or self._name_lost_peer(error, writer):
-                    kill_children()
+                    kill_launched_ranks()
                     raise SystemExit(1) from None
                 raise
         skipped = plan.skipped_line() if plan is not None else None
@@ -190,10 +197,8 @@ class StarLightningCLI(LightningCLI):
     def _name_dead_ranks(self, writer: JsonlPredictionWriter) -> bool:
         """The ranks Lightning's launcher started that died: this rank's error (a collective failing) is only their
         echo. Lightning names them too, but only if its observer thread looks before this process ends."""
-        children = getattr(self.trainer.strategy.launcher, "procs", None) or []
-        first_rank = self.trainer.node_rank * self.trainer.num_devices + 1  # children are local ranks 1, 2, ...
         named = False
-        for rank, child in enumerate(children, start=first_rank):
+        for rank, child in self._launched_ranks():
             code = child.poll()
             if code:
                 how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"

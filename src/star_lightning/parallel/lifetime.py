@@ -9,6 +9,9 @@
   exits ``128 + N`` (130 for Ctrl-C; SIGUSR1 requeues a SLURM job first); a rank passes the signal on to its
   launcher. A watcher thread acts, woken through ``signal.set_wakeup_fd``, because the main thread may sit inside a
   C++ call for seconds or minutes (a rendezvous waiting for ranks still importing), where no Python handler runs.
+- A rank killed by a signal (``kill -9``, the OOM killer, a crash) ends the job at once, at any time: the launcher
+  learns it from SIGCHLD, names the rank in one line, kills the others and exits 1 -- before its collectives fail
+  into tracebacks, and before Lightning's own observer (which looks every 5 s) would SIGKILL it without a word.
 - Inside the predict loop the writer's handlers own these signals (stop after the current request, agreed by every
   rank: :mod:`star_lightning.callbacks.prediction_writer`); it says so with :func:`predict_loop_started` /
   :func:`predict_loop_ended`, and the watcher leaves the signals to it.
@@ -26,8 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 LAUNCHER_PID = "STAR_LIGHTNING_LAUNCHER_PID"
@@ -69,22 +71,6 @@ def tie_to_launcher() -> int | None:
     return None  # the variable came with the environment of a process that is not this one's parent
 
 
-def children() -> list[int]:
-    """This process's children (Linux: ``/proc/self/task/*/children``): the ranks it started."""
-    found: list[int] = []
-    for task in Path("/proc/self/task").glob("*"):
-        with contextlib.suppress(OSError):
-            found += [int(pid) for pid in (task / "children").read_text().split()]
-    return found
-
-
-def kill_children() -> None:
-    """SIGKILL every child: the ranks this process launched, before its own sockets close under them."""
-    for pid in children():
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def requeue_slurm_job() -> str:
     """``; requeued SLURM job J`` (or why not) when this process is in a SLURM job, else ``""``: the time-limit
     warning (SIGUSR1) puts the job back in the queue, and the requeued job resumes from its output."""
@@ -119,11 +105,13 @@ class _Watcher:
         self._launcher = launcher  # set in a rank: the signal goes to it
         self._speaks = launcher is None and _global_rank() == 0
         self._in_loop = False
+        self.ranks: Callable[[], list[tuple[int, int]]] = list  # (rank, pid) of the ranks this process launched
         self._stopping = threading.Lock()
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
         self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
-        self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        watched = (*STOP_SIGNALS, signal.SIGCHLD) if launcher is None else STOP_SIGNALS
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in watched}
         self._thread = threading.Thread(target=self._watch, name="star-lightning-stop-signals", daemon=True)
         self._thread.start()
 
@@ -140,8 +128,8 @@ class _Watcher:
         self._in_loop = running
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        """The Python-level handler (needed for the wakeup byte); it stops too, should it run before the thread."""
-        self._stop(signum)
+        """The Python-level handler (needed for the wakeup byte); it acts too, should it run before the thread."""
+        self._act(signum)
 
     def _watch(self) -> None:
         while True:
@@ -149,29 +137,68 @@ class _Watcher:
             for signum in data:
                 if signum == 0:
                     return
-                if signum in STOP_SIGNALS and not self._in_loop:
-                    self._stop(signum)
+                self._act(signum)
+
+    def _act(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            self._check_ranks()
+        elif signum in STOP_SIGNALS and not self._in_loop:
+            self._stop(signum)
+
+    def kill_ranks(self) -> None:
+        for _, pid in self.ranks():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _check_ranks(self) -> None:
+        """A launched rank killed by a signal ends the job (looked at without reaping it: its Popen does that)."""
+        for rank, pid in self.ranks():
+            try:
+                ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                continue
+            if ended is not None and ended.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+                name = signal.Signals(ended.si_status).name
+                self._end(1, f"rank {rank} (pid {pid}) ended (killed by {name}), so the job stops; {_KEPT}")
 
     def _stop(self, signum: int) -> None:
-        if self._in_loop or not self._stopping.acquire(blocking=False):
-            return
         if self._launcher is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(self._launcher, signum)  # the launcher stops the job (and this rank with it)
-            os._exit(128 + signum)
-        kill_children()
+            if self._stopping.acquire(blocking=False):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(self._launcher, signum)  # the launcher stops the job (and this rank with it)
+                os._exit(128 + signum)
+            return
         requeued = requeue_slurm_job() if signum == signal.SIGUSR1 and self._speaks else ""
+        self._end(128 + signum, f"stopped by {signal_name(signum)}{requeued}; {_KEPT}")
+
+    def _end(self, status: int, message: str) -> None:
+        """Kill the launched ranks first (before this process's sockets close under them), say it once, exit."""
+        if not self._stopping.acquire(blocking=False):
+            return
+        self.kill_ranks()
         if self._speaks:
-            line = (
-                f"star-lightning {self._command}: stopped by {signal_name(signum)}{requeued}; what --output holds is "
-                "kept: rerun the same command to resume\n"
-            )
             with contextlib.suppress(OSError):
-                os.write(sys.stderr.fileno(), line.encode())
-        os._exit(128 + signum)
+                os.write(sys.stderr.fileno(), f"star-lightning {self._command}: {message}\n".encode())
+        os._exit(status)
+
+
+_KEPT = "what --output holds is kept: rerun the same command to resume"
 
 
 _watcher: _Watcher | None = None
+
+
+def watch_ranks(ranks: Callable[[], list[tuple[int, int]]]) -> None:
+    """Tell the job's lifetime how to find the ranks this process launches: ``(global rank, pid)`` pairs, asked for
+    whenever they must be looked at or killed (the launcher starts them later)."""
+    if _watcher is not None:
+        _watcher.ranks = ranks
+
+
+def kill_launched_ranks() -> None:
+    """SIGKILL the ranks this process launched, before its own sockets close under them."""
+    if _watcher is not None:
+        _watcher.kill_ranks()
 
 
 def predict_loop_started() -> None:
