@@ -7,13 +7,15 @@ seconds. Cheap checks first:
 1. the layout: the world size splits into context-parallel groups; ``dense`` has one host per request;
 2. the output: not the request file, writable, and no other run writing it (its lock is taken here and held by
    the returned :class:`RunPlan` until the job ends);
-3. the requests: UTF-8 JSONL with valid fields (:mod:`star_lightning.data.jsonl` names the line);
+3. the requests: UTF-8 JSONL with valid fields, every string text, no field of the prediction's own
+   (:mod:`star_lightning.data.jsonl` names the line);
 4. the model: its own Python code only when asked, an architecture Star Attention can serve, weight files whose
    headers and sizes are whole (:mod:`star_lightning.model_files`);
-5. the run record: an existing output is resumed only by the run that made it (:mod:`~star_lightning.data.run_record`);
+5. the run record: an existing output is resumed only by the run that made it (:mod:`~star_lightning.data.run_record`),
+   read whole, holding only requests of the file; a torn last line is cut off here, before any rank starts;
 6. the lengths of the requests still to run: each fits the positions the model can place
    (:func:`star_lightning.models.placeable_positions`) or is skipped (``--data.on_too_long skip``), and makes at
-   least one block per host.
+   least one block per host; a context far beyond the limit is counted on a prefix only.
 
 Only then is the run record written (with ``--overwrite true``, after removing the old output).
 """

@@ -1,17 +1,19 @@
 """Requests in, predictions out: the one owner of star_lightning's JSONL files.
 
 Every JSONL file is read line by line through :func:`read_records`, whose errors name the file and the line (bad
-JSON, a non-object, bytes that are not UTF-8). On top of it:
+JSON, a non-object, bytes that are not UTF-8; a leading byte-order mark is read as UTF-8's). On top of it:
 
 - requests: :func:`read_requests` validates each line (``input_context``, ``input_query``, optional ``index``,
-  ``max_new_tokens``, references and any other fields, which are copied into the prediction). Requests may share a
-  context without repeating it: a line with ``context_id`` and ``input_context`` defines the context, later lines
-  give only ``context_id`` (contexts may also come from a separate file, one ``{"context_id", "input_context"}`` a
-  line);
+  ``max_new_tokens``, references and any other fields, which are copied into the prediction; every string must be
+  text that UTF-8 can hold, and ``pred`` is the prediction's own field) in one place, :func:`validate_request`.
+  Requests may share a context without repeating it: a line with ``context_id`` and ``input_context`` defines the
+  context, later lines give only ``context_id`` (contexts may also come from a separate file, one
+  ``{"context_id", "input_context"}`` a line);
 - predictions: :func:`append_prediction` appends one record in one ``write`` under an exclusive ``flock`` and
-  fsyncs it, :func:`repair_torn_tail` cuts a line a killed job left half-written, :func:`completed_indices`
-  answers "what is done" (the indices of the complete lines), and :func:`read_predictions` reads a finished file
-  for scoring, refusing one that holds a request twice (two runs mixed);
+  fsyncs it, :func:`repair_torn_tail` cuts a line a killed job left half-written (:func:`torn_last_line` finds
+  it), :func:`completed_indices` answers "what is done" (the indices of the complete lines), and
+  :func:`read_predictions` reads a finished file for scoring, refusing one that holds a request twice (two runs
+  mixed);
 - whole files written at once (``generate``, tables, the run record): :func:`write_jsonl_atomic` and
   :func:`write_json_atomic` (temp file, fsync, rename);
 - :func:`file_sha256` identifies a request file in the run record.

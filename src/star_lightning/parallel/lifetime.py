@@ -98,7 +98,8 @@ def _global_rank() -> int:
 
 
 class _Watcher:
-    """Stops the job on a stop signal outside the predict loop, from a thread (see the module docstring)."""
+    """Stops the job on a stop signal outside the predict loop, or when a launched rank is killed, from a thread
+    (see the module docstring); the first of the thread and the Python-level handler to act does it."""
 
     def __init__(self, command: str, launcher: int | None) -> None:
         self._command = command
@@ -168,13 +169,16 @@ class _Watcher:
                     os.kill(self._launcher, signum)  # the launcher stops the job (and this rank with it)
                 os._exit(128 + signum)
             return
-        requeued = requeue_slurm_job() if signum == signal.SIGUSR1 and self._speaks else ""
-        self._end(128 + signum, f"stopped by {signal_name(signum)}{requeued}; {_KEPT}")
+        if self._stopping.acquire(blocking=False):
+            requeued = requeue_slurm_job() if signum == signal.SIGUSR1 and self._speaks else ""
+            self._finish(128 + signum, f"stopped by {signal_name(signum)}{requeued}; {_KEPT}")
 
     def _end(self, status: int, message: str) -> None:
+        if self._stopping.acquire(blocking=False):
+            self._finish(status, message)
+
+    def _finish(self, status: int, message: str) -> None:
         """Kill the launched ranks first (before this process's sockets close under them), say it once, exit."""
-        if not self._stopping.acquire(blocking=False):
-            return
         self.kill_ranks()
         if self._speaks:
             with contextlib.suppress(OSError):
