@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def llama_8b_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Llama-3.1-8B's config.json alone (no weights): all the plan reads."""
+    """An 8B Llama's config.json alone (no weights): all the plan reads. Its positions reach 2M (a long-context
+    variant), so the plans up to 1M tokens are requests predict would run."""
     directory = tmp_path_factory.mktemp("llama-3.1-8b")
     LlamaConfig(
         hidden_size=4096,
@@ -27,7 +28,7 @@ def llama_8b_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_key_value_heads=8,
         intermediate_size=14336,
         vocab_size=128256,
-        max_position_embeddings=131072,
+        max_position_embeddings=2**21,
         rope_theta=500000.0,
         tie_word_embeddings=False,
     ).save_pretrained(directory)

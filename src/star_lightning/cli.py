@@ -2,8 +2,9 @@
 and ``export``.
 
 This module imports only what dispatching needs, so ``star-lightning --help`` and ``--version`` answer at once
-(no torch); each command imports its own module when it runs. Exit codes: 0 done, 2 bad input or settings (one
-line on stderr naming the problem and the fix), 130 Ctrl-C, ``128 + N`` stopped by signal N.
+(no torch); each command imports its own module when it runs. Exit codes: 0 done, 1 a rank of the job failed (one
+line names it), 2 bad input or settings (one line on stderr naming the problem and the fix), 130 Ctrl-C, ``128 + N``
+stopped by signal N. The signals are handled from the first line (:mod:`star_lightning.parallel.lifetime`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 from star_lightning import __version__
 from star_lightning.errors import ConfigurationError
+from star_lightning.parallel.lifetime import Stopped, job_lifetime, signal_name
 
 USAGE = """usage: star-lightning {predict,plan,generate,score,table,export} ... | --version
 
@@ -59,15 +61,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"star-lightning {__version__}")
         return 0
     command, rest = args[0], args[1:]
+    kept = "; what --output holds is kept: rerun the same command to resume" if command == "predict" else ""
     try:
-        status = _run(command, rest)
+        with job_lifetime(command):
+            status = _run(command, rest)
     except ConfigurationError as error:
         print(f"star-lightning {command}: error: {error}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
-        kept = "; what --output holds is kept: rerun the same command to resume" if command == "predict" else ""
         print(f"star-lightning {command}: stopped by Ctrl-C{kept}", file=sys.stderr, flush=True)
         return 130
+    except Stopped as stop:
+        print(f"star-lightning {command}: stopped by {signal_name(stop.signum)}{kept}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
     if status is None:
         print(f"star-lightning: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

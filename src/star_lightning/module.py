@@ -22,6 +22,7 @@ from star_lightning.generation import (
     request_context_key,
 )
 from star_lightning.models import DTypeName, load_model, load_tokenizer, resolve_dtype, resolve_pretrained
+from star_lightning.options import bad_value
 from star_lightning.parallel.group import ContextGroup, SingleHostGroup, is_query_host
 from star_lightning.parallel.mixin import ContextParallelMixin
 from star_lightning.partition import validate_block_sizes, validate_star_options
@@ -120,6 +121,8 @@ class StarAttentionLM(LightningModule):
         validate_backend(backend)
         if max_new_tokens <= 0:
             raise ConfigurationError(f"--model.max_new_tokens must be positive, got {max_new_tokens}")
+        if stop_strings is not None and not all(stop_strings):  # an empty one matches at once: every pred empty
+            raise bad_value("model.stop_strings", list(stop_strings), "non-empty strings, e.g. '[\"###\"]'")
         self.sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
         self.save_hyperparameters()
         # A missing model folder is reported now, before any process group or weights.

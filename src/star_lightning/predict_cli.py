@@ -18,6 +18,7 @@ import sys
 import warnings
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
@@ -29,6 +30,8 @@ from star_lightning.callbacks.progress import RequestProgress
 from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
+from star_lightning.options import OneLineErrors, bad_value, check_devices, closest
+from star_lightning.parallel.lifetime import kill_launched_ranks, lost_peer, watch_ranks
 from star_lightning.parallel.strategy import StarStrategy
 from star_lightning.preflight import RunPlan, check_run, speaks_for_job
 
@@ -36,7 +39,8 @@ DESCRIPTION = (
     "Run Star Attention (or the exact ring / dense baselines) over a JSONL file of requests and write one "
     "prediction per request to --output. An existing output is resumed only by the run that made it (same "
     "prediction settings in its run record OUTPUT.run.json); --overwrite true starts it over. Exit codes: 0 done, "
-    "2 bad input or settings (one line on stderr), 130 Ctrl-C, 128+N stopped by signal N (rerun to resume)."
+    "1 a rank died or hung (one line names it), 2 bad input or settings (one line on stderr), 130 Ctrl-C, 128+N "
+    "stopped by signal N (rerun to resume)."
 )
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -80,6 +84,10 @@ _RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric
 class _DropInfo(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(_QUIET_INFO)
+
+
+class PredictParser(OneLineErrors, LightningArgumentParser):
+    """``predict``'s parser: an option error is one line (:mod:`star_lightning.options`), not the usage text."""
 
 
 class StarLightningCLI(LightningCLI):
@@ -129,7 +137,18 @@ class StarLightningCLI(LightningCLI):
         self.config_init = self.parser.instantiate(self.config)
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
-        self.trainer = self.instantiate_trainer()
+        _check_trainer_options(self.config["trainer"])
+        try:
+            self.trainer = self.instantiate_trainer()
+        except (MisconfigurationException, ValueError) as error:  # what Lightning refuses that the checks let by
+            raise ConfigurationError(f"the --trainer.* options: {' '.join(str(error).split())}") from None
+        watch_ranks(lambda: [(rank, child.pid) for rank, child in self._launched_ranks()])
+
+    def _launched_ranks(self) -> list[tuple[int, Any]]:
+        """``(global rank, Popen)`` of the ranks Lightning's launcher started from this process (none elsewhere)."""
+        children = getattr(self.trainer.strategy.launcher, "procs", None) or []
+        first_rank = self.trainer.node_rank * self.trainer.num_devices + 1  # children are local ranks 1, 2, ...
+        return list(enumerate(children, start=first_rank))
 
     def check(self) -> RunPlan | None:
         """The checks before any weights or process group, in the process that speaks for the job (None elsewhere)."""
@@ -163,25 +182,44 @@ class StarLightningCLI(LightningCLI):
                         print(hint, file=sys.stderr, flush=True)
                     raise SystemExit(130) from None
                 raise
-            except Exception:
-                self._name_dead_ranks(writer)
+            except Exception as error:
+                # A rank that died or hung fails every other rank's next collective: one line names it, and the
+                # others' echoes (gloo's "connection closed", their tracebacks) are not printed.
+                if self._name_dead_ranks(writer) or self._name_lost_peer(error, writer):
+                    kill_launched_ranks()
+                    raise SystemExit(1) from None
                 raise
         skipped = plan.skipped_line() if plan is not None else None
         if skipped:
             print(skipped, file=sys.stderr, flush=True)
         return 0
 
-    def _name_dead_ranks(self, writer: JsonlPredictionWriter) -> None:
+    def _name_dead_ranks(self, writer: JsonlPredictionWriter) -> bool:
         """The ranks Lightning's launcher started that died: this rank's error (a collective failing) is only their
         echo. Lightning names them too, but only if its observer thread looks before this process ends."""
-        children = getattr(self.trainer.strategy.launcher, "procs", None) or []
-        first_rank = self.trainer.node_rank * self.trainer.num_devices + 1  # children are local ranks 1, 2, ...
-        for rank, child in enumerate(children, start=first_rank):
+        named = False
+        for rank, child in self._launched_ranks():
             code = child.poll()
             if code:
                 how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
                 message = f"rank {rank} (pid {child.pid}) ended ({how}), so the job stops; {writer.resume_hint()}"
                 print(f"star-lightning predict: {message}", file=sys.stderr, flush=True)
+                named = True
+        return named
+
+    def _name_lost_peer(self, error: Exception, writer: JsonlPredictionWriter) -> bool:
+        """A collective failed because another rank ended or hung, and this process cannot tell which (ranks SLURM
+        or torchrun started): global rank 0 says so in one line, the others exit quietly."""
+        reason = lost_peer(error)
+        if reason is None:
+            return False
+        if self.trainer.is_global_zero:
+            message = (
+                f"a collective failed ({reason}): another rank of the job ended or stopped answering, so the job "
+                f"stops; {writer.resume_hint()}"
+            )
+            print(f"star-lightning predict: {message}", file=sys.stderr, flush=True)
+        return True
 
     def _nothing_to_start(self, plan: RunPlan | None) -> bool:
         """Every request is done or skipped, and no rank waits for this process (Lightning would start the others
@@ -191,6 +229,24 @@ class StarLightningCLI(LightningCLI):
         environment = getattr(self.trainer.strategy, "cluster_environment", None)
         others_started = environment is not None and environment.creates_processes_externally
         return not (others_started and self.trainer.world_size > 1)
+
+
+def _check_trainer_options(trainer: Any) -> None:
+    """The Trainer options Lightning would refuse with a traceback from inside the Trainer, refused in one line."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    check_devices(trainer["devices"])
+    if isinstance(trainer["num_nodes"], int) and trainer["num_nodes"] < 1:
+        raise bad_value("trainer.num_nodes", trainer["num_nodes"], "a positive number of nodes")
+    for option, names in (
+        ("accelerator", ["auto", "gpu", *AcceleratorRegistry.available_accelerators()]),
+        ("strategy", ["auto", *StrategyRegistry.available_strategies()]),
+    ):
+        value = trainer[option]
+        if isinstance(value, str) and value not in names and "." not in value:
+            choices = ", ".join(sorted(set(names)))
+            raise bad_value(f"trainer.{option}", value, f"one of {choices} (or a class path){closest(value, names)}")
 
 
 def _quiet_lightning() -> None:
@@ -213,13 +269,23 @@ def run_predict(argv: list[str]) -> int:
     # Interpolations written from the config's root (``${model.block_size}``) resolve against the merged config.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     _quiet_lightning()
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    # Subclass options take their class with their value: the defaults' classes name them for the suggestions.
+    option_classes = {"trainer.strategy": StarStrategy, "trainer.logger": TensorBoardLogger}
     try:
         cli = StarLightningCLI(
             StarAttentionLM,
             RequestDataModule,
             args=argv,
             run=False,
-            parser_kwargs={"parser_mode": "omegaconf+", "prog": "star-lightning predict", "description": DESCRIPTION},
+            parser_class=PredictParser,
+            parser_kwargs={
+                "parser_mode": "omegaconf+",
+                "prog": "star-lightning predict",
+                "description": DESCRIPTION,
+                "option_classes": option_classes,
+            },
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_callback=None,
             auto_configure_optimizers=False,

@@ -7,13 +7,15 @@ seconds. Cheap checks first:
 1. the layout: the world size splits into context-parallel groups; ``dense`` has one host per request;
 2. the output: not the request file, writable, and no other run writing it (its lock is taken here and held by
    the returned :class:`RunPlan` until the job ends);
-3. the requests: UTF-8 JSONL with valid fields (:mod:`star_lightning.data.jsonl` names the line);
+3. the requests: UTF-8 JSONL with valid fields, every string text, no field of the prediction's own
+   (:mod:`star_lightning.data.jsonl` names the line);
 4. the model: its own Python code only when asked, an architecture Star Attention can serve, weight files whose
    headers and sizes are whole (:mod:`star_lightning.model_files`);
-5. the run record: an existing output is resumed only by the run that made it (:mod:`~star_lightning.data.run_record`);
+5. the run record: an existing output is resumed only by the run that made it (:mod:`~star_lightning.data.run_record`),
+   read whole, holding only requests of the file; a torn last line is cut off here, before any rank starts;
 6. the lengths of the requests still to run: each fits the positions the model can place
    (:func:`star_lightning.models.placeable_positions`) or is skipped (``--data.on_too_long skip``), and makes at
-   least one block per host.
+   least one block per host; a context far beyond the limit is counted on a prefix only.
 
 Only then is the run record written (with ``--overwrite true``, after removing the old output).
 """
@@ -29,11 +31,18 @@ from typing import Any
 import lightning.pytorch as pl
 
 from star_lightning.data.datamodule import RequestDataModule
-from star_lightning.data.jsonl import completed_indices, file_sha256, read_numbered_requests
+from star_lightning.data.jsonl import (
+    completed_indices,
+    file_sha256,
+    read_numbered_requests,
+    repair_torn_tail,
+    unterminated_last_line,
+)
 from star_lightning.data.output_lock import OutputLock
 from star_lightning.data.run_record import (
     build_record,
     differences,
+    index_ranges,
     prediction_settings,
     read_record,
     record_path,
@@ -53,7 +62,7 @@ from star_lightning.module import StarAttentionLM
 from star_lightning.parallel.mixin import ContextParallelMixin
 from star_lightning.partition import plan_blocks
 from star_lightning.plan import Layout, Request, check_fits, local_gpu
-from star_lightning.tokens import batch_lengths
+from star_lightning.tokens import batch_lengths, context_tokens_beyond
 
 # Requests tokenized per call: the fast tokenizers encode a batch on all cores; a bounded batch bounds the memory of
 # the token lists (only their lengths are kept).
@@ -66,9 +75,10 @@ class TooLong:
     index: int
     line: int
     tokens: int
+    at_least: bool = False  # ``tokens`` is a lower bound (a context counted on a prefix: it is far too long)
 
     def describe(self) -> str:
-        return f"index {self.index} (line {self.line}, {self.tokens} tokens)"
+        return f"index {self.index} (line {self.line}, {'more than ' if self.at_least else ''}{self.tokens} tokens)"
 
 
 @dataclass
@@ -151,6 +161,7 @@ def _check_with_lock(
     hparams = module.hparams
     _check_writable(output)
     numbered = read_numbered_requests(datamodule.path, datamodule.contexts)
+    every_index = {request["index"] for _, request in numbered}  # the file's: --data.limit may differ on resume
     if datamodule.limit is not None:
         numbered = numbered[: datamodule.limit]
 
@@ -186,7 +197,9 @@ def _check_with_lock(
             "model_options": {key: _jsonable(value) for key, value in hparams.items()},
         },
     )
-    done = set() if overwrite else _resumable(output, record)
+    done = set() if overwrite else _resumable(output, record, every_index, datamodule.path)
+    if not overwrite:
+        _cut_torn_tail(output)
     indices = {request["index"] for _, request in numbered}
     to_check = [(line, request) for line, request in numbered if request["index"] not in done]
     skipped: list[TooLong] = []
@@ -204,6 +217,7 @@ def _check_with_lock(
     if overwrite and Path(output).exists():
         Path(output).unlink()
     record["skipped_too_long"] = [asdict(item) for item in skipped]
+    record["request_indices"] = index_ranges(every_index)
     write_record(output, record)
     return RunPlan(
         output=output,
@@ -270,12 +284,19 @@ def _check_writable(output: str) -> None:
         ) from None
 
 
-def _resumable(output: str, record: dict[str, Any]) -> set[int]:
-    """The indices an earlier run of the same settings wrote; refuses an output another run (or no run) made."""
-    done = completed_indices(output)
+_WAYS_OUT = "choose another --output, or pass --overwrite true to start over (its predictions are then deleted)"
+
+
+def _resumable(output: str, record: dict[str, Any], requests: set[int], request_file: str) -> set[int]:
+    """The indices an earlier run of the same settings wrote; refuses an output another run (or no run) made, one
+    that cannot be read whole, and one holding a prediction of no request of the file (it would be counted)."""
+    ways_out = _WAYS_OUT
+    try:
+        done = completed_indices(output)
+    except ConfigurationError as error:
+        raise ConfigurationError(f"--output {output} is damaged: {error}; {ways_out}") from None
     if not done:
         return set()
-    ways_out = "choose another --output, or pass --overwrite true to start over (its predictions are then deleted)"
     old = read_record(output)
     if old is None:
         raise ConfigurationError(
@@ -287,7 +308,30 @@ def _resumable(output: str, record: dict[str, Any]) -> set[int]:
         raise ConfigurationError(
             f"{output} holds {len(done)} prediction(s) of another run: {'; '.join(changes)}; {ways_out}"
         )
+    foreign = sorted(done - requests)
+    if foreign:
+        named = ", ".join(str(index) for index in foreign[:_LISTED]) + (" ..." if len(foreign) > _LISTED else "")
+        raise ConfigurationError(
+            f"{output} holds {len(foreign)} prediction(s) of indices that are no request of --data.path "
+            f"{request_file} (index {named}; added by hand or by another run), so resuming would mix them in; "
+            f"{ways_out}"
+        )
     return done
+
+
+def _cut_torn_tail(output: str) -> None:
+    """A line a stopped run left half-written is cut off now, before any rank starts: the ranks append after it."""
+    last = unterminated_last_line(output)
+    if last is None:
+        return
+    try:
+        repair_torn_tail(output)
+    except OSError as error:
+        raise ConfigurationError(
+            f"--output {output} ends with line {last[0]} cut short (a run stopped while writing it), which must be "
+            f"cut off before this run appends, but the file refuses it ({error.strerror}: an append-only file?); "
+            f"remove that line (after chattr -a, if it is append-only), or choose another --output"
+        ) from None
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -317,8 +361,27 @@ def _check_lengths(
     And the longest request that runs (for the memory check)."""
     skipped: list[TooLong] = []
     longest: Request | None = None
-    lengths = prompt_lengths(tokenizer, [request for _, request in numbered])
-    for (line, request), (context, query) in zip(numbered, lengths, strict=True):
+    beyond = {
+        line: found
+        for line, request in numbered
+        if positions is not None
+        and (found := context_tokens_beyond(tokenizer, request["input_context"], positions)) is not None
+    }
+    counted = [(line, request) for line, request in numbered if line not in beyond]
+    for line, request in numbered:
+        if line in beyond:
+            tokens, characters = beyond[line]
+            where = f"request {request['index']} ({request_file}, line {line})"
+            if on_too_long == "skip":
+                skipped.append(TooLong(request["index"], line, tokens, at_least=True))
+                continue
+            raise ConfigurationError(
+                f"{where} needs more than {tokens} positions (its context alone, counted on its first {characters:,} "
+                f"of {len(request['input_context']):,} characters), more than the {positions} the model can place; "
+                "shorten it, or pass --data.on_too_long skip to leave such requests out"
+            )
+    lengths = prompt_lengths(tokenizer, [request for _, request in counted])
+    for (line, request), (context, query) in zip(counted, lengths, strict=True):
         index = request["index"]
         where = f"request {index} ({request_file}, line {line})"
         if context == 0 or query == 0:
@@ -346,7 +409,7 @@ def _check_lengths(
             )
         if longest is None or total > longest.context_tokens + longest.query_tokens + longest.max_new_tokens:
             longest = Request(context, query, budget)
-    return skipped, longest
+    return sorted(skipped, key=lambda item: item.line), longest
 
 
 def _check_memory(config: Any, hparams: Any, trainer: pl.Trainer, dtype: str, longest: Request) -> None:

@@ -36,7 +36,10 @@ class SamplingConfig:
         if self.temperature == 0:
             return None
         generator = torch.Generator(device=device)
-        generator.manual_seed(self.seed)
+        # seed + request index may be any integer (indices are the user's): torch takes [-2**63, 2**64), so one
+        # beyond it is taken modulo 2**64 (the seeds torch takes are unchanged).
+        seed = self.seed if -(2**63) <= self.seed < 2**64 else self.seed % 2**64
+        generator.manual_seed(seed)
         return generator
 
 

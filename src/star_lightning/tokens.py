@@ -37,3 +37,31 @@ def batch_lengths(tokenizer: Any, contexts: Sequence[str], queries: Sequence[str
         (len(without_second_bos(tokenizer, text, ids)), len(query))
         for text, ids, query in zip(contexts, context_tokens, query_tokens, strict=True)
     ]
+
+
+# Characters per token assumed for the first prefix (English text is ~4; each further try takes 4x as many), and the
+# fewest characters it takes: a shorter text is counted whole (milliseconds), for the exact count in messages.
+_FIRST_CHARS_PER_TOKEN = 4
+_FIRST_PREFIX_CHARS = 2**16
+# Tokens the cut at the end of a prefix may add (a word tokenized in part): a prefix's count minus these is a lower
+# bound on the whole text's.
+_CUT_MARGIN = 8
+
+
+def context_tokens_beyond(tokenizer: Any, text: str, limit: int) -> tuple[int, int] | None:
+    """``(tokens, characters)`` when ``text`` holds more than ``limit`` tokens for sure: ``tokens`` (above ``limit``)
+    is a lower bound, found by tokenizing only its first ``characters``; None when it may hold ``limit`` or fewer
+    (count it all). So a 20 MB context is refused after tokenizing a few times ``limit`` tokens' worth, not all of it.
+
+    Prefixes grow 4x at a time from ``4 x limit`` characters (64K at least), each cut at a whitespace (where
+    tokenizers split), so a tokenizer that keeps every character finds the bound within a few tries."""
+    characters = max((limit + _CUT_MARGIN) * _FIRST_CHARS_PER_TOKEN, _FIRST_PREFIX_CHARS)
+    while characters < len(text):
+        prefix = text[:characters]
+        cut = max(prefix.rfind(" "), prefix.rfind("\n"))
+        prefix = prefix[:cut] if cut > characters // 2 else prefix
+        tokens = len(context_ids(tokenizer, prefix)) - _CUT_MARGIN
+        if tokens > limit:
+            return tokens, len(prefix)
+        characters *= 4
+    return None

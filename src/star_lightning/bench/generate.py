@@ -95,6 +95,21 @@ def _load_tokenizer(name: str, trust_remote_code: bool) -> Any:
         ) from error
 
 
+def _placeable_positions(name: str, tokenizer: Any, trust_remote_code: bool) -> int | None:
+    """The positions the tokenizer's model can place, as predict counts them (its config, beside the tokenizer);
+    else the tokenizer's own ``model_max_length``; None when neither says."""
+    from star_lightning.models import load_config, placeable_positions
+
+    try:
+        positions = placeable_positions(load_config(name, trust_remote_code=trust_remote_code))
+    except ConfigurationError:  # a tokenizer without its model's config
+        positions = None
+    limit = getattr(tokenizer, "model_max_length", None)
+    if positions is None and isinstance(limit, int) and 0 < limit < 2**40:  # transformers' "unset" is 1e30
+        positions = limit
+    return positions
+
+
 def _use_chat(mode: str, tokenizer: Any) -> bool:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if mode == "on" and not has_template:
@@ -132,6 +147,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
         args.tokenizer = str(default_model_path())
     tokenizer = _load_tokenizer(args.tokenizer, args.trust_remote_code)
+    positions = _placeable_positions(args.tokenizer, tokenizer, args.trust_remote_code)
+    if positions is not None and args.length > positions:
+        raise ConfigurationError(
+            f"--length {args.length} is more than the {positions} positions the model of --tokenizer {args.tokenizer} "
+            f"can place (prompt + answer), so predict would refuse every request; give --length {positions} or less, "
+            "or the tokenizer of a model with more positions"
+        )
     chat = _use_chat(args.chat_template, tokenizer)
     rows: list[dict[str, Any]] = []
     for task in tasks:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 import sys
 from collections.abc import Callable, Iterable
@@ -21,7 +22,8 @@ from typing import Any
 from star_lightning.bench.metrics import BABILONG_LABELS, BabilongAccuracy, StringMatchAll, StringMatchPart
 from star_lightning.bench.tasks import METRIC_BY_TASK
 from star_lightning.data.jsonl import read_predictions as read_prediction_file
-from star_lightning.data.run_record import read_record, record_path
+from star_lightning.data.jsonl import torn_last_line
+from star_lightning.data.run_record import in_ranges, read_record, record_path
 from star_lightning.errors import ConfigurationError
 
 METRICS = ("auto", "match_all", "match_part", "babilong")
@@ -139,6 +141,47 @@ def _note_skipped(path: str) -> None:
         )
 
 
+def _refuse_the_same_file_twice(paths: list[str]) -> None:
+    """One file given twice (by two paths, or a link) would count each of its requests twice."""
+    seen: dict[tuple[int, int], str] = {}
+    for path in paths:
+        try:
+            status = os.stat(path)
+        except OSError:
+            continue  # reading it names the problem
+        key = (status.st_dev, status.st_ino)
+        if key in seen:
+            raise ConfigurationError(
+                f"{path} and {seen[key]} are the same file, so each of its requests would count twice; give each "
+                "predictions file once"
+            )
+        seen[key] = path
+
+
+def _read_file(path: str) -> list[Located]:
+    """A predictions file's records: a torn last line (a run stopped while writing it) is left out, with a warning;
+    a line whose index is no request of the run that wrote the file (its run record lists them) is refused."""
+    located = read_prediction_file(path)
+    torn = torn_last_line(path)
+    if torn is not None:
+        print(
+            f"star-lightning score: warning: {path}, line {torn} is cut short (a run stopped while writing it) and is "
+            "not scored; rerun the same predict command to complete the file",
+            file=sys.stderr,
+        )
+    requests = (read_record(path) or {}).get("request_indices")
+    if requests is not None:
+        for where, record in located:
+            index = record.get("index")
+            if isinstance(index, int) and not in_ranges(index, requests):
+                raise ConfigurationError(
+                    f"{where}: index {index} is no request of the run that wrote this file (its run record "
+                    f"{record_path(path)} lists them), so it would be counted; remove the line (added by hand or by "
+                    "another run), or score a file one run wrote"
+                )
+    return located
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="star-lightning score",
@@ -154,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``star-lightning score``; returns the exit status (2 on a usage error)."""
     args = build_parser().parse_args(argv)
     try:
+        _refuse_the_same_file_twice(args.predictions)
         for path in args.predictions:
             _note_skipped(path)
-        records = read_predictions(args.predictions)
+        records = [located for path in args.predictions for located in _read_file(path)]
         if not records:
             raise ConfigurationError(f"no predictions in {', '.join(args.predictions)}.")
         scores, counts = score_records(records, metric=args.metric, default_task=args.task)

@@ -10,14 +10,13 @@ request is written, and the job stops there with exit code ``128 + signal`` (130
 at once (the request in flight is then computed again on resume), still with exit code 130. On SLURM with SIGUSR1
 (and ``--requeue``) rank 0 first requeues
 the job (``scontrol requeue``), which then resumes from the file. Lightning's own handlers (built for training
-checkpoints, and running a collective inside the signal handler) are replaced for the predict loop.
+checkpoints, and running a collective inside the signal handler) are replaced for the predict loop. Outside it
+(start-up, loading, teardown) the job's lifetime stops the job at once (:mod:`star_lightning.parallel.lifetime`).
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
@@ -28,9 +27,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
 from star_lightning.data.jsonl import append_prediction, completed_indices, repair_torn_tail
+from star_lightning.parallel.lifetime import (
+    STOP_SIGNALS,
+    predict_loop_ended,
+    predict_loop_started,
+    requeue_slurm_job,
+)
 from star_lightning.parallel.mixin import ContextParallelMixin
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class PredictionStopped(SystemExit):
@@ -92,11 +95,13 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self._signal = 0
         for signum in STOP_SIGNALS:
             self._previous_handlers[signum] = signal.signal(signum, self._note_signal)
+        predict_loop_started()  # outside the loop, the job's lifetime stops it at once
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers = {}
+        predict_loop_ended()
 
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -115,24 +120,21 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     def _stop(self, trainer: pl.Trainer, signum: int) -> None:
         name = signal.Signals(signum).name
-        requeued = ""
-        job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-        if signum == signal.SIGUSR1 and job_id and trainer.is_global_zero:
-            if os.environ.get("SLURM_ARRAY_TASK_ID") and os.environ.get("SLURM_ARRAY_JOB_ID"):
-                job_id = f"{job_id}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-            result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=False)
-            requeued = (
-                f"; requeued SLURM job {job_id}"
-                if result.returncode == 0
-                else f"; requeueing SLURM job {job_id} failed ({result.stderr.strip()}): submit it with --requeue"
+        requeued = requeue_slurm_job() if signum == signal.SIGUSR1 and trainer.is_global_zero else ""
+        if self._speaks_for_group(trainer):
+            print(
+                f"[rank {trainer.global_rank}] received {name}: stopped after writing the current request to "
+                f"{self.output}{requeued}; rerun the same command to resume the remaining requests",
+                file=sys.stderr,
+                flush=True,
             )
-        print(
-            f"[rank {trainer.global_rank}] received {name}: stopped after writing the current request to "
-            f"{self.output}{requeued}; rerun the same command to resume the remaining requests",
-            file=sys.stderr,
-            flush=True,
-        )
         raise PredictionStopped(128 + signum)
+
+    def _speaks_for_group(self, trainer: pl.Trainer) -> bool:
+        """The first rank of each group that agreed on the stop says so: once per group, not once per rank."""
+        if self._strategy is None:
+            return trainer.is_global_zero
+        return self._strategy.context_parallel_rank == 0 and self._strategy.tensor_parallel_rank == 0
 
     @override
     def write_on_batch_end(

@@ -2,7 +2,9 @@
 
 After every request each rank has its figures in ``pl_module.last_stats`` (a
 :class:`~star_lightning.generation.RequestStats`). The ranks of a context-parallel group gather them (they work on
-the same request in lockstep); the group's first rank turns them into scalars with the request index as the step:
+the same request in lockstep); the group's first rank turns them into scalars whose step is the request's position in
+the request file (its line order: the index of a generated file's requests; never the index itself, which may be
+any integer, far beyond TensorBoard's 64-bit steps):
 
 - ``request/*``: one value per request -- ``phase1_s`` (the slowest host; 0 for a reused context),
   ``context_reused`` (1 when the request was answered over the previous request's kept context, else 0),
@@ -30,6 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.generation import RequestStats
 from star_lightning.module import StarAttentionLM
 from star_lightning.parallel.mixin import ContextParallelMixin
@@ -65,6 +68,15 @@ def request_scalars(per_host: list[RequestStats], data_parallel_rank: int) -> di
         metrics[f"host{host}/phase1_bytes"] = float(stats.phase1_bytes)
         metrics[f"host{host}/phase2_bytes"] = float(stats.phase2_bytes)
     return metrics
+
+
+def _position(trainer: pl.Trainer, batch: Any, batch_idx: int) -> int:
+    """The request's position in the request file; without the request data module, its position in this run."""
+    datamodule = getattr(trainer, "datamodule", None)  # a Trainer property type checkers do not see
+    index = batch.get("index") if isinstance(batch, dict) else None
+    if isinstance(datamodule, RequestDataModule) and index in datamodule.positions:
+        return datamodule.positions[index]
+    return batch_idx
 
 
 class PhaseProfiler(Callback):
@@ -117,7 +129,7 @@ class PhaseProfiler(Callback):
         if context_rank != 0:
             return
         metrics = request_scalars(per_host, data_parallel_rank)
-        step = int(batch.get("index", batch_idx)) if isinstance(batch, dict) else batch_idx
+        step = _position(trainer, batch, batch_idx)
         if trainer.is_global_zero:
             self._log(trainer, step, metrics)
         else:

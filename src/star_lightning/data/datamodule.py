@@ -15,6 +15,10 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from star_lightning.data.jsonl import CONTEXT_ID, completed_indices, read_requests
+from star_lightning.options import bad_value
+
+# 0 would run nothing and a negative count is no count: both refused rather than read as Python's slice would.
+LIMIT_ACCEPTED = "a positive number of requests (the file's first N); leave it unset to run every request"
 
 
 class RequestDataset(Dataset[dict[str, Any]]):
@@ -71,7 +75,7 @@ class RequestDataModule(LightningDataModule):
     Args:
         path: JSONL file, one request a line (``input_context``, ``input_query``, optional ``index``,
             ``output``/``outputs`` and other fields copied to the predictions).
-        limit: only the first ``limit`` requests (for a quick look).
+        limit: only the first ``limit`` requests of the file (for a quick look); unset = all of them.
         contexts: a JSONL file of contexts, one ``{"context_id", "input_context"}`` a line, that requests name by
             ``context_id`` instead of repeating ``input_context``.
         on_too_long: a request longer than the model can place (context + query + max_new_tokens beyond its
@@ -91,6 +95,8 @@ class RequestDataModule(LightningDataModule):
         output: str | None = None,
     ) -> None:
         super().__init__()
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+            raise bad_value("data.limit", limit, LIMIT_ACCEPTED)
         self.path = path
         self.limit = limit
         self.contexts = contexts
@@ -98,6 +104,8 @@ class RequestDataModule(LightningDataModule):
         self.output = output
         self.requests: list[dict[str, Any]] = []
         self.total_requests = 0
+        # Each request's position in the file (its order among the requests run), by index.
+        self.positions: dict[int, int] = {}
         self._excluded: set[int] = set()
 
     def exclude(self, indices: Iterable[int]) -> None:
@@ -108,6 +116,7 @@ class RequestDataModule(LightningDataModule):
         requests = read_requests(self.path, self.contexts)
         if self.limit is not None:
             requests = requests[: self.limit]
+        self.positions = {request["index"]: position for position, request in enumerate(requests)}
         done, excluded = self._indices_to_leave_out()
         requests = [r for r in requests if r["index"] not in excluded]
         self.total_requests = len(requests)

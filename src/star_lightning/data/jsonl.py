@@ -1,17 +1,19 @@
 """Requests in, predictions out: the one owner of star_lightning's JSONL files.
 
 Every JSONL file is read line by line through :func:`read_records`, whose errors name the file and the line (bad
-JSON, a non-object, bytes that are not UTF-8). On top of it:
+JSON, a non-object, bytes that are not UTF-8; a leading byte-order mark is read as UTF-8's). On top of it:
 
 - requests: :func:`read_requests` validates each line (``input_context``, ``input_query``, optional ``index``,
-  ``max_new_tokens``, references and any other fields, which are copied into the prediction). Requests may share a
-  context without repeating it: a line with ``context_id`` and ``input_context`` defines the context, later lines
-  give only ``context_id`` (contexts may also come from a separate file, one ``{"context_id", "input_context"}`` a
-  line);
+  ``max_new_tokens``, references and any other fields, which are copied into the prediction; every string must be
+  text that UTF-8 can hold, and ``pred`` is the prediction's own field) in one place, :func:`validate_request`.
+  Requests may share a context without repeating it: a line with ``context_id`` and ``input_context`` defines the
+  context, later lines give only ``context_id`` (contexts may also come from a separate file, one
+  ``{"context_id", "input_context"}`` a line);
 - predictions: :func:`append_prediction` appends one record in one ``write`` under an exclusive ``flock`` and
-  fsyncs it, :func:`repair_torn_tail` cuts a line a killed job left half-written, :func:`completed_indices`
-  answers "what is done" (the indices of the complete lines), and :func:`read_predictions` reads a finished file
-  for scoring, refusing one that holds a request twice (two runs mixed);
+  fsyncs it, :func:`repair_torn_tail` cuts a line a killed job left half-written (:func:`torn_last_line` finds
+  it), :func:`completed_indices` answers "what is done" (the indices of the complete lines), and
+  :func:`read_predictions` reads a finished file for scoring, refusing one that holds a request twice (two runs
+  mixed);
 - whole files written at once (``generate``, tables, the run record): :func:`write_jsonl_atomic` and
   :func:`write_json_atomic` (temp file, fsync, rename);
 - :func:`file_sha256` identifies a request file in the run record.
@@ -35,7 +37,10 @@ from star_lightning.errors import ConfigurationError
 REQUIRED_FIELDS = ("input_context", "input_query")
 # Fields of a request that are inputs, not references: not copied into the prediction record.
 INPUT_FIELDS = REQUIRED_FIELDS
+# Fields predict writes into each prediction record: a request may not bring its own (it would be overwritten).
+RESERVED_FIELDS = ("pred",)
 CONTEXT_ID = "context_id"
+_BOM = b"\xef\xbb\xbf"
 
 
 def read_records(
@@ -47,10 +52,13 @@ def read_records(
     ``tolerate_torn_tail``; every other bad line raises a :class:`ConfigurationError` naming the file and line.
     """
     source = Path(path)
+    if source.is_dir():
+        raise ConfigurationError(f"{what} {str(source)!r} is a folder, not a file; give the JSONL file's path")
     if not source.is_file():
         raise ConfigurationError(f"{what} {str(source)!r} does not exist; check the path")
     with source.open("rb") as handle:
         data = handle.read()
+    data = data.removeprefix(_BOM)  # UTF-8 with a byte-order mark (as some editors save it) reads as UTF-8
     lines = data.split(b"\n")
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
@@ -102,8 +110,41 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def check_encodable(value: Any, where: str, field: str) -> None:
+    """Every string in ``value`` (keys too, at any depth) can be written as UTF-8: JSON's ``\\ud800`` escapes decode
+    to an unpaired surrogate, which no tokenizer takes and no output file can hold."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            char = ord(value[error.start])
+            raise ConfigurationError(
+                f"{where}: the field {field!r} holds an unpaired UTF-16 surrogate (\\u{char:04x} at character "
+                f"{error.start + 1}), which is no text and cannot be written as UTF-8; fix the text where the file "
+                "was made (a character cut in half)"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_encodable(key, where, field)
+            check_encodable(item, where, field)
+    elif isinstance(value, list):
+        for item in value:
+            check_encodable(item, where, field)
+
+
 def validate_request(request: dict[str, Any], where: str, default_index: int) -> dict[str, Any]:
-    """Check one request's fields (its context resolved already); sets ``index`` to ``default_index`` if missing."""
+    """Check one request's fields (its context resolved already); sets ``index`` to ``default_index`` if missing.
+
+    The one place a request line is judged: every check a request could fail later (in the tokenizer, in the writer
+    after its prediction was computed) is made here, before any model work."""
+    for field, value in request.items():
+        check_encodable(field, where, field)
+        check_encodable(value, where, field)
+        if field in RESERVED_FIELDS:
+            raise ConfigurationError(
+                f"{where}: the field {field!r} is reserved: predict writes each request's prediction there; rename "
+                f"it (for example to 'previous_{field}')"
+            )
     for field in REQUIRED_FIELDS:
         if field not in request:
             raise ConfigurationError(
@@ -140,6 +181,8 @@ class ContextBook:
             raise ConfigurationError(f"{where}: '{CONTEXT_ID}' must be a non-empty string, got {context_id!r}")
         if not isinstance(text, str):
             raise ConfigurationError(f"{where}: 'input_context' must be a string, got {type(text).__name__}")
+        check_encodable(context_id, where, CONTEXT_ID)
+        check_encodable(text, where, "input_context")
         known = self._texts.get(context_id)
         if known is None:
             self._texts[context_id], self._where[context_id] = text, where
@@ -212,14 +255,41 @@ def prediction_record(request: dict[str, Any], pred: str) -> dict[str, Any]:
     return record
 
 
+def unterminated_last_line(path: str | os.PathLike[str]) -> tuple[int, bytes] | None:
+    """``(line number, bytes)`` of the last line when the file does not end with its newline -- what a run stopped
+    while writing leaves (every line predict writes ends with one); None for a file that ends whole."""
+    target = Path(path)
+    if not target.is_file() or target.stat().st_size == 0:
+        return None
+    data = target.read_bytes()
+    if data.endswith(b"\n"):
+        return None
+    return data.count(b"\n") + 1, data[data.rfind(b"\n") + 1 :]
+
+
+def torn_last_line(path: str | os.PathLike[str]) -> int | None:
+    """The number of an unterminated last line that is not JSON (a torn one), which readers leave out."""
+    last = unterminated_last_line(path)
+    if last is None:
+        return None
+    try:
+        json.loads(last[1].removeprefix(_BOM))
+    except (ValueError, UnicodeDecodeError):
+        return last[0]
+    return None
+
+
 def completed_indices(path: str | os.PathLike[str]) -> set[int]:
-    """Indices of the complete lines of a predictions file (a torn last line does not count)."""
+    """Indices of the complete lines of a predictions file: an unterminated last line does not count, even where it
+    parses (a write cut just before its newline), since the run cuts it off (:func:`repair_torn_tail`)."""
     if not Path(path).exists():
         return set()
+    last = unterminated_last_line(path)
+    unterminated = None if last is None else last[0]
     return {
         record["index"]
-        for _, record in read_records(path, what="output file", tolerate_torn_tail=True)
-        if isinstance(record.get("index"), int) and not isinstance(record.get("index"), bool)
+        for number, record in read_records(path, what="output file", tolerate_torn_tail=True)
+        if number != unterminated and isinstance(record.get("index"), int) and not isinstance(record.get("index"), bool)
     }
 
 

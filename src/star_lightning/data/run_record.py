@@ -27,7 +27,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,22 @@ def build_record(settings: Mapping[str, Any], *, model_path: str, request_file: 
         "request_file": request_file,
         "run": {"host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **run},
     }
+
+
+def index_ranges(indices: Iterable[int]) -> list[list[int]]:
+    """``{0, 1, 2, 5}`` -> ``[[0, 2], [5, 5]]``: a run's request indices, compact (a generated file's are one range),
+    so a reader of the output can tell a line of these requests from one added by hand or by another run."""
+    ranges: list[list[int]] = []
+    for index in sorted(indices):
+        if ranges and index == ranges[-1][1] + 1:
+            ranges[-1][1] = index
+        else:
+            ranges.append([index, index])
+    return ranges
+
+
+def in_ranges(index: int, ranges: Iterable[Iterable[int]]) -> bool:
+    return any(start <= index <= end for start, end in ranges)
 
 
 def read_record(output: str | os.PathLike[str]) -> dict[str, Any] | None:

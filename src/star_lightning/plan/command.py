@@ -21,6 +21,7 @@ from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
+from star_lightning.options import OneLineErrors, check_devices
 from star_lightning.parallel.strategy import StarStrategy
 from star_lightning.partition import validate_block_sizes, validate_star_options
 from star_lightning.plan.costs import GIB, RUNTIME_RESERVE_BYTES
@@ -51,13 +52,16 @@ _PLAN_KEYS = (
 )  # fmt: skip
 
 
+class PlanParser(OneLineErrors, ArgumentParser):
+    """``plan``'s parser: an option error is one line (:mod:`star_lightning.options`), as ``predict``'s."""
+
+
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
+    parser = PlanParser(
         prog="star-lightning plan",
         description="Per-host memory and predicted times of a layout, from the model's config (no weights). "
         "Exits 2 when a host does not fit its GPU, naming the smallest changes that would.",
         parser_mode="omegaconf+",
-        exit_on_error=False,
     )
     parser.add_argument("--config", action="config", help="a predict config (configs/*.yaml); other keys ignored")
     parser.add_argument("--length", type=int, required=True, help="context tokens of the request (Phase 1)")
@@ -144,6 +148,10 @@ def _normalize(argv: list[str]) -> list[str]:
 
 def _world_size(devices: Any, num_nodes: int) -> int | None:
     """Processes in the job from ``--trainer.devices`` x ``num_nodes``; None when devices is unset or automatic."""
+    if devices is not None:
+        check_devices(devices)
+    if num_nodes <= 0:
+        raise ConfigurationError(f"--trainer.num_nodes must be a positive number of nodes, got {num_nodes}")
     if devices is None or devices in ("auto", -1, "-1"):
         return None
     if isinstance(devices, str):
@@ -153,10 +161,6 @@ def _world_size(devices: Any, num_nodes: int) -> int | None:
         count = len(devices)
     else:
         count = int(devices)
-    if count <= 0 or num_nodes <= 0:
-        raise ConfigurationError(
-            f"--trainer.devices ({devices}) and --trainer.num_nodes ({num_nodes}) must be positive"
-        )
     return count * num_nodes
 
 
@@ -203,6 +207,23 @@ def _check_numbers(cfg: Namespace) -> None:
     for name in ("reserve_gib", "collective_latency_us"):
         if cfg[name] < 0:
             raise ConfigurationError(f"--{name} must not be negative, got {cfg[name]}")
+
+
+def _check_positions(cfg: Namespace, config: Any) -> None:
+    """The request must fit the positions the model can place, as ``predict`` checks each request: a plan of a
+    request predict would refuse says so, before any planning."""
+    from star_lightning.models import placeable_positions
+
+    positions = placeable_positions(config)
+    total = cfg.length + cfg.query_tokens + cfg.model.max_new_tokens
+    if positions is not None and total > positions:
+        longest = positions - cfg.query_tokens - cfg.model.max_new_tokens
+        fix = f"lower --length to {longest} or less" if longest > 0 else "lower --query_tokens / --model.max_new_tokens"
+        raise ConfigurationError(
+            f"--length {cfg.length} + --query_tokens {cfg.query_tokens} + --model.max_new_tokens "
+            f"{cfg.model.max_new_tokens} = {total} positions, more than the {positions} the model can place "
+            f"(predict refuses such a request); {fix}, or plan a model with more positions"
+        )
 
 
 def _gpu(cfg: Namespace, dtype: str) -> GpuSpec:
@@ -336,7 +357,7 @@ def run(argv: list[str]) -> int:
         cfg = parser.parse_args(_normalize(argv))
     except ConfigurationError:
         raise
-    except Exception as error:  # jsonargparse's ArgumentError and the validation errors it wraps
+    except Exception as error:  # what reaches past jsonargparse's error(): an interpolation that cannot resolve
         message = " ".join(str(error).split())
         raise ConfigurationError(f"{message} (star-lightning plan --help lists the options)") from None
     _check_numbers(cfg)
@@ -347,6 +368,7 @@ def run(argv: list[str]) -> int:
         )
     layout, data_parallel = _layout(cfg)
     source, config = _model_config(cfg)
+    _check_positions(cfg, config)
     dtype = "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype
     shape = ModelShape.from_config(config, dtype)
     gpu = _gpu(cfg, shape.dtype)

@@ -1,0 +1,54 @@
+"""Every option error is one line on stderr naming the option, the value and what is accepted (or the closest known
+option), exit code 2, before any model loads: the parser's own errors and the values the classes refuse alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from star_lightning.cli import main
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--model.attention", "RING"], "--model.attention RING: expected one of star, ring, dense"),
+        (["--model.blocksize", "64"], "unknown option --model.blocksize; did you mean --model.block_size?"),
+        (["--data.limt", "3"], "unknown option --data.limt; did you mean --data.limit?"),
+        (
+            ["--trainer.strategy.context_paralel_size", "2"],
+            "did you mean --trainer.strategy.context_parallel_size?",
+        ),
+        (["--model.stop_strings", ""], "--model.stop_strings '': expected a list of strings"),
+        (["--model.stop_strings", '[""]'], '--model.stop_strings [""]: expected non-empty strings'),
+        (["--model.anchor", "maybe"], "--model.anchor maybe: expected true or false"),
+        (["--trainer.strategy.timeout_s", "soon"], "--trainer.strategy.timeout_s soon: expected a number"),
+        (["--trainer.devices", "0"], "--trainer.devices 0: expected a positive number of processes per node"),
+        (["--trainer.accelerator", "gpuu"], "--trainer.accelerator gpuu: expected one of"),
+        (["--data.limit", "-1"], "--data.limit -1: expected a positive number of requests"),
+        (["--data.limit", "0"], "--data.limit 0: expected a positive number of requests"),
+    ],
+)
+def test_an_option_error_is_one_line_naming_the_option_and_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], expected: str
+) -> None:
+    args = ["--data.path", str(tmp_path / "no_requests.jsonl"), "--output", str(tmp_path / "out.jsonl")]
+    code = main(["predict", *args, "--trainer.accelerator", "cpu", "--trainer.logger", "false", *extra])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("star-lightning predict: error: "), lines[0]
+    assert expected in lines[0], lines[0]
+
+
+def test_plan_options_get_the_same_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    for extra, expected in (
+        (["--model.blocksize", "64"], "unknown option --model.blocksize; did you mean --model.block_size?"),
+        (["--lenght", "5"], "unknown option --lenght; did you mean --length?"),
+        (["--trainer.devices", "0"], "--trainer.devices 0: expected a positive number of processes per node"),
+    ):
+        assert main(["plan", "--length", "1024", "--gpu", "H100", *extra]) == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("star-lightning plan: error: "), lines
+        assert expected in lines[0], lines[0]
