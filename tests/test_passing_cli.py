@@ -76,13 +76,16 @@ def test_a_context_with_the_query_in_its_anchor_answers_only_that_query() -> Non
 @pytest.mark.parametrize(
     ("options", "needle"),
     [
-        (["--model.passing_tokens", "-1"], "--model.passing_tokens must be 0 (off) or a positive number"),
-        (["--model.passing_tokens", "41"], "--model.passing_tokens 41 is larger than a block (--model.block_size 40)"),
+        (["--model.passing_tokens", "-1"], "--model.passing_tokens -1: expected 0 (off) or a positive number"),
+        (
+            ["--model.passing_tokens", "41"],
+            "--model.passing_tokens 41: expected at most a block's tokens",
+        ),
         (["--model.attention", "ring", "--model.anchor_query", "true"], "--model.anchor_query true applies to star"),
         (["--model.attention", "dense", "--model.passing_tokens", "4"], "--model.passing_tokens 4 applies to star"),
         (["--model.anchor", "false", "--model.passing_tokens", "4"], "needs the anchor"),
-        (["--model.passing_pool_kernel", "4"], "--model.passing_pool_kernel must be an odd number"),
-        (["--model.simulate_hosts", "-1"], "--model.simulate_hosts must be 1 (off), more hosts, or 0"),
+        (["--model.passing_pool_kernel", "4"], "--model.passing_pool_kernel 4: expected an odd number"),
+        (["--model.simulate_hosts", "-1"], "--model.simulate_hosts -1: expected 1 (off), more hosts, or 0"),
         (["--model.simulate_hosts", "2", "--trainer.devices", "2"], "plays every host in one process"),
     ],
 )

@@ -91,23 +91,19 @@ def validate_star_options(
     simulate_hosts: int,
 ) -> None:
     """Reject star's query-aware options where they are out of range or would silently do nothing."""
+    from star_lightning.options import bad_value
+
     if not isinstance(passing_tokens, int) or passing_tokens < 0:
-        raise ConfigurationError(
-            f"--model.passing_tokens must be 0 (off) or a positive number of tokens, got {passing_tokens!r}"
-        )
+        raise bad_value("model.passing_tokens", passing_tokens, "0 (off) or a positive number of tokens")
     if passing_tokens > block_size:
-        raise ConfigurationError(
-            f"--model.passing_tokens {passing_tokens} is larger than a block (--model.block_size {block_size}): a host "
-            f"passes at most its block's tokens; set it to 0..{block_size}"
-        )
+        raise bad_value(
+            "model.passing_tokens", passing_tokens,
+            f"at most a block's tokens (--model.block_size {block_size}): a host passes only its own block's",
+        )  # fmt: skip
     if not isinstance(passing_pool_kernel, int) or passing_pool_kernel < 1 or passing_pool_kernel % 2 == 0:
-        raise ConfigurationError(
-            f"--model.passing_pool_kernel must be an odd number >= 1 (1 = no pooling), got {passing_pool_kernel!r}"
-        )
+        raise bad_value("model.passing_pool_kernel", passing_pool_kernel, "an odd number of positions (1 = no pooling)")
     if not isinstance(simulate_hosts, int) or simulate_hosts < 0:
-        raise ConfigurationError(
-            f"--model.simulate_hosts must be 1 (off), more hosts, or 0 (one host per block), got {simulate_hosts!r}"
-        )
+        raise bad_value("model.simulate_hosts", simulate_hosts, "1 (off), more hosts, or 0 (one host per block)")
     used = [name for name, on in (("anchor_query true", anchor_query), (f"passing_tokens {passing_tokens}",
             passing_tokens > 0), (f"simulate_hosts {simulate_hosts}", simulate_hosts != 1)) if on]  # fmt: skip
     if attention != "star" and used:
