@@ -15,6 +15,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tokenizer_factory import build_tokenizer
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _clean_module_environment():
+    """A module-scoped fixture that runs a launcher in-process (Lightning exports LOCAL_RANK, NODE_RANK, MASTER_PORT
+    there) must not hand them to the next module: a child launched with LOCAL_RANK set waits for ranks never started."""
+    environ = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+
+
 @pytest.fixture(autouse=True)
 def _clean_process_state():
     environ = dict(os.environ)
