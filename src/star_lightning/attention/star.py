@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 
 from star_lightning.attention.kernels import SlidingWindow, attention_with_lse
 from star_lightning.attention.merge import merge_pair, merge_partials
-from star_lightning.attention.passing import select_passing
+from star_lightning.attention.passing import PassedTokens, select_passing
 from star_lightning.attention.ring import ring_attention
 from star_lightning.attention.step import ForwardStep
 
@@ -101,6 +101,7 @@ def _block(
     # after the block's own attention, when the prefix's K/V (received meanwhile) are waited for anyway.
     if step.passing is not None and rows.selection is not None:
         _send_passing(step, layer, query, key, value, end, scale, softcap)
+    passed = False  # the passing tokens of the hosts before this one attended to already
     if rows.tail_query:
         out, lse = _block_and_query(step, query, key, value, end, scale, softcap, window)
     else:
@@ -113,14 +114,27 @@ def _block(
                 _send_passing(step, layer, query, key, value, end, scale, softcap)
             if step.sees_anchor(window):
                 anchor_keys, anchor_values = step.anchor.kv(layer, key)  # [B, Hkv, P, D]: all seen, but for a window
+                if step.passing is not None and window is None and step.skip == 0:
+                    # Without a window every block token sees every passed token too (all earlier, no mask): one
+                    # call over the prefix and the passed keys, instead of a second call and its merge over the block.
+                    anchor_keys, anchor_values = _with_passed(step.passing.earlier(layer), anchor_keys, anchor_values)
+                    passed = True
                 anchor_out, anchor_lse = attention_with_lse(
                     query, anchor_keys, anchor_values, scale=scale, causal=False, softcap=softcap,
                     kernels=step.kernels, window=step.anchor_window(window),
                 )  # fmt: skip
                 out, lse = merge_pair(anchor_out, anchor_lse, out, lse)
-    if step.passing is not None:
+    if step.passing is not None and not passed:
         out = _attend_passing(step, layer, query, out, lse, end, scale, softcap, window)
     return out
+
+
+def _with_passed(earlier: PassedTokens | None, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """The prefix's keys and values ``[B, Hkv, P, D]`` followed by the passed ones (each KV head its own where they
+    were chosen per head: without a window their positions play no part)."""
+    if earlier is None:
+        return keys, values
+    return torch.cat([keys, earlier.keys], dim=2), torch.cat([values, earlier.values], dim=2)  # [B, Hkv, P + m, D]
 
 
 def _share_prefix(step: ForwardStep, layer: int, query: Tensor, key: Tensor, value: Tensor, end: int) -> None:
@@ -151,7 +165,8 @@ def _send_passing(
     softcap: float | None,
 ) -> None:
     """Choose this host's passing tokens of the layer among its block's tokens (not the prefix's) and start sending
-    them; the exchange is waited for once the block's attention to its own tokens and to the prefix is done."""
+    them; the exchange is waited for once the block's attention to its own tokens is done (without a window the passed
+    keys then join the prefix's in one call; with one, after the prefix's, in a call of their own)."""
     assert step.passing is not None
     rows = step.rows
     positions = step.token_positions()
