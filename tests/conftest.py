@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,24 +17,30 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tokenizer_factory import build_tokenizer
 
 
+@contextlib.contextmanager
+def _environment_restored() -> Iterator[None]:
+    environ = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _clean_module_environment():
     """A module-scoped fixture that runs a launcher in-process (Lightning exports LOCAL_RANK, NODE_RANK, MASTER_PORT
     there) must not hand them to the next module: a child launched with LOCAL_RANK set waits for ranks never started."""
-    environ = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(environ)
+    with _environment_restored():
+        yield
 
 
 @pytest.fixture(autouse=True)
 def _clean_process_state():
-    environ = dict(os.environ)
-    yield
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(environ)
+    with _environment_restored():
+        yield
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="session")
