@@ -8,6 +8,7 @@ back to the context, so nothing of the last query remains).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,10 @@ def answer(
         return _answer(model, context, query_ids, group, star, settings, kernels, stop_check, on_phase)
 
 
+NextLogits = Callable[[int, int], Tensor]
+"""The logits after generated token ``i`` (``token``)."""
+
+
 def _answer(
     model: nn.Module,
     context: EncodedContext,
@@ -106,68 +111,110 @@ def _answer(
     on_phase: PhaseListener | None,
 ) -> tuple[list[int], RequestStats]:
     kernels = KernelChoice(backend=star.backend) if kernels is None else kernels
-    devices = model_devices(model)
-    query_length = query_ids.shape[1]
+    devices, query_length = model_devices(model), query_ids.shape[1]
     if query_length == 0:
         raise ValueError("the query is empty: every request needs a non-empty 'input_query'")
-    device = query_ids.device
-    start = context.context_length + query_length
     stats = RequestStats(
         context_tokens=context.context_length, local_context_tokens=context.local_length, query_tokens=query_length
     )
-    bytes_before = group.bytes_moved
-    t0 = time.perf_counter()
+    bytes_before, t0 = group.bytes_moved, time.perf_counter()
+    with phase(PHASE2_QUERY, on_phase):
+        first_logits = _query(model, context, query_ids, group, settings, kernels)
+        synchronize(devices)
     decoder: StaticDecoder | None = None
+    start = context.context_length + query_length
     if context.store is not None:
-        store = context.store
-        if is_query_host(group):
-            store.ensure_capacity(context.local_length + query_length + settings.max_new_tokens)
-        with phase(PHASE2_QUERY, on_phase):
-            first_logits = encode_query(model, store, query_ids, context.context_length, group, kernels)
-            synchronize(devices)
-        length_dependent = bool(length_dependent_rotary_modules(model))
-        mode = stats.decode_mode = resolve_decode_mode(star.decode, devices, length_dependent)
-        if mode != "eager" and settings.max_new_tokens > 1:
-            decoder = context.decoder
-            if decoder is None or not decoder.serves(store, group, mode):
-                # The largest position any token over this store can have: a window check made for it holds for
-                # every later query the captured step replays for (the store's capacity is fixed while it serves).
-                last = context.context_length + store.capacity - context.local_length - 1
-                decoder = StaticDecoder(
-                    model, store, group, kernels, last, graph=mode in ("graph", "compile"), compile=mode == "compile"
-                )
-                context.decoder = decoder
-            decoder.begin_request()
-
-        def next_logits(token: int, i: int) -> Tensor:
-            if decoder is not None:
-                return decoder(token, start + i)
-            return decode_step(model, store, torch.tensor([[token]], device=device), start + i, group, kernels)
-
+        stats.decode_mode, decoder = _decoder(model, context, group, star, settings, kernels, devices)
+        next_logits = _store_step(model, context, group, kernels, decoder, start, query_ids.device)
     else:
-        cache = context.cache
-        assert cache is not None
-        with phase(PHASE2_QUERY, on_phase):
-            first_logits = dense_forward(model, query_ids, position_ids(context.context_length, start, device), cache)
-            synchronize(devices)
-
-        def next_logits(token: int, i: int) -> Tensor:
-            ids = torch.tensor([[token]], device=device)  # [1, 1]
-            return dense_forward(model, ids, position_ids(start + i, start + i + 1, device), cache)
-
+        next_logits = _cache_step(model, context, start, query_ids.device)
     t1 = time.perf_counter()
     with phase(PHASE2_DECODE, on_phase):
         tokens = sample_loop(first_logits, next_logits, group, settings, stop_check)
         synchronize(devices)
-    t2 = time.perf_counter()
-    stats.query_s = t1 - t0
+    stats.query_s, stats.new_tokens = t1 - t0, len(tokens)
     stats.decode_setup_s = decoder.setup_s if decoder is not None else 0.0
-    if decoder is not None:
-        stats.decode_mode = decoder.mode
-    stats.decode_s = t2 - t1 - stats.decode_setup_s
-    stats.new_tokens = len(tokens)
+    stats.decode_mode = decoder.mode if decoder is not None else stats.decode_mode
+    stats.decode_s = time.perf_counter() - t1 - stats.decode_setup_s
     stats.phase2_bytes = group.bytes_moved - bytes_before + (decoder.replayed_bytes if decoder is not None else 0)
     return tokens, stats
+
+
+def _query(
+    model: nn.Module,
+    context: EncodedContext,
+    query_ids: Tensor,
+    group: ContextGroup,
+    settings: GenerationSettings,
+    kernels: KernelChoice,
+) -> Tensor:
+    """The query over the context: every host's store and the merge (star, ring, dense), or dense's own cache."""
+    if context.store is None:
+        assert context.cache is not None
+        stop = context.context_length + query_ids.shape[1]
+        positions = position_ids(context.context_length, stop, query_ids.device)  # [1, q]
+        return dense_forward(model, query_ids, positions, context.cache)
+    if is_query_host(group):
+        context.store.ensure_capacity(context.local_length + query_ids.shape[1] + settings.max_new_tokens)
+    return encode_query(model, context.store, query_ids, context.context_length, group, kernels)
+
+
+def _decoder(
+    model: nn.Module,
+    context: EncodedContext,
+    group: ContextGroup,
+    star: StarSettings,
+    settings: GenerationSettings,
+    kernels: KernelChoice,
+    devices: list[torch.device],
+) -> tuple[str, StaticDecoder | None]:
+    """The decode mode, and the static step over the context's store (the kept one where it still serves it)."""
+    store = context.store
+    assert store is not None
+    mode = resolve_decode_mode(star.decode, devices, bool(length_dependent_rotary_modules(model)))
+    if mode == "eager" or settings.max_new_tokens <= 1:
+        return mode, None
+    decoder = context.decoder
+    if decoder is None or not decoder.serves(store, group, mode):
+        # The largest position any token over this store can have: a window check made for it holds for every
+        # later query the captured step replays for (the store's capacity is fixed while it serves).
+        last = context.context_length + store.capacity - context.local_length - 1
+        graph, compiled = mode in ("graph", "compile"), mode == "compile"
+        decoder = context.decoder = StaticDecoder(model, store, group, kernels, last, graph=graph, compile=compiled)
+    decoder.begin_request()
+    return mode, decoder
+
+
+def _store_step(
+    model: nn.Module,
+    context: EncodedContext,
+    group: ContextGroup,
+    kernels: KernelChoice,
+    decoder: StaticDecoder | None,
+    start: int,
+    device: torch.device,
+) -> NextLogits:
+    store = context.store
+    assert store is not None
+
+    def next_logits(token: int, i: int) -> Tensor:
+        if decoder is not None:
+            return decoder(token, start + i)
+        ids = torch.tensor([[token]], device=device)  # [1, 1]
+        return decode_step(model, store, ids, start + i, group, kernels)
+
+    return next_logits
+
+
+def _cache_step(model: nn.Module, context: EncodedContext, start: int, device: torch.device) -> NextLogits:
+    cache = context.cache
+    assert cache is not None
+
+    def next_logits(token: int, i: int) -> Tensor:
+        ids = torch.tensor([[token]], device=device)  # [1, 1]
+        return dense_forward(model, ids, position_ids(start + i, start + i + 1, device), cache)
+
+    return next_logits
 
 
 def generate(
