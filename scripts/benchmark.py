@@ -36,12 +36,12 @@ for _name, _value in (
 
 from star_lightning.bench import speed  # noqa: E402
 from star_lightning.engine.request import answer  # noqa: E402
-from star_lightning.engine.settings import GenerationSettings, StarSettings  # noqa: E402
+from star_lightning.engine.settings import ATTENTIONS, GenerationSettings, StarSettings  # noqa: E402
 from star_lightning.engine.simulate import simulate_request  # noqa: E402
 from star_lightning.models import build_model, set_attention  # noqa: E402
 from star_lightning.parallel.group import SingleHostGroup  # noqa: E402
 
-METHODS = ("star", "ring", "dense")
+METHODS = ATTENTIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -134,3 +134,10 @@ def test_the_engine_imports_nothing_above_it_and_no_module_imports_in_a_cycle() 
     for name in edges:
         if name not in state:
             visit(name, [])
+
+
+def test_a_module_without_a_context_parallel_strategy_is_one_host_of_its_own() -> None:
+    """No strategy handed a context over (a plain Lightning strategy, or no trainer): one host that writes."""
+    module = StarAttentionLM()
+    assert module.context_group().size == 1 and module.context_info.writes_predictions
+    assert module.context_info.gather_in_world("x") == ["x"] and module.context_info.agree_max_in_context_group(3) == 3

@@ -15,7 +15,7 @@ from star_lightning.attention.kernels import KernelChoice
 from star_lightning.attention.step import ForwardStep
 from star_lightning.cache import KVStore
 from star_lightning.engine.forward import forward, position_ids
-from star_lightning.engine.settings import GenerationSettings
+from star_lightning.engine.settings import DECODE_MODES, GenerationSettings
 from star_lightning.parallel.group import ContextGroup, is_query_host
 from star_lightning.sampling import choose_token
 
@@ -59,8 +59,8 @@ def resolve_decode_mode(mode: str, devices: list[torch.device], length_dependent
     """``auto``: a compiled CUDA graph on one GPU; eager on CPU, on a model spread over several GPUs, and for a rope
     whose frequencies follow the sequence length (transformers recomputes them behind host-side branches, which a
     CUDA graph cannot capture)."""
-    if mode not in ("auto", "eager", "static", "graph", "compile"):
-        raise ValueError(f"unknown decode mode {mode!r}; choose auto, eager, static, graph or compile")
+    if mode not in DECODE_MODES:
+        raise ValueError(f"unknown decode mode {mode!r}; choose {', '.join(DECODE_MODES)}")
     on_one_gpu = len(devices) == 1 and devices[0].type == "cuda"
     if mode == "auto":
         return "compile" if on_one_gpu and not length_dependent_rope else "eager"
