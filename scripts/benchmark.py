@@ -2,9 +2,9 @@
 """Star vs ring vs dense, seconds per request, through the product's own paths, on the GPUs you have.
 
 Real hosts: ``--nprocs N`` launches N processes through the project's Fabric strategy (``StarFabricStrategy``,
-NCCL on GPUs, gloo on CPU); every request goes through ``star_lightning.generation.generate`` over the strategy's
+NCCL on GPUs, gloo on CPU); every request goes through ``star_lightning.engine.request.generate`` over the strategy's
 context-parallel group. Simulated hosts: ``--simulate-hosts 4,8,32`` runs each host's Phase 1 share of an H-host
-plan in turn on one GPU (``star_lightning.simulation``), with the bytes each host sends and their time modelled at
+plan in turn on one GPU (``star_lightning.engine.simulate``), with the bytes each host sends and their time modelled at
 stated link speeds (``star_lightning.plan``); such records say ``"simulated": true``. Dense is the model exactly as
 ``--model.attention dense`` sets it up. The model is a Llama-3.1-8B-shaped model with random weights
 (``--tiny``: 2 layers, for a CPU smoke test).
@@ -35,12 +35,13 @@ for _name, _value in (
     os.environ.setdefault(_name, _value)  # NVLink multicast stays off on the lent machines (KINDS.md)
 
 from star_lightning.bench import speed  # noqa: E402
-from star_lightning.generation import GenerationSettings, StarSettings, answer  # noqa: E402
+from star_lightning.engine.request import answer  # noqa: E402
+from star_lightning.engine.settings import ATTENTIONS, GenerationSettings, StarSettings  # noqa: E402
+from star_lightning.engine.simulate import simulate_request  # noqa: E402
 from star_lightning.models import build_model, set_attention  # noqa: E402
 from star_lightning.parallel.group import SingleHostGroup  # noqa: E402
-from star_lightning.simulation import simulate_request  # noqa: E402
 
-METHODS = ("star", "ring", "dense")
+METHODS = ATTENTIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,7 +155,7 @@ def run_dense(model: Any, args: argparse.Namespace, env: dict[str, Any], log: An
 
 
 def _one_request(model: Any, context: torch.Tensor, query: torch.Tensor, star: StarSettings, args: Any) -> Any:
-    from star_lightning.generation import generate
+    from star_lightning.engine.request import generate
 
     return generate(model, context, query, SingleHostGroup(), star, GenerationSettings(args.new_tokens))
 
@@ -187,7 +188,7 @@ def run_reuse(model: Any, args: argparse.Namespace, env: dict[str, Any], log: An
 
 def run_real(fabric: Any, model: Any, args: argparse.Namespace, env: dict[str, Any], log: Any) -> list[dict]:
     """Every host a real process: the strategy's context group, one request per (method, length)."""
-    from star_lightning.generation import generate
+    from star_lightning.engine.request import generate
 
     group = fabric.strategy.context_group
     records = []

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from star_lightning.bench import throughput
+from star_lightning.engine.settings import ATTENTIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", action="append", default=[], help="NAME=PATH (a folder or a .gguf; PATH empty: the "
                    "shipped model); repeat for several")  # fmt: skip
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
-    p.add_argument("--attention", nargs="+", default=["star", "dense"], choices=("star", "ring", "dense"))
+    p.add_argument("--attention", nargs="+", default=["star", "dense"], choices=ATTENTIONS)
     p.add_argument("--requests", type=int, default=100, help="requests per run")
     p.add_argument("--task", default="niah_single_1", help="the RULER task of the requests")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens (default: the task's)")

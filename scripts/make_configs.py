@@ -18,10 +18,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from star_lightning.engine.settings import ATTENTIONS
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 HOSTS_PER_REQUEST = 4
 LENGTHS = (16384, 32768, 65536, 131072)
-METHODS = ("star", "ring", "dense")
+METHODS = ATTENTIONS
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ import torch
 
 from model_zoo import random_tokens, tiny_model
 from star_lightning.attention.kernels import KernelChoice
-from star_lightning.generation import GenerationSettings, StarSettings, generate, uses_star_attention
+from star_lightning.engine.forward import uses_star_attention
+from star_lightning.engine.request import generate
+from star_lightning.engine.settings import GenerationSettings, StarSettings
 from star_lightning.models import set_attention
 from star_lightning.parallel.group import SingleHostGroup
 from star_lightning.sampling import SamplingConfig

@@ -6,7 +6,8 @@ import torch
 from lightning.fabric import Fabric
 
 from model_zoo import random_tokens, tiny_model
-from star_lightning.generation import GenerationSettings, StarSettings, generate
+from star_lightning.engine.request import generate
+from star_lightning.engine.settings import GenerationSettings, StarSettings
 from star_lightning.models import use_star_attention
 from star_lightning.parallel.fabric import StarFabricStrategy
 from star_lightning.parallel.group import SingleHostGroup

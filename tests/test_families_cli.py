@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 
 from model_zoo import FAMILIES, tiny_config
 from star_lightning.cli import main
-from star_lightning.generation import StarSettings, generate
+from star_lightning.engine.request import generate
+from star_lightning.engine.settings import StarSettings
 from star_lightning.models import load_model, load_tokenizer
 from star_lightning.module import StarAttentionLM
 from star_lightning.parallel.group import SingleHostGroup

@@ -13,7 +13,8 @@ import torch
 from model_zoo import random_tokens, tiny_model
 from star_lightning.attention import kernels, triton_decode
 from star_lightning.attention.merge import merge_partials
-from star_lightning.generation import GenerationSettings, StarSettings, generate
+from star_lightning.engine.request import generate
+from star_lightning.engine.settings import GenerationSettings, StarSettings
 from star_lightning.models import use_star_attention
 from star_lightning.parallel.group import SingleHostGroup
 
@@ -92,7 +93,7 @@ def test_static_decode_equals_eager_decode(mode: str, attention: str) -> None:
 
 
 def test_graph_decode_needs_cuda() -> None:
-    from star_lightning.generation import resolve_decode_mode
+    from star_lightning.engine.decode import resolve_decode_mode
 
     assert resolve_decode_mode("auto", [torch.device("cpu")]) == "eager"
     with pytest.raises(ValueError, match="CUDA"):

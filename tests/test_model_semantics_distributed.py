@@ -6,7 +6,10 @@ from __future__ import annotations
 import torch
 
 from distributed_utils import run_on_ranks
-from star_lightning.generation import GenerationSettings, StarSettings, encode_context, encode_query, generate
+from star_lightning.engine.decode import encode_query
+from star_lightning.engine.encode import encode_context
+from star_lightning.engine.request import generate
+from star_lightning.engine.settings import GenerationSettings, StarSettings
 from star_lightning.models import use_star_attention
 from star_lightning.parallel.group import SingleHostGroup
 from star_lightning.parallel.torch_group import DistributedContextGroup

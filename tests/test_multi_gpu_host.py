@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from star_lightning.cli import main
-from star_lightning.generation import GenerationSettings, StarSettings, generate, model_devices
+from star_lightning.engine.forward import model_devices
+from star_lightning.engine.request import generate
+from star_lightning.engine.settings import GenerationSettings, StarSettings
 from star_lightning.models import load_model
 from star_lightning.parallel.group import SingleHostGroup
 

@@ -12,7 +12,8 @@ import torch
 
 from model_zoo import random_tokens, tiny_model
 from star_lightning.cli import main
-from star_lightning.generation import GenerationSettings, StarSettings, generate
+from star_lightning.engine.request import generate
+from star_lightning.engine.settings import GenerationSettings, StarSettings
 from star_lightning.models import use_star_attention
 from star_lightning.parallel.group import SingleHostGroup
 from test_cli import _predict_args, _read, _run_cli

@@ -12,14 +12,11 @@ from model_zoo import random_tokens, tiny_model
 from passing_reference import ReferenceSpec, reference_phase1
 from star_lightning.attention.passing import PassingSettings
 from star_lightning.cache import KVStore
-from star_lightning.generation import (
-    GenerationSettings,
-    StarSettings,
-    encode_query,
-    generate,
-    num_layers,
-    prefill_star,
-)
+from star_lightning.engine.decode import encode_query
+from star_lightning.engine.forward import num_layers
+from star_lightning.engine.prefill import prefill_star
+from star_lightning.engine.request import generate
+from star_lightning.engine.settings import GenerationSettings, StarSettings
 from star_lightning.models import use_star_attention
 from star_lightning.parallel.group import SingleHostGroup
 from star_lightning.parallel.simulated_group import AnchorBoard, SimulatedHostGroup

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from star_lightning.cli import main
-from star_lightning.generation import PHASE1, PHASE2_DECODE, PHASE2_QUERY
+from star_lightning.engine.forward import PHASE1, PHASE2_DECODE, PHASE2_QUERY
 
 
 def test_pytorch_profiler_trace_shows_the_phases(

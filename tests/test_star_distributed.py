@@ -9,17 +9,12 @@ import torch
 from distributed_utils import run_on_ranks
 from model_zoo import random_tokens, tiny_model
 from star_lightning.cache import KVStore
-from star_lightning.generation import (
-    GenerationSettings,
-    StarSettings,
-    answer,
-    encode_context,
-    encode_query,
-    generate,
-    num_layers,
-    prefill_ring,
-    prefill_star,
-)
+from star_lightning.engine.decode import encode_query
+from star_lightning.engine.encode import encode_context
+from star_lightning.engine.forward import num_layers
+from star_lightning.engine.prefill import prefill_ring, prefill_star
+from star_lightning.engine.request import answer, generate
+from star_lightning.engine.settings import GenerationSettings, StarSettings
 from star_lightning.models import use_star_attention
 from star_lightning.parallel.group import SingleHostGroup
 from star_lightning.parallel.torch_group import DistributedContextGroup

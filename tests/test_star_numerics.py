@@ -12,15 +12,12 @@ from transformers import DynamicCache
 
 from model_zoo import FAMILIES, random_tokens, tiny_model
 from star_lightning.cache import KVStore
+from star_lightning.engine.decode import encode_query
+from star_lightning.engine.forward import num_layers
+from star_lightning.engine.prefill import prefill_star
+from star_lightning.engine.request import generate
+from star_lightning.engine.settings import GenerationSettings, StarSettings
 from star_lightning.errors import ConfigurationError
-from star_lightning.generation import (
-    GenerationSettings,
-    StarSettings,
-    encode_query,
-    generate,
-    num_layers,
-    prefill_star,
-)
 from star_lightning.models import check_attention_servable, use_star_attention
 from star_lightning.parallel.group import SingleHostGroup
 from star_lightning.partition import plan_blocks

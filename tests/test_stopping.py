@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from star_lightning.generation import GenerationSettings, sample_loop
+from star_lightning.engine.decode import sample_loop
+from star_lightning.engine.settings import GenerationSettings
 from star_lightning.parallel.group import SingleHostGroup
 
 

@@ -88,7 +88,8 @@ def _sharded_request(rank: int, world_size: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from model_zoo import random_tokens, tiny_model
-    from star_lightning.generation import GenerationSettings, StarSettings, generate
+    from star_lightning.engine.request import generate
+    from star_lightning.engine.settings import GenerationSettings, StarSettings
     from star_lightning.models import use_star_attention
     from star_lightning.parallel.layout import AXES, make_layout
     from star_lightning.parallel.tensor_parallel import apply_tensor_parallel
@@ -119,7 +120,8 @@ def test_hosts_of_tensor_shards_compute_what_whole_hosts_do(tmp_path: Path) -> N
 
     from distributed_utils import run_on_ranks
     from model_zoo import random_tokens, tiny_model
-    from star_lightning.generation import GenerationSettings, StarSettings, generate
+    from star_lightning.engine.request import generate
+    from star_lightning.engine.settings import GenerationSettings, StarSettings
     from star_lightning.models import use_star_attention
     from star_lightning.parallel.group import SingleHostGroup
 

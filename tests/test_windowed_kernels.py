@@ -246,7 +246,8 @@ def test_a_block_whose_windows_reach_no_anchor_key_skips_the_anchor_call(monkeyp
     from model_zoo import random_tokens, tiny_model
     from star_lightning.attention.step import ForwardStep
     from star_lightning.cache import KVStore
-    from star_lightning.generation import num_layers, prefill_star
+    from star_lightning.engine.forward import num_layers
+    from star_lightning.engine.prefill import prefill_star
     from star_lightning.models import use_star_attention
     from star_lightning.parallel.group import SingleHostGroup
     from star_lightning.partition import plan_blocks

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from star_lightning.attention.star import register_star_attention
-    from star_lightning.generation import GenerationSettings, StarSettings, generate
+    from star_lightning.engine.request import generate
+    from star_lightning.engine.settings import GenerationSettings, StarSettings
     from star_lightning.module import StarAttentionLM
     from star_lightning.parallel.fabric import StarFabricStrategy
     from star_lightning.parallel.strategy import StarStrategy
@@ -20,12 +21,12 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "GenerationSettings": "star_lightning.generation",
+    "GenerationSettings": "star_lightning.engine.settings",
     "StarAttentionLM": "star_lightning.module",
     "StarFabricStrategy": "star_lightning.parallel.fabric",
-    "StarSettings": "star_lightning.generation",
+    "StarSettings": "star_lightning.engine.settings",
     "StarStrategy": "star_lightning.parallel.strategy",
-    "generate": "star_lightning.generation",
+    "generate": "star_lightning.engine.request",
     "plan_blocks": "star_lightning.partition",
     "register_star_attention": "star_lightning.attention.star",
 }

@@ -22,6 +22,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from star_lightning.attention.star import ATTENTION_NAME, register_star_attention
+from star_lightning.engine.settings import Attention
 from star_lightning.errors import ConfigurationError
 from star_lightning.model_files import check_weight_files, fingerprint_file, fingerprint_folder
 
@@ -220,7 +221,7 @@ def load_model(
     *,
     dtype: torch.dtype,
     devices: list[torch.device],
-    attention: Literal["star", "ring", "dense"],
+    attention: Attention,
     trust_remote_code: bool = False,
     tensor_parallel: Any = None,
 ) -> PreTrainedModel:
@@ -269,7 +270,7 @@ def build_model(
     *,
     dtype: torch.dtype,
     device: torch.device,
-    attention: Literal["star", "ring", "dense"],
+    attention: Attention,
     seed: int = 0,
 ) -> PreTrainedModel:
     """A model of ``config`` with random weights made on ``device`` (same seed, same weights on every process), set
@@ -287,10 +288,11 @@ def build_model(
     return model
 
 
-def set_attention(model: PreTrainedModel, attention: Literal["star", "ring", "dense"]) -> None:
+def set_attention(model: PreTrainedModel, attention: Attention) -> None:
     """The attention ``predict`` runs for ``attention``: Star Attention's function for star, ring, and for dense
-    wherever it can serve the model (dense is then one block on one host: :func:`star_lightning.generation.
-    prefill_dense` says why); the model's own otherwise (dense only; see :func:`dense_attention_implementation`)."""
+    wherever it can serve the model (dense is then one block on one host:
+    :func:`star_lightning.engine.prefill.prefill_dense` says why); the model's own otherwise (dense only; see
+    :func:`dense_attention_implementation`)."""
     if attention == "dense":
         try:
             use_star_attention(model)

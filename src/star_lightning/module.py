@@ -3,29 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 from transformers import PreTrainedModel
 
-from star_lightning.attention.kernels import KernelChoice, validate_backend
+from star_lightning.attention.kernels import KernelChoice
 from star_lightning.data.jsonl import prediction_record
-from star_lightning.errors import ConfigurationError
-from star_lightning.generation import (
-    EncodedContext,
-    GenerationResult,
+from star_lightning.engine.context import EncodedContext
+from star_lightning.engine.request import GenerationResult, RequestStats, generate
+from star_lightning.engine.settings import (
+    AnchorSource,
+    Attention,
+    Backend,
+    DecodeMode,
     GenerationSettings,
-    RequestStats,
-    StarSettings,
-    generate,
-    request_context_key,
+    QueryPositions,
+    RingLayout,
+    Selection,
+    settings_from_options,
 )
+from star_lightning.errors import ConfigurationError
 from star_lightning.models import DTypeName, load_model, load_tokenizer, resolve_dtype, resolve_pretrained
-from star_lightning.options import bad_value
-from star_lightning.parallel.group import ContextGroup, SingleHostGroup, is_query_host
-from star_lightning.parallel.mixin import ContextParallelMixin
-from star_lightning.partition import validate_block_sizes, validate_star_options
+from star_lightning.parallel.context import ContextInfo, single_host
+from star_lightning.parallel.group import ContextGroup
 from star_lightning.sampling import SamplingConfig
 from star_lightning.tokens import context_ids, query_ids
 
@@ -87,17 +89,17 @@ class StarAttentionLM(LightningModule):
         self,
         *,
         pretrained: str | None = None,
-        attention: Literal["star", "ring", "dense"] = "star",
+        attention: Attention = "star",
         block_size: int = 4096,
         anchor_block_size: int | None = None,
         anchor: bool = True,
-        anchor_source: Literal["broadcast", "host", "block"] = "broadcast",
-        ring_layout: Literal["zigzag", "contiguous"] = "zigzag",
+        anchor_source: AnchorSource = "broadcast",
+        ring_layout: RingLayout = "zigzag",
         reuse_context: bool = True,
         anchor_query: bool = False,
-        anchor_query_positions: Literal["after_anchor", "phase2"] = "after_anchor",
+        anchor_query_positions: QueryPositions = "after_anchor",
         passing_tokens: int = 0,
-        passing_selection: Literal["shared", "per_head"] = "shared",
+        passing_selection: Selection = "shared",
         passing_pool_kernel: int = 7,
         simulate_hosts: int = 1,
         max_new_tokens: int = 32,
@@ -106,43 +108,19 @@ class StarAttentionLM(LightningModule):
         seed: int = 0,
         stop_strings: list[str] | None = None,
         dtype: DTypeName = "auto",
-        backend: Literal["auto", "math", "sdpa", "cudnn", "triton", "flash_attn", "flex"] = "auto",
-        decode: Literal["auto", "eager", "static", "graph", "compile"] = "auto",
+        backend: Backend = "auto",
+        decode: DecodeMode = "auto",
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
-        if attention not in ("star", "ring", "dense"):
-            raise ConfigurationError(f"--model.attention must be star, ring or dense, got {attention!r}")
-        validate_block_sizes(block_size, anchor_block_size)
-        validate_star_options(
-            attention=attention, block_size=block_size, anchor=anchor, anchor_query=anchor_query,
-            passing_tokens=passing_tokens, passing_pool_kernel=passing_pool_kernel, simulate_hosts=simulate_hosts,
-        )  # fmt: skip
-        validate_backend(backend)
-        if max_new_tokens <= 0:
-            raise ConfigurationError(f"--model.max_new_tokens must be positive, got {max_new_tokens}")
-        if stop_strings is not None and not all(stop_strings):  # an empty one matches at once: every pred empty
-            raise bad_value("model.stop_strings", list(stop_strings), "non-empty strings, e.g. '[\"###\"]'")
+        # Every check of the settings, once, with the line the command line prints (plan builds the same type).
+        self.star_settings = settings_from_options(
+            {key: value for key, value in locals().items() if key not in ("self", "__class__")}
+        )
         self.sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
         self.save_hyperparameters()
         # A missing model folder is reported now, before any process group or weights.
         self.pretrained = None if pretrained is None else resolve_pretrained(pretrained)
-        self.star_settings = StarSettings(
-            attention=attention,
-            block_size=block_size,
-            anchor_block_size=anchor_block_size,
-            use_anchor=anchor,
-            anchor_source=anchor_source,
-            ring_layout=ring_layout,
-            anchor_query=anchor_query,
-            anchor_query_positions=anchor_query_positions,
-            passing_tokens=passing_tokens,
-            passing_selection=passing_selection,
-            passing_pool_kernel=passing_pool_kernel,
-            simulated_hosts=simulate_hosts,
-            backend=backend,
-            decode=decode,
-        )
         self.reuse_context = reuse_context
         self.max_new_tokens = max_new_tokens
         self.stop_strings = tuple(stop_strings or ())
@@ -152,6 +130,8 @@ class StarAttentionLM(LightningModule):
         self.tokenizer: Any = None
         # One kernel choice per loaded model: what ``auto`` resolves to, and what it learns (a cuDNN refusal).
         self.kernels = KernelChoice(backend=backend)
+        # This rank's group and devices, handed over by the strategy (configure_context); None: one host of its own.
+        self._context: ContextInfo | None = None
         # The context the last request encoded on this host, kept for the next request that shares it.
         self.kept_context: EncodedContext | None = None
         self.last_stats: RequestStats | None = None
@@ -165,6 +145,20 @@ class StarAttentionLM(LightningModule):
 
         return str(default_model_path())
 
+    def configure_context(self, context: ContextInfo) -> None:
+        """Called once by the context-parallel strategy when its groups exist: this rank's group, devices and place
+        in the layout (the settings learn the group's size, checked as ``predict`` checked it)."""
+        self._context = context
+        layout = context.layout
+        self.star_settings = self.star_settings.with_hosts(
+            layout.context_parallel_size, layout.tensor_parallel_size, context.gpus_per_host
+        )
+
+    @property
+    def context_info(self) -> ContextInfo:
+        """What the strategy handed over, or (a plain Lightning strategy, no trainer) one host of its own."""
+        return self._context if self._context is not None else single_host()
+
     def configure_model(self) -> None:
         """Load the weights once, straight onto this rank's device."""
         if self.model is not None:
@@ -172,21 +166,20 @@ class StarAttentionLM(LightningModule):
         source = self.resolved_pretrained()
         strategy = self._trainer.strategy if self._trainer is not None else None
         root = strategy.root_device if strategy is not None else torch.device("cpu")
-        star_strategy = strategy if isinstance(strategy, ContextParallelMixin) else None
+        context = self.context_info
         self.model = load_model(
             source,
             dtype=resolve_dtype(self.dtype_name, root),
-            devices=star_strategy.host_devices if star_strategy is not None else [root],
+            devices=list(context.devices) or [root],
             attention=self.star_settings.attention,
             trust_remote_code=self.trust_remote_code,
-            tensor_parallel=star_strategy.tensor_parallel_mesh if star_strategy is not None else None,
+            tensor_parallel=context.tensor_parallel_mesh,
         )
         if self.tokenizer is None:  # the preflight's, where it loaded one from the same source
             self.tokenizer = load_tokenizer(source, trust_remote_code=self.trust_remote_code)
 
     def context_group(self) -> ContextGroup:
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        return strategy.context_group if isinstance(strategy, ContextParallelMixin) else SingleHostGroup()
+        return self.context_info.group
 
     def generation_settings(self, request_index: int, request_max_new_tokens: int | None = None) -> GenerationSettings:
         eos = self.tokenizer.eos_token_id
@@ -245,13 +238,6 @@ class StarAttentionLM(LightningModule):
         context_ids, query_ids = self.encode_request(request)
         index = int(request.get("index", 0))
         group = self.context_group()
-        kept = self.kept_context
-        same = kept is not None and kept.key == request_context_key(
-            model, context_ids, query_ids, self.star_settings, group
-        )
-        if not same:
-            kept = None
-        self.kept_context = None  # a context that is not reused is freed before the next one is encoded
         try:
             result = generate(
                 model,
@@ -263,7 +249,7 @@ class StarAttentionLM(LightningModule):
                 self._stop_check if self.stop_strings else None,
                 self._announce_phase if self.phase_listeners else None,
                 kernels=self.kernels,
-                kept=kept,
+                kept=self._take_kept_context(),
             )
         except ValueError as error:
             raise ConfigurationError(f"request {index}: {error}") from None
@@ -271,12 +257,16 @@ class StarAttentionLM(LightningModule):
             self.kept_context = result.context
         return result
 
+    def _take_kept_context(self) -> EncodedContext | None:
+        """The kept context, handed over as its only reference: one that does not answer the next request is freed
+        before the next one is encoded (:func:`~star_lightning.engine.request.generate`)."""
+        kept, self.kept_context = self.kept_context, None
+        return kept
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any] | None:
         """One request (``batch`` is a request dict); the prediction record on the query host, None elsewhere."""
         result = self.run_request(batch)
         self.last_stats = result.stats
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        writes = strategy.writes_predictions if isinstance(strategy, ContextParallelMixin) else None
-        if not (writes if writes is not None else is_query_host(self.context_group())):
+        if not self.context_info.writes_predictions:
             return None
         return prediction_record(batch, self.decode_text(result.token_ids))

@@ -7,8 +7,8 @@ numbers, and so that the plan can be checked before any weights are loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
+from star_lightning.engine.settings import RingLayout, check_block_sizes
 from star_lightning.errors import ConfigurationError
 
 # Passing tokens without the query in the anchor: the anchor's last tokens choose them (SnapKV's observation window).
@@ -59,65 +59,6 @@ class BlockPlan:
         return sum(block.length for block in self.host_blocks[host])
 
 
-def validate_block_sizes(block_size: int, anchor_block_size: int | None) -> None:
-    """Reject sizes that cannot form a plan, naming the option and the fix."""
-    if not isinstance(block_size, int) or block_size <= 0:
-        raise ConfigurationError(
-            f"block_size must be a positive number of tokens, got {block_size!r}; set --model.block_size N"
-        )
-    if anchor_block_size is None:
-        return
-    if not isinstance(anchor_block_size, int) or anchor_block_size <= 0:
-        raise ConfigurationError(
-            f"anchor_block_size must be a positive number of tokens, got {anchor_block_size!r}; set "
-            "--model.anchor_block_size to 1..block_size, or leave it unset for anchor = block_size "
-            "(to switch the anchor off, use --model.anchor false)"
-        )
-    if anchor_block_size > block_size:
-        raise ConfigurationError(
-            f"anchor_block_size ({anchor_block_size}) is larger than block_size ({block_size}): the anchor is a "
-            "prefix of the first block; set --model.anchor_block_size to at most the block size"
-        )
-
-
-def validate_star_options(
-    *,
-    attention: str,
-    block_size: int,
-    anchor: bool,
-    anchor_query: bool,
-    passing_tokens: int,
-    passing_pool_kernel: int,
-    simulate_hosts: int,
-) -> None:
-    """Reject star's query-aware options where they are out of range or would silently do nothing."""
-    from star_lightning.options import bad_value
-
-    if not isinstance(passing_tokens, int) or passing_tokens < 0:
-        raise bad_value("model.passing_tokens", passing_tokens, "0 (off) or a positive number of tokens")
-    if passing_tokens > block_size:
-        raise bad_value(
-            "model.passing_tokens", passing_tokens,
-            f"at most a block's tokens (--model.block_size {block_size}): a host passes only its own block's",
-        )  # fmt: skip
-    if not isinstance(passing_pool_kernel, int) or passing_pool_kernel < 1 or passing_pool_kernel % 2 == 0:
-        raise bad_value("model.passing_pool_kernel", passing_pool_kernel, "an odd number of positions (1 = no pooling)")
-    if not isinstance(simulate_hosts, int) or simulate_hosts < 0:
-        raise bad_value("model.simulate_hosts", simulate_hosts, "1 (off), more hosts, or 0 (one host per block)")
-    used = [name for name, on in (("anchor_query true", anchor_query), (f"passing_tokens {passing_tokens}",
-            passing_tokens > 0), (f"simulate_hosts {simulate_hosts}", simulate_hosts != 1)) if on]  # fmt: skip
-    if attention != "star" and used:
-        raise ConfigurationError(
-            f"--model.{used[0]} applies to star attention only, but --model.attention is {attention} (exact "
-            f"attention has no anchor or blocks); drop it or use --model.attention star"
-        )
-    if not anchor and (anchor_query or passing_tokens):
-        raise ConfigurationError(
-            f"--model.{used[0]} needs the anchor (the query joins the anchor's prefix; passing tokens are chosen by "
-            "it), but --model.anchor is false; drop it or set --model.anchor true"
-        )
-
-
 def split_evenly(length: int, parts: int) -> list[tuple[int, int]]:
     """``parts`` contiguous spans covering ``[0, length)`` whose sizes differ by at most one."""
     return [(length * i // parts, length * (i + 1) // parts) for i in range(parts)]
@@ -134,7 +75,7 @@ def plan_blocks(
 
     The last block may be shorter than ``block_size``: it is processed ragged, so no padding exists to leak.
     """
-    validate_block_sizes(block_size, anchor_block_size)
+    check_block_sizes(block_size, anchor_block_size)
     if context_length <= 0:
         raise ConfigurationError("the context is empty: every request needs a non-empty 'input_context'")
     if num_hosts <= 0:
@@ -154,9 +95,6 @@ def plan_blocks(
     spans = split_evenly(len(blocks), num_hosts)
     host_blocks = tuple(blocks[a:b] for a, b in spans)
     return BlockPlan(context_length, block_size, anchor_length, num_hosts, blocks, host_blocks)
-
-
-RingLayout = Literal["zigzag", "contiguous"]
 
 
 @dataclass(frozen=True)
@@ -191,8 +129,6 @@ class RingPlan:
 
 def plan_ring(context_length: int, num_hosts: int, layout: RingLayout = "zigzag") -> RingPlan:
     """Cut the context into balanced chunks for ``num_hosts`` hosts in the given layout."""
-    if layout not in ("zigzag", "contiguous"):
-        raise ConfigurationError(f"ring_layout must be zigzag or contiguous, got {layout!r}; set --model.ring_layout")
     if num_hosts <= 0:
         raise ConfigurationError(f"num_hosts must be positive, got {num_hosts}")
     parts = 2 * num_hosts if layout == "zigzag" else num_hosts

@@ -48,6 +48,7 @@ from star_lightning.data.run_record import (
     record_path,
     write_record,
 )
+from star_lightning.engine.settings import StarSettings
 from star_lightning.errors import ConfigurationError
 from star_lightning.model_files import check_weight_files
 from star_lightning.models import (
@@ -59,7 +60,7 @@ from star_lightning.models import (
     resolve_dtype,
 )
 from star_lightning.module import StarAttentionLM
-from star_lightning.parallel.mixin import ContextParallelMixin
+from star_lightning.parallel.context import planned_layout
 from star_lightning.partition import plan_blocks
 from star_lightning.plan import Layout, Request, check_fits, local_gpu
 from star_lightning.tokens import batch_lengths, context_tokens_beyond
@@ -137,13 +138,12 @@ def check_run(
     *, module: StarAttentionLM, datamodule: RequestDataModule, trainer: pl.Trainer, output: str, overwrite: bool
 ) -> RunPlan:
     """Every check of the module docstring, in order; returns the plan holding the output's lock."""
-    hparams = module.hparams
-    context_parallel_size = _check_layout(trainer, hparams["attention"], hparams.get("simulate_hosts", 1))
+    star = _check_layout(trainer, module.star_settings)
     _refuse_writing_the_input(output, datamodule.path)
     lock = OutputLock(output)
     lock.acquire()
     try:
-        return _check_with_lock(module, datamodule, trainer, output, overwrite, lock, context_parallel_size)
+        return _check_with_lock(module, datamodule, trainer, output, overwrite, lock, star)
     except BaseException:
         lock.release()
         raise
@@ -156,9 +156,9 @@ def _check_with_lock(
     output: str,
     overwrite: bool,
     lock: OutputLock,
-    context_parallel_size: int,
+    star: StarSettings,
 ) -> RunPlan:
-    hparams = module.hparams
+    hparams, context_parallel_size = module.hparams, star.hosts
     _check_writable(output)
     numbered = read_numbered_requests(datamodule.path, datamodule.contexts)
     every_index = {request["index"] for _, request in numbered}  # the file's: --data.limit may differ on resume
@@ -211,7 +211,7 @@ def _check_with_lock(
             to_check, tokenizer, hparams, positions, plan_hosts, datamodule.path, datamodule.on_too_long
         )
         if longest is not None:
-            _check_memory(config, hparams, trainer, dtype, longest)
+            _check_memory(config, star, trainer, dtype, longest)
     datamodule.exclude(item.index for item in skipped)
 
     if overwrite and Path(output).exists():
@@ -232,25 +232,11 @@ def _check_with_lock(
     )
 
 
-def _check_layout(trainer: pl.Trainer, attention: str, simulate_hosts: int = 1) -> int:
-    """The context-parallel size, after the layout checks the strategy would otherwise make on every rank."""
-    strategy = trainer.strategy
-    if not isinstance(strategy, ContextParallelMixin):
-        return 1
-    size = strategy.validate_layout(trainer.num_nodes * trainer.num_devices).context_parallel_size
-    if simulate_hosts != 1 and size != 1:
-        raise ConfigurationError(
-            f"--model.simulate_hosts {simulate_hosts} plays every host in one process, but the context-parallel group "
-            f"has {size} hosts; set --trainer.strategy.context_parallel_size 1 (the devices then split the requests) "
-            "or drop --model.simulate_hosts"
-        )
-    if attention == "dense" and size != 1:
-        raise ConfigurationError(
-            f"dense attention runs each request in one process, but the context-parallel group has {size} hosts; "
-            "set --trainer.strategy.context_parallel_size 1 (the devices then split the requests) or use "
-            "--model.attention star/ring"
-        )
-    return size
+def _check_layout(trainer: pl.Trainer, settings: StarSettings) -> StarSettings:
+    """The request settings on the strategy's layout, checked as the ranks would otherwise check them (the same
+    settings type ``plan`` builds: what one refuses, the other refuses)."""
+    layout, gpus_per_host = planned_layout(trainer.strategy, trainer.num_nodes * trainer.num_devices)
+    return settings.with_hosts(layout.context_parallel_size, layout.tensor_parallel_size, gpus_per_host)
 
 
 def _refuse_writing_the_input(output: str, request_file: str) -> None:
@@ -412,30 +398,17 @@ def _check_lengths(
     return sorted(skipped, key=lambda item: item.line), longest
 
 
-def _check_memory(config: Any, hparams: Any, trainer: pl.Trainer, dtype: str, longest: Request) -> None:
+def _check_memory(config: Any, settings: StarSettings, trainer: pl.Trainer, dtype: str, longest: Request) -> None:
     """On GPUs: every host of the layout holds the longest request in its GPU's memory (:mod:`star_lightning.plan`),
     checked before any weights load, so a layout that cannot fit fails now naming the host and its bytes, not after
     minutes of loading."""
     strategy = trainer.strategy
-    if strategy.root_device.type != "cuda" or not isinstance(strategy, ContextParallelMixin):
+    if strategy.root_device.type != "cuda":
         return
     gpu = local_gpu(dtype, measure=False, device_index=strategy.root_device.index or 0)
     if gpu is None:
         return
-    parallel = strategy.validate_layout(trainer.num_nodes * trainer.num_devices)
-    layout = Layout(
-        method=hparams["attention"],
-        hosts=parallel.context_parallel_size,
-        block_size=hparams["block_size"],
-        anchor_block_size=hparams["anchor_block_size"],
-        use_anchor=hparams["anchor"],
-        anchor_source=hparams["anchor_source"],
-        ring_layout=hparams["ring_layout"],
-        tensor_parallel_size=parallel.tensor_parallel_size,
-        gpus_per_host=strategy.gpus_per_host,
-        anchor_query=bool(hparams.get("anchor_query", False)),
-        passing_tokens=int(hparams.get("passing_tokens", 0)),
-    )
+    layout = Layout.from_settings(settings)
     check_fits(config, dtype=dtype, layout=layout, request=longest, gpu=gpu, max_tensor_parallel=8)
 
 

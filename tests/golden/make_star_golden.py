@@ -24,14 +24,11 @@ sys.path.insert(0, str(HERE.parent))
 from distributed_utils import run_on_ranks  # noqa: E402
 from model_zoo import random_tokens, tiny_model  # noqa: E402
 from star_lightning.cache import KVStore  # noqa: E402
-from star_lightning.generation import (  # noqa: E402
-    GenerationSettings,
-    StarSettings,
-    encode_query,
-    generate,
-    num_layers,
-    prefill_star,
-)
+from star_lightning.engine.decode import encode_query  # noqa: E402
+from star_lightning.engine.forward import num_layers  # noqa: E402
+from star_lightning.engine.prefill import prefill_star  # noqa: E402
+from star_lightning.engine.request import generate  # noqa: E402
+from star_lightning.engine.settings import GenerationSettings, StarSettings  # noqa: E402
 from star_lightning.models import use_star_attention  # noqa: E402
 from star_lightning.parallel.group import SingleHostGroup  # noqa: E402
 from star_lightning.parallel.torch_group import DistributedContextGroup  # noqa: E402

@@ -41,7 +41,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 from weakref import WeakKeyDictionary
 
 import torch
@@ -50,9 +50,8 @@ from torch import Tensor
 
 from star_lightning.attention import flex, triton_decode
 from star_lightning.attention.merge import merge_pair
+from star_lightning.engine.settings import BACKENDS
 
-Backend = Literal["auto", "math", "triton", "sdpa", "cudnn", "flash_attn", "flex"]
-BACKENDS: tuple[str, ...] = ("auto", "math", "triton", "sdpa", "cudnn", "flash_attn", "flex")
 PREFILL_KERNELS: tuple[str, ...] = ("sdpa", "cudnn")
 DECODE_KERNELS: tuple[str, ...] = ("triton", "math")
 

@@ -22,18 +22,15 @@ stored: their owner keeps them with its block for Phase 2. With one host nothing
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from star_lightning.engine.settings import SELECTIONS, Selection
 from star_lightning.parallel.group import ContextGroup, Transfer
 from star_lightning.partition import SELECTION_WINDOW
 
 __all__ = ["SELECTION_WINDOW", "PassedTokens", "PassingExchange", "PassingSettings", "select_passing"]
-
-Selection = Literal["shared", "per_head"]
-SELECTIONS: tuple[str, ...] = ("shared", "per_head")
 
 
 @dataclass(frozen=True)

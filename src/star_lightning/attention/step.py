@@ -1,6 +1,6 @@
 """One step object per forward: everything every attention layer needs to know about the current forward.
 
-The engine (:mod:`star_lightning.generation`) builds a :class:`ForwardStep` and passes it through the model's
+The engine (:mod:`star_lightning.engine`) builds a :class:`ForwardStep` and passes it through the model's
 forward kwargs (``star_step=...``); the attention function (:mod:`star_lightning.attention.star`) reads it. Nothing
 else carries state between the engine and the layers: the KV store is a plain store, the anchor comes from the step.
 

@@ -3,7 +3,7 @@
 A record holds what was measured (per-host Phase 1 seconds, time to first token, decode ms per token, total,
 peak memory) beside the cost model's floors and predictions for the same plan (:mod:`star_lightning.plan`), so
 every figure sits next to the hardware floor and the prediction it can be checked against. Simulated records (each
-host's Phase 1 run in turn on one GPU, :mod:`star_lightning.simulation`) add the communication the cost model says
+host's Phase 1 run in turn on one GPU, :mod:`star_lightning.engine.simulate`) add the communication the cost model says
 cannot hide behind compute, at its stated link speeds, and the Phase 2 collectives' latency per layer; they say
 ``"simulated": true``.
 """
@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import platform
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from star_lightning.generation import RequestStats, StarSettings
+from star_lightning.engine.request import RequestStats
+from star_lightning.engine.settings import StarSettings
 from star_lightning.plan import Efficiency, GpuSpec, Interconnect, Layout, ModelShape, Request, known_gpu, plan_request
 from star_lightning.plan.hardware import measure_rates
 
@@ -74,11 +76,8 @@ def environment(device: torch.device, *, tiny: bool, rates: str, nprocs: int, co
 
 
 def _layout(star: StarSettings, hosts: int) -> Layout:
-    return Layout(
-        method=star.attention, hosts=hosts, block_size=star.block_size, anchor_block_size=star.anchor_block_size,
-        use_anchor=star.use_anchor, anchor_source=star.anchor_source, ring_layout=star.ring_layout,
-        anchor_query=star.anchor_query, passing_tokens=star.passing_tokens,
-    )  # fmt: skip
+    """The planned layout of a measured request: its settings on ``hosts`` hosts (played ones included)."""
+    return Layout.from_settings(replace(star, simulated_hosts=1).with_hosts(hosts))
 
 
 def make_record(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from star_lightning.engine.settings import StarSettings
 from star_lightning.plan import GpuSpec, Layout, ModelShape
 from star_lightning.plan.costs import attention_flops, causal_pairs, linear_flops
 from star_lightning.plan.hosts import assign
@@ -142,7 +143,9 @@ def compute_floor_s(
     shape = ModelShape.from_config(config, dtype)
     windowed, window = window_layers(config)
     global_layers = shape.layers - windowed
-    layout = Layout(method="star" if attention == "star" else "dense", hosts=1, block_size=block_size)
+    layout = Layout.from_settings(
+        StarSettings(attention="star" if attention == "star" else "dense", block_size=block_size)
+    )
     flops = 0.0
     for forward in assign(layout, context_tokens).forwards[0]:
         window_pairs = _windowed_pairs(forward.tokens, window) if window else 0

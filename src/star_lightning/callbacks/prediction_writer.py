@@ -27,13 +27,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
 from star_lightning.data.jsonl import append_prediction, completed_indices, repair_torn_tail
+from star_lightning.parallel.context import ContextInfo, single_host
 from star_lightning.parallel.lifetime import (
     STOP_SIGNALS,
     predict_loop_ended,
     predict_loop_started,
     requeue_slurm_job,
 )
-from star_lightning.parallel.mixin import ContextParallelMixin
 
 
 class PredictionStopped(SystemExit):
@@ -54,7 +54,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self.interrupted = False
         self._signal: int = 0
         self._is_global_zero = True
-        self._strategy: ContextParallelMixin | None = None
+        self._context: ContextInfo = single_host()
         self._previous_handlers: dict[int, Any] = {}
 
     def resume_hint(self) -> str:
@@ -71,8 +71,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             self.output.parent.mkdir(parents=True, exist_ok=True)
             repair_torn_tail(self.output)
-        strategy = trainer.strategy
-        self._strategy = strategy if isinstance(strategy, ContextParallelMixin) else None
+        self._context = getattr(pl_module, "context_info", None) or single_host()
         self._is_global_zero = trainer.is_global_zero
         trainer.strategy.barrier("prediction_writer_setup")
 
@@ -114,9 +113,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     def _agreed_signal(self) -> int:
         """The largest signal number any rank of the context-parallel group received (0 = none)."""
-        if self._strategy is None:
-            return self._signal
-        return self._strategy.agree_max_in_context_group(self._signal)
+        return self._context.agree_max_in_context_group(self._signal)
 
     def _stop(self, trainer: pl.Trainer, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -132,9 +129,9 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     def _speaks_for_group(self, trainer: pl.Trainer) -> bool:
         """The first rank of each group that agreed on the stop says so: once per group, not once per rank."""
-        if self._strategy is None:
+        if not self._context.shared:
             return trainer.is_global_zero
-        return self._strategy.context_parallel_rank == 0 and self._strategy.tensor_parallel_rank == 0
+        return self._context.context_parallel_rank == 0 and self._context.tensor_parallel_rank == 0
 
     @override
     def write_on_batch_end(

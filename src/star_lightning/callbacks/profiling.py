@@ -1,7 +1,7 @@
 """TensorBoard scalars per request and per host: Phase 1 time, time to first token, decode speed, memory, traffic.
 
 After every request each rank has its figures in ``pl_module.last_stats`` (a
-:class:`~star_lightning.generation.RequestStats`). The ranks of a context-parallel group gather them (they work on
+:class:`~star_lightning.engine.request.RequestStats`). The ranks of a context-parallel group gather them (they work on
 the same request in lockstep); the group's first rank turns them into scalars whose step is the request's position in
 the request file (its line order: the index of a generated file's requests; never the index itself, which may be
 any integer, far beyond TensorBoard's 64-bit steps):
@@ -33,9 +33,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from star_lightning.data.datamodule import RequestDataModule
-from star_lightning.generation import RequestStats
+from star_lightning.engine.request import RequestStats
 from star_lightning.module import StarAttentionLM
-from star_lightning.parallel.mixin import ContextParallelMixin
+from star_lightning.parallel.context import ContextInfo, single_host
 
 
 def decode_tokens_per_s(stats: RequestStats) -> float:
@@ -83,7 +83,7 @@ class PhaseProfiler(Callback):
     """Logs each request's Phase 1 / Phase 2 figures per host to the trainer's loggers (TensorBoard by default)."""
 
     def __init__(self) -> None:
-        self._strategy: ContextParallelMixin | None = None
+        self._context: ContextInfo = single_host()
         self._pending: list[tuple[int, dict[str, float]]] = []
         self._enabled = True
 
@@ -93,14 +93,11 @@ class PhaseProfiler(Callback):
         if not self._enabled:
             rank_zero_warn("PhaseProfiler: the trainer has no logger (--trainer.logger false); nothing is logged")
             return
-        strategy = trainer.strategy
-        self._strategy = strategy if isinstance(strategy, ContextParallelMixin) else None
+        self._context = getattr(pl_module, "context_info", None) or single_host()
         self._pending = []
 
     def _context_rank(self) -> tuple[int, int]:
-        if self._strategy is None:
-            return 0, 0
-        return self._strategy.data_parallel_rank, self._strategy.context_parallel_rank
+        return self._context.data_parallel_rank, self._context.context_parallel_rank
 
     def _log(self, trainer: pl.Trainer, step: int, metrics: dict[str, float]) -> None:
         for logger in trainer.loggers:
@@ -124,7 +121,7 @@ class PhaseProfiler(Callback):
         if stats is None:
             name = type(pl_module).__name__
             raise RuntimeError(f"PhaseProfiler needs a StarAttentionLM whose predict_step fills last_stats, not {name}")
-        per_host = [stats] if self._strategy is None else self._strategy.gather_in_context_group(stats)
+        per_host = self._context.gather_in_context_group(stats)
         data_parallel_rank, context_rank = self._context_rank()
         if context_rank != 0:
             return
@@ -137,9 +134,9 @@ class PhaseProfiler(Callback):
 
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._enabled or self._strategy is None:
+        if not self._enabled:
             return
-        everyone = self._strategy.gather_in_world(self._pending)
+        everyone = self._context.gather_in_world(self._pending)
         self._pending = []
         if trainer.is_global_zero:
             for pending in everyone[1:]:

@@ -19,7 +19,7 @@ from typing_extensions import override
 from star_lightning.callbacks.profiling import decode_tokens_per_s
 from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.module import StarAttentionLM
-from star_lightning.parallel.mixin import ContextParallelMixin
+from star_lightning.parallel.context import single_host
 
 
 class RequestProgress(Callback):
@@ -40,10 +40,8 @@ class RequestProgress(Callback):
             self._resumed = self._total - len(datamodule.requests)
         else:
             self._total, self._resumed = len(trainer.predict_dataloaders or ()), 0
-        strategy = trainer.strategy
-        self._data_parallel_size = (
-            strategy.layout.data_parallel_size if isinstance(strategy, ContextParallelMixin) else 1
-        )
+        context = getattr(pl_module, "context_info", None) or single_host()
+        self._data_parallel_size = context.layout.data_parallel_size
         self._trainer = trainer
         if isinstance(pl_module, StarAttentionLM) and self._on_phase not in pl_module.phase_listeners:
             pl_module.phase_listeners.append(self._on_phase)

@@ -1,7 +1,7 @@
 """The context-parallel strategy for Lightning Fabric scripts (alias ``"star"`` in Fabric's registry).
 
 ``Fabric(strategy=StarFabricStrategy(context_parallel_size=2))``; then ``fabric.strategy.context_group`` is what
-:func:`star_lightning.generation.generate` takes.
+:func:`star_lightning.engine.request.generate` takes.
 """
 
 from __future__ import annotations

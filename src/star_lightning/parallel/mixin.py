@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from star_lightning.errors import ConfigurationError
+from star_lightning.parallel.context import ContextInfo
 from star_lightning.parallel.group import ContextGroup, is_query_host
 from star_lightning.parallel.layout import AXES, ParallelLayout, host_gpu_indices, make_layout
 from star_lightning.parallel.torch_group import DistributedContextGroup
@@ -108,6 +109,23 @@ class ContextParallelMixin:
             )
         super().setup_environment()  # type: ignore[misc]
         self._create_groups()
+        # Handed to the module once, as Lightning's ModelParallelStrategy hands its mesh: the module and the callbacks
+        # read it and never ask which strategy runs them.
+        configure = getattr(getattr(self, "lightning_module", None), "configure_context", None)
+        if configure is not None and self._context_group is not None:
+            configure(self.context_info())
+
+    def context_info(self) -> ContextInfo:
+        """This rank's group, devices and place in the layout, as the module reads it."""
+        return ContextInfo(
+            group=self.context_group,
+            layout=self.layout,
+            global_rank=self.global_rank,
+            devices=tuple(self.host_devices),
+            gpus_per_host=self._gpus_per_host,
+            tensor_parallel_mesh=self.tensor_parallel_mesh if self._mesh is not None else None,
+            collectives=self,
+        )
 
     def _create_groups(self) -> None:
         """The device mesh (its axes' groups) and the CPU groups; every rank creates every group in the same order

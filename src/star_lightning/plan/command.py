@@ -19,11 +19,11 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
+from star_lightning.engine.settings import settings_from_options
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
 from star_lightning.options import OneLineErrors, check_devices
 from star_lightning.parallel.strategy import StarStrategy
-from star_lightning.partition import validate_block_sizes, validate_star_options
 from star_lightning.plan.costs import GIB, RUNTIME_RESERVE_BYTES
 from star_lightning.plan.fit import Suggestion, describe_misfit, suggest_changes
 from star_lightning.plan.hardware import (
@@ -172,28 +172,12 @@ def _layout(cfg: Namespace) -> tuple[Layout, int]:
     world = _world_size(cfg.trainer.devices, cfg.trainer.num_nodes)
     context_parallel = init_args.get("context_parallel_size")
     parallel = strategy.validate_layout(world if world is not None else (context_parallel or 1) * tensor_parallel)
-    validate_block_sizes(model.block_size, model.anchor_block_size)
-    validate_star_options(
-        attention=model.attention, block_size=model.block_size, anchor=model.anchor,
-        anchor_query=bool(getattr(model, "anchor_query", False)), passing_tokens=getattr(model, "passing_tokens", 0),
-        passing_pool_kernel=getattr(model, "passing_pool_kernel", 7),
-        simulate_hosts=getattr(model, "simulate_hosts", 1),
-    )  # fmt: skip
-    if model.max_new_tokens <= 0:
-        raise ConfigurationError(f"--model.max_new_tokens must be positive, got {model.max_new_tokens}")
-    layout = Layout(
-        method=model.attention,
-        hosts=parallel.context_parallel_size,
-        block_size=model.block_size,
-        anchor_block_size=model.anchor_block_size,
-        use_anchor=model.anchor,
-        anchor_source=model.anchor_source,
-        ring_layout=model.ring_layout,
-        tensor_parallel_size=tensor_parallel,
+    # The request settings predict builds, on this layout: what predict refuses, plan refuses with the same line.
+    settings = settings_from_options(
+        model, hosts=parallel.context_parallel_size, tensor_parallel_size=tensor_parallel,
         gpus_per_host=int(init_args.get("gpus_per_host") or 1),
-        anchor_query=bool(getattr(model, "anchor_query", False)),
-        passing_tokens=int(getattr(model, "passing_tokens", 0) or 0),
-    )
+    )  # fmt: skip
+    layout = Layout.from_settings(settings)
     return layout, parallel.data_parallel_size
 
 

@@ -25,24 +25,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
+from star_lightning.engine.settings import AnchorSource, Attention, RingLayout, StarSettings
 from star_lightning.errors import ConfigurationError
-from star_lightning.partition import SELECTION_WINDOW, RingLayout, plan_blocks, plan_ring, split_evenly
+from star_lightning.partition import SELECTION_WINDOW, plan_blocks, plan_ring, split_evenly
 from star_lightning.plan import costs
 from star_lightning.plan.costs import GIB
 from star_lightning.plan.hardware import GpuSpec, Interconnect
 from star_lightning.plan.shape import ModelShape
-
-Method = Literal["star", "ring", "dense"]
-AnchorSource = Literal["broadcast", "host", "block"]
 
 
 @dataclass(frozen=True)
 class Layout:
     """How one request is spread: the attention method, its settings and the hosts of one context-parallel group."""
 
-    method: Method = "star"
+    method: Attention = "star"
     hosts: int = 1
     block_size: int = 4096
     anchor_block_size: int | None = None
@@ -59,6 +57,26 @@ class Layout:
     @property
     def gpus_per_request(self) -> int:
         return self.hosts * self.tensor_parallel_size * self.gpus_per_host
+
+    @classmethod
+    def from_settings(cls, settings: StarSettings) -> Layout:
+        """The layout of a request's settings (the one way ``predict``, ``plan`` and the benchmarks build it)."""
+        return cls(
+            method=settings.attention, hosts=settings.hosts, block_size=settings.block_size,
+            anchor_block_size=settings.anchor_block_size, use_anchor=settings.use_anchor,
+            anchor_source=settings.anchor_source, ring_layout=settings.ring_layout,
+            tensor_parallel_size=settings.tensor_parallel_size, gpus_per_host=settings.gpus_per_host,
+            anchor_query=settings.anchor_query, passing_tokens=settings.passing_tokens,
+        )  # fmt: skip
+
+    def settings(self) -> StarSettings:
+        """The request settings this layout plans (validated: the checks ``predict`` makes, with its messages)."""
+        return StarSettings(
+            attention=self.method, block_size=self.block_size, anchor_block_size=self.anchor_block_size,
+            use_anchor=self.use_anchor, anchor_source=self.anchor_source, ring_layout=self.ring_layout,
+            anchor_query=self.anchor_query, passing_tokens=self.passing_tokens, hosts=self.hosts,
+            tensor_parallel_size=self.tensor_parallel_size, gpus_per_host=self.gpus_per_host,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -413,27 +431,10 @@ def phase1_flops_per_host(shape: ModelShape, layout: Layout, context_tokens: int
 
 
 def validate_layout(shape: ModelShape, layout: Layout) -> None:
-    """Settings no plan can be made of, each named with its fix."""
-    if layout.method not in ("star", "ring", "dense"):
-        raise ConfigurationError(f"--model.attention must be star, ring or dense, got {layout.method!r}")
-    if layout.anchor_source not in ("broadcast", "host", "block"):
-        raise ConfigurationError(
-            f"anchor_source must be broadcast, host or block, got {layout.anchor_source!r}; set --model.anchor_source"
-        )
-    if layout.hosts < 1:
-        raise ConfigurationError(f"the number of hosts must be positive, got {layout.hosts}")
-    if layout.method == "dense" and layout.hosts != 1:
-        raise ConfigurationError(
-            f"dense attention runs each request in one process, but the context-parallel group has {layout.hosts} "
-            "hosts; set --trainer.strategy.context_parallel_size 1 (the devices then split the requests) or use "
-            "--model.attention star/ring"
-        )
+    """Settings no plan can be made of, each named with its fix: the request settings' own checks
+    (:class:`~star_lightning.engine.settings.StarSettings`), then the model's."""
+    layout.settings()
     t, g = layout.tensor_parallel_size, layout.gpus_per_host
-    if t < 1 or g < 1:
-        raise ConfigurationError(
-            f"tensor_parallel_size ({t}) and gpus_per_host ({g}) must be positive numbers of GPUs; set "
-            "--trainer.strategy.tensor_parallel_size / --trainer.strategy.gpus_per_host to 1 or more"
-        )
     if shape.heads % t or shape.kv_heads % t:
         raise ConfigurationError(
             f"tensor_parallel_size {t} must divide the attention heads ({shape.heads}) and the KV heads "

@@ -1,0 +1,107 @@
+"""Phase 2: the query over every host's KV (:func:`encode_query`), one generated token (:func:`decode_step`), the
+decode mode, and the token loop (:func:`sample_loop`: the query host chooses, every host follows).
+
+The static, graph-captured step is :class:`~star_lightning.engine.static_decoder.StaticDecoder`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from star_lightning.attention.kernels import KernelChoice
+from star_lightning.attention.step import ForwardStep
+from star_lightning.cache import KVStore
+from star_lightning.engine.forward import forward, position_ids
+from star_lightning.engine.settings import DECODE_MODES, GenerationSettings
+from star_lightning.parallel.group import ContextGroup, is_query_host
+from star_lightning.sampling import choose_token
+
+StopCheck = Callable[[list[int]], bool]
+
+
+def encode_query(
+    model: nn.Module,
+    store: KVStore,
+    query_ids: Tensor,
+    start: int,
+    group: ContextGroup,
+    kernels: KernelChoice | None = None,
+) -> Tensor:
+    """Phase 2 for the query tokens: every host attends with them to its local KV; the partials are merged."""
+    stop = start + query_ids.shape[1]
+    step = ForwardStep(
+        phase="query",
+        group=group,
+        kernels=KernelChoice() if kernels is None else kernels,
+        store=store,
+        keep_new=is_query_host(group),
+        last_position=stop - 1,
+    )
+    return forward(model, query_ids, position_ids(start, stop, query_ids.device), step, start=start)
+
+
+def decode_step(
+    model: nn.Module,
+    store: KVStore,
+    token: Tensor,
+    position: int,
+    group: ContextGroup,
+    kernels: KernelChoice | None = None,
+) -> Tensor:
+    """Phase 2 for one generated token (``token`` ``[1, 1]``), the same on every host."""
+    return encode_query(model, store, token, position, group, kernels)
+
+
+def resolve_decode_mode(mode: str, devices: list[torch.device], length_dependent_rope: bool = False) -> str:
+    """``auto``: a compiled CUDA graph on one GPU; eager on CPU, on a model spread over several GPUs, and for a rope
+    whose frequencies follow the sequence length (transformers recomputes them behind host-side branches, which a
+    CUDA graph cannot capture)."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"unknown decode mode {mode!r}; choose {', '.join(DECODE_MODES)}")
+    on_one_gpu = len(devices) == 1 and devices[0].type == "cuda"
+    if mode == "auto":
+        return "compile" if on_one_gpu and not length_dependent_rope else "eager"
+    if mode in ("graph", "compile") and devices[0].type != "cuda":
+        raise ValueError(f"decode mode {mode!r} needs CUDA (CUDA graphs); use 'static' or 'eager' on this device")
+    if mode in ("graph", "compile") and length_dependent_rope:
+        raise ValueError(
+            f"decode mode {mode!r} cannot capture this model's rope (dynamic or longrope scaling recomputes its "
+            "frequencies every step); use --model.decode auto, static or eager"
+        )
+    if mode in ("static", "graph", "compile") and len(devices) > 1:
+        raise ValueError(
+            f"decode mode {mode!r} needs the model on one device, but it is spread over {len(devices)} GPUs "
+            "(gpus_per_host > 1); use --model.decode eager or auto"
+        )
+    return mode
+
+
+def sample_loop(
+    first_logits: Tensor,
+    next_logits: Callable[[int, int], Tensor],
+    group: ContextGroup,
+    settings: GenerationSettings,
+    stop_check: StopCheck | None = None,
+) -> list[int]:
+    """The query host picks each token and broadcasts it (with a stop flag): hosts never choose independently."""
+    generator = settings.sampling.generator(first_logits.device)
+    tokens: list[int] = []
+    logits = first_logits
+    for i in range(settings.max_new_tokens):
+        packet = torch.zeros(2, dtype=torch.long, device=first_logits.device)  # [token, finished]
+        if is_query_host(group):
+            token = choose_token(logits, settings.sampling, generator)
+            finished = token in settings.eos_token_ids or i + 1 == settings.max_new_tokens
+            finished = finished or (stop_check is not None and stop_check([*tokens, token]))
+            packet[0], packet[1] = token, int(finished)
+        packet = group.broadcast_from_query_host(packet)
+        token, finished = int(packet[0].item()), bool(packet[1].item())
+        if token not in settings.eos_token_ids:
+            tokens.append(token)
+        if finished:
+            break
+        logits = next_logits(token, i)
+    return tokens

@@ -1,0 +1,134 @@
+"""Phase 2 decoding with static shapes, captured once as a CUDA graph (or compiled) and replayed per token."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from star_lightning.attention.kernels import KernelChoice
+from star_lightning.attention.step import ForwardStep, StaticSlot
+from star_lightning.cache import KVStore
+from star_lightning.engine.forward import forward
+from star_lightning.parallel.group import ContextGroup, is_query_host
+
+
+class StaticDecoder:
+    """Phase 2 decoding with static shapes: every step is the same kernels on the same buffers.
+
+    The token, its position, the cache slot and the valid length live in device tensors that are set before each
+    step, so the step can be captured once as a CUDA graph (collectives included) and replayed per token. The
+    capture's warm-up runs the first real step (its cache write is idempotent: same token, same slot).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        store: KVStore,
+        group: ContextGroup,
+        kernels: KernelChoice,
+        last_position: int,
+        graph: bool,
+        compile: bool = False,
+    ) -> None:
+        self.kernels = kernels
+        self.model, self.store, self.group = model, store, group
+        self.use_graph = graph and kernels.graph_failure is None  # this engine's captures failed before: none
+        self.forward = kernels.compiled_forward(model) if compile else model
+        device = store.device
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
+        self.positions = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
+        self.slot = StaticSlot(
+            write_slot=torch.zeros(1, dtype=torch.long, device=device),
+            valid_length=torch.zeros(1, dtype=torch.int32, device=device),
+        )
+        self.keep_new = is_query_host(group)
+        self.step = ForwardStep(
+            phase="query",
+            group=group,
+            kernels=kernels,
+            store=store,
+            keep_new=self.keep_new,
+            static=self.slot,
+            last_position=last_position,
+        )
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+        self.bytes_per_step = 0
+        self.replays = 0
+        self.setup_s = 0.0
+        self.requested = ("compile" if compile else "graph") if graph else "static"
+        self.mode = self.requested if self.use_graph or not graph else "static"
+        """The mode it decodes in: ``static`` where a graph was asked for but cannot be captured."""
+        self.capacity = store.capacity  # the buffers the graph was captured on: valid while the store keeps them
+
+    def serves(self, store: KVStore, group: ContextGroup, mode: str) -> bool:
+        """Whether this step, as captured, is right for a request over ``store`` (a kept context's next query)."""
+        same = store is self.store and group is self.group and mode == self.requested
+        return same and store.capacity == self.capacity
+
+    def begin_request(self) -> None:
+        """Per-request figures start at zero; a graph captured for an earlier request is replayed as it is."""
+        self.setup_s = 0.0
+        self.replays = 0
+
+    def _run(self) -> Tensor:
+        return forward(self.forward, self.ids, self.positions, self.step)
+
+    def _capture(self) -> None:
+        t0 = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._run()  # warm-up: lazy initialisation and kernel compilation stay out of the graph
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        bytes_before = self.group.bytes_moved
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.logits = self._run()
+        self.bytes_per_step = self.group.bytes_moved - bytes_before
+        self.graph = graph
+        torch.cuda.synchronize()
+        self.setup_s = time.perf_counter() - t0
+
+    def __call__(self, token: int, position: int) -> Tensor:
+        length = self.store.length
+        if self.keep_new and length >= self.store.capacity:
+            raise RuntimeError(f"KV store overflow: {length} + 1 tokens exceed the capacity {self.store.capacity}")
+        self.ids.fill_(token)
+        self.positions.fill_(position)
+        self.slot.write_slot.fill_(length)
+        self.slot.valid_length.fill_(length + 1 if self.keep_new else length)
+        if self.use_graph and self.graph is None:
+            try:
+                self._capture()
+            except RuntimeError as error:  # a kernel that cannot be captured: decode without the graph, exactly
+                warnings.warn(
+                    f"capturing the decode step as a CUDA graph failed ({str(error).splitlines()[0]}); decoding with "
+                    "the static step, uncaptured (slower, the same tokens)",
+                    stacklevel=2,
+                )
+                self.use_graph, self.graph, self.logits, self.mode = False, None, None, "static"
+                self.kernels.graph_failure = str(error).splitlines()[0]
+                torch.cuda.synchronize()
+        if not self.use_graph:
+            logits = self._run()
+        else:
+            assert self.graph is not None and self.logits is not None
+            self.graph.replay()
+            self.replays += 1
+            logits = self.logits
+        if self.keep_new:
+            self.store.advance(1)
+        return logits
+
+    @property
+    def replayed_bytes(self) -> int:
+        """Bytes this request's replays moved that the group did not count (a capture counts one step's bytes
+        without moving them, a replay moves them without counting)."""
+        if not self.replays:
+            return 0
+        captured_now = self.setup_s > 0
+        return self.bytes_per_step * (self.replays - 1 if captured_now else self.replays)
