@@ -718,11 +718,18 @@ def context_key(
 
 
 def request_context_key(
-    model: nn.Module, context_ids: Tensor, query_ids: Tensor, star: StarSettings, group: ContextGroup
+    model: nn.Module,
+    context_ids: Tensor,
+    query_ids: Tensor,
+    star: StarSettings,
+    group: ContextGroup,
+    anchor_query_ids: Tensor | None = None,
 ) -> str:
-    """The :func:`context_key` a request's context is encoded under (a kept context answers it when they match)."""
+    """The :func:`context_key` a request's context is encoded under (a kept context answers it when they match);
+    ``anchor_query_ids``: the anchor's query when it is not ``query_ids`` (:mod:`star_lightning.anchor_text`)."""
     rope_length = rope_length_key(model, context_ids.shape[1] + query_ids.shape[1])
-    return context_key(context_ids, star, group, rope_length, query_ids)
+    anchor = query_ids if anchor_query_ids is None else anchor_query_ids
+    return context_key(context_ids, star, group, rope_length, anchor)
 
 
 def encode_context(
@@ -972,8 +979,12 @@ def generate(
     *,
     kernels: KernelChoice | None = None,
     kept: EncodedContext | None = None,
+    anchor_query_ids: Tensor | None = None,
 ) -> GenerationResult:
     """One request; ``context_ids`` and ``query_ids`` are ``[1, L]`` on the model's device.
+
+    ``anchor_query_ids`` (``[1, Q]``): what ``star.anchor_query`` puts after the anchor, when it is not the whole
+    query (the question alone, :mod:`star_lightning.anchor_text`); Phase 2 still reads ``query_ids``.
 
     ``kept``: the context the previous request encoded (``GenerationResult.context``); when this request's context
     is the same (same tokens, same settings), Phase 1 is skipped and the kept context answers (``phase1_s`` 0).
@@ -984,7 +995,10 @@ def generate(
     _reset_peak_memory(devices)
     extra = query_ids.shape[1] + settings.max_new_tokens if is_query_host(group) else 0
     prompt_length = context_ids.shape[1] + query_ids.shape[1]
-    reused = kept is not None and kept.key == request_context_key(model, context_ids, query_ids, star, group)
+    anchor_ids = query_ids if anchor_query_ids is None else anchor_query_ids
+    reused = kept is not None and kept.key == request_context_key(
+        model, context_ids, query_ids, star, group, anchor_ids
+    )
     if reused:
         assert kept is not None
         context = kept
@@ -993,7 +1007,7 @@ def generate(
         with _phase(PHASE1, on_phase):
             context = encode_context(
                 model, context_ids, group, star, extra_capacity=extra, kernels=kernels, prompt_length=prompt_length,
-                query_ids=query_ids,
+                query_ids=anchor_ids,
             )  # fmt: skip
     tokens, stats = answer(
         model, context, query_ids, group, star, settings, kernels=kernels, stop_check=stop_check, on_phase=on_phase
