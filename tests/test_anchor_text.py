@@ -84,8 +84,8 @@ def test_anchor_tokens_of_a_chat_model_hold_no_assistant_turn(smollm2_tokenizer,
     question and the stripped query hold no special token at all."""
     tokenizer = smollm2_tokenizer
     assert chat_tail(tokenizer) == ("<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>assistant\n")
-    special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>",
-                                                                                               "<|im_end|>")}  # fmt: skip
+    turn_tokens = ("<|im_start|>", "<|im_end|>")
+    special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in turn_tokens}
     for task in ("niah_single_1", "niah_multikey_2", "vt"):
         (row,) = generate(task, sources, tokenizer, chat=True, num=1)
         assert "<|im_start|>assistant" in row["input_query"]  # what the anchor used to be given
@@ -100,7 +100,7 @@ def test_a_query_that_cannot_be_cut_is_refused(tokenizers) -> None:  # noqa: F81
     tail = chat_tail(tokenizers[True])
     assert tail is not None and tail[1] and chat_tail(tokenizers[False]) is None
     turn = tail[0]
-    with pytest.raises(ConfigurationError, match="answer_prefix .* is not the end of its input_query"):
+    with pytest.raises(ConfigurationError, match=r"answer_prefix .* is not the end of its input_query"):
         stripped_query({"index": 3, "input_query": "Where?" + turn + " Answer:", "answer_prefix": " The answer"}, tail)
     with pytest.raises(ConfigurationError, match="holds the chat template's generation prompt"):
         stripped_query({"index": 4, "input_query": "Where?" + turn + " Answer: x and more"}, tail)
