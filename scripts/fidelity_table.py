@@ -46,6 +46,7 @@ from star_lightning.bench.fidelity import (
     PAIRING,
     SCORE_INTERVAL,
     WorkManifest,
+    essays_file,
     hardest_tasks,
     per_request_scores,
     share,
@@ -106,22 +107,6 @@ def config_options(config: str, length: int) -> list[str]:
     if spec["passing"]:
         options += ["--model.passing_tokens", str(block // PASSING_FRACTION), "--model.simulate_hosts", "0"]
     return options
-
-
-ASCII_FIXES = {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2026": "...", "\u2014": "--",
-               "\u2013": "-"}  # fmt: skip
-
-
-def essays_file(path: Path) -> Path:
-    """Python's documentation text as the essay haystack (RULER's Paul Graham essays need a download)."""
-    if not path.exists():
-        import pydoc_data.topics as topics
-
-        text = "\n".join(topics.topics[k] for k in sorted(topics.topics))
-        for bad, good in ASCII_FIXES.items():
-            text = text.replace(bad, good)
-        path.write_text(text)
-    return path
 
 
 def run_cli(argv: list[str]) -> str:

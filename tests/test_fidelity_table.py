@@ -82,7 +82,7 @@ def test_stale_work_is_refused_in_one_line(tmp_path: Path) -> None:
         manifest.check(orphan, spec_a)
 
 
-ARGS = ["--lengths", "512", "--configs", "dense", "aq-old_L/8", "--dense-floor", "0", "--hardest", "1"]
+ARGS = ["--lengths", "1024", "--configs", "dense", "aq-old_L/8", "--dense-floor", "0", "--hardest", "1"]
 
 
 @pytest.mark.slow
@@ -92,18 +92,18 @@ def test_rerun_with_other_tasks_or_samples_over_the_same_work(tmp_path: Path, ca
     work, out = tmp_path / "work", tmp_path / "fid"
     common = [*ARGS, "--work", str(work), "--out", str(out)]
     assert fidelity_table.main([*common, "--tasks", "niah_single_1", "niah_multikey_2", "--num-samples", "2"]) == 0
-    first = json.loads(out.with_suffix(".json").read_text())["lengths"]["512"]
+    first = json.loads(out.with_suffix(".json").read_text())["lengths"]["1024"]
     assert set(first["cells"]["dense"]["tasks"]) == {"niah_single_1", "niah_multikey_2"}
     (chosen,) = first["hardest"]
     entry = first["cells"]["aq-old_L/8"]
     assert set(entry["tasks"]) == {chosen} and entry["tasks"][chosen]["n"] == 2
     assert len(entry["tasks"][chosen]["per_request"]) == 2
     assert entry["share"] is None or entry["share"]["method"] == "paired bootstrap"
-    old_form = [json.loads(line) for f in work.glob("requests_512_*_old_form.jsonl") for line in f.open()]
+    old_form = [json.loads(line) for f in work.glob("requests_1024_*_old_form.jsonl") for line in f.open()]
     assert old_form and all(r["question"] == r["input_query"] for r in old_form)
 
     assert fidelity_table.main([*common, "--tasks", "niah_multikey_2", "--num-samples", "1"]) == 0
-    second = json.loads(out.with_suffix(".json").read_text())["lengths"]["512"]
+    second = json.loads(out.with_suffix(".json").read_text())["lengths"]["1024"]
     assert set(second["cells"]["dense"]["tasks"]) == {"niah_multikey_2"}
     assert second["cells"]["aq-old_L/8"]["tasks"]["niah_multikey_2"]["n"] == 1
     assert "KeyError" not in capsys.readouterr().err

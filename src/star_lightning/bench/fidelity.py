@@ -154,3 +154,20 @@ def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     names = sorted(set(old) | set(new))
     changed = [f"{n} {old.get(n)!r} -> {new.get(n)!r}" for n in names if old.get(n) != new.get(n)]
     return "made from other inputs (" + "; ".join(changed)[:300] + ")"
+
+
+ASCII_FIXES = {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2026": "...", "\u2014": "--",
+               "\u2013": "-"}  # fmt: skip
+
+
+def essays_file(path: Path) -> Path:
+    """Python's documentation text as the essay haystack (RULER's Paul Graham essays need a download), written once."""
+    if not path.exists():
+        import pydoc_data.topics as topics
+
+        text = "\n".join(topics.topics[k] for k in sorted(topics.topics))
+        for bad, good in ASCII_FIXES.items():
+            text = text.replace(bad, good)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return path
