@@ -304,9 +304,16 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed, "dense_floor": args.dense_floor, "hardest": args.hardest, "tasks": tasks,
             "score_interval": SCORE_INTERVAL, "share_interval": PAIRING}  # fmt: skip
     saved = json.loads(json_path.read_text()) if json_path.exists() else {}
-    results: dict = saved.get("lengths", {}) if saved.get("meta", {}).get("num_samples") == args.num_samples else {}
+    results: dict = saved.get("lengths", {})
     configs = ["dense", *(c for c in args.configs if c != "dense")]
     try:
+        decided = ("model", "device", "dtype", "num_samples", "seed", "dense_floor", "hardest")
+        changed = [f"{k} {saved['meta'].get(k)!r} -> {meta[k]!r}" for k in decided
+                   if "meta" in saved and saved["meta"].get(k) != meta[k]]  # fmt: skip
+        if changed:
+            raise ConfigurationError(
+                f"{json_path} holds another run's table ({'; '.join(changed)}); choose another --out"
+            )
         work = Work(args, model)
         for length in args.lengths:
             results[str(length)] = measure_length(work, length, tasks, configs, args)
