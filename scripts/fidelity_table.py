@@ -310,10 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         decided = ("model", "device", "dtype", "num_samples", "seed", "dense_floor", "hardest")
         changed = [f"{k} {saved['meta'].get(k)!r} -> {meta[k]!r}" for k in decided
                    if "meta" in saved and saved["meta"].get(k) != meta[k]]  # fmt: skip
-        if changed:
-            raise ConfigurationError(
-                f"{json_path} holds another run's table ({'; '.join(changed)}); choose another --out"
-            )
+        if changed:  # another run's table: not mixed in (its predictions stay in --work, named by what made them)
+            print(f"fidelity_table: {json_path} held another run's table ({'; '.join(changed)}); starting it afresh",
+                  file=sys.stderr)  # fmt: skip
+            results = {}
         work = Work(args, model)
         for length in args.lengths:
             results[str(length)] = measure_length(work, length, tasks, configs, args)
