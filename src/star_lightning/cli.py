@@ -18,7 +18,7 @@ from star_lightning import __version__
 from star_lightning.errors import ConfigurationError
 from star_lightning.parallel.lifetime import Stopped, job_lifetime, signal_name
 
-USAGE = """usage: star-lightning {predict,plan,generate,score,table,export} ... | --version
+USAGE = """usage: star-lightning {predict,plan,generate,score,table,export,tune} ... | --version
 
   predict   run Star Attention (or ring/dense) over a JSONL file of requests
   plan      before launch: per-host memory and predicted times of a layout, and whether it fits (no weights)
@@ -26,6 +26,7 @@ USAGE = """usage: star-lightning {predict,plan,generate,score,table,export} ... 
   score     score a predictions JSONL file
   table     tabulate and plot prediction files: task x length x attention method
   export    write predictions in the reference implementation's format (its evaluators read them)
+  tune      the fastest Star configuration that keeps a target share of dense's accuracy, as a predict config
 
 Run 'star-lightning COMMAND --help' for a command's options.
 """
@@ -39,6 +40,7 @@ COMMANDS = {
     "score": "star_lightning.bench.scoring:main",
     "table": "star_lightning.bench.results:main",
     "export": "star_lightning.bench.export:main",
+    "tune": "star_lightning.tune.command:run",
 }
 
 

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningModule
 from transformers import PreTrainedModel
 
+from star_lightning.anchor_text import anchor_query_ids
 from star_lightning.attention.kernels import KernelChoice
 from star_lightning.data.jsonl import prediction_record
 from star_lightning.engine.context import EncodedContext
@@ -236,6 +237,7 @@ class StarAttentionLM(LightningModule):
         if model is None:
             raise RuntimeError("configure_model() did not load a model")
         context_ids, query_ids = self.encode_request(request)
+        anchor_ids = anchor_query_ids(self.tokenizer, request, self.star_settings.anchor_query, query_ids.device)
         index = int(request.get("index", 0))
         group = self.context_group()
         try:
@@ -250,6 +252,7 @@ class StarAttentionLM(LightningModule):
                 self._announce_phase if self.phase_listeners else None,
                 kernels=self.kernels,
                 kept=self._take_kept_context(),
+                anchor_query_ids=anchor_ids,
             )
         except ValueError as error:
             raise ConfigurationError(f"request {index}: {error}") from None

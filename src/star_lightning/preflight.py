@@ -30,6 +30,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from star_lightning.anchor_text import anchor_query_form, check_anchor_texts
 from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.data.jsonl import (
     completed_indices,
@@ -162,6 +163,9 @@ def _check_with_lock(
     _check_writable(output)
     numbered = read_numbered_requests(datamodule.path, datamodule.contexts)
     every_index = {request["index"] for _, request in numbered}  # the file's: --data.limit may differ on resume
+    form = None  # the whole file's: --data.limit may differ on resume
+    if hparams["attention"] == "star" and hparams.get("anchor_query"):
+        form = anchor_query_form(request for _, request in numbered)
     if datamodule.limit is not None:
         numbered = numbered[: datamodule.limit]
 
@@ -183,6 +187,7 @@ def _check_with_lock(
         requests=file_sha256(datamodule.path)
         + ("" if datamodule.contexts is None else f" + contexts {file_sha256(datamodule.contexts)}"),
         hosts=context_parallel_size,
+        anchor_query_form=form,
     )
     model_path = source if not Path(source).is_dir() else str(Path(source).resolve())
     world_size = trainer.num_nodes * trainer.num_devices
@@ -206,6 +211,8 @@ def _check_with_lock(
     tokenizer = None
     if to_check:
         tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+        if form is not None:
+            check_anchor_texts((request for _, request in to_check), tokenizer)
         plan_hosts = max(context_parallel_size, int(hparams.get("simulate_hosts", 1)))  # 0: one per block, any
         skipped, longest = _check_lengths(
             to_check, tokenizer, hparams, positions, plan_hosts, datamodule.path, datamodule.on_too_long

@@ -2,7 +2,9 @@
 
 Each line: ``index``, ``input_context`` (instruction + haystack), ``input_query`` (question, chat turn end and
 answer prefix), ``outputs`` (reference answers), ``task``, ``length``, ``answer_prefix``, ``max_new_tokens`` (the
-generation budget reserved inside ``length``) and ``num_prompt_tokens``; BABILong rows also carry ``question``.
+generation budget reserved inside ``length``), ``num_prompt_tokens`` and ``question`` (the question alone, without
+chat-template markers or answer prefix; RULER: the task template's question half, BABILong: the sample's question;
+``--model.anchor_query`` puts it after the anchor, :mod:`star_lightning.anchor_text`).
 
 With ``--queries_per_context K`` (RULER's NIAH and QA tasks) each generated context is asked K questions, one line
 each with its own references: the K lines carry ``context_id`` (``{task}-{length}-{sample}``, unique in the file)

@@ -67,7 +67,14 @@ MODEL_OPTIONS_THAT_DO_NOT = (
     "backend",
     "decode",
 )
-PREDICTION_SETTINGS = (*MODEL_OPTIONS_THAT_DECIDE, "model", "dtype", "precision", "requests", "hosts")
+# ``anchor_query_form``: with ``anchor_query``, which text follows the anchor (``question``, ``input_query_stripped``
+# or both for a file that mixes them, :mod:`star_lightning.anchor_text`); older runs put the whole ``input_query``
+# there and recorded no form, so their records differ from any run with ``anchor_query`` now.
+PREDICTION_SETTINGS = (
+    *MODEL_OPTIONS_THAT_DECIDE, "model", "dtype", "precision", "requests", "hosts", "anchor_query_form"
+)  # fmt: skip
+# Settings added after records were first written: absent from an old record reads as null.
+_ADDED_LATER = ("anchor_query_form",)
 
 
 def record_path(output: str | os.PathLike[str]) -> Path:
@@ -76,7 +83,14 @@ def record_path(output: str | os.PathLike[str]) -> Path:
 
 
 def prediction_settings(
-    model_options: Mapping[str, Any], *, model: str, dtype: str, precision: str, requests: str, hosts: int = 1
+    model_options: Mapping[str, Any],
+    *,
+    model: str,
+    dtype: str,
+    precision: str,
+    requests: str,
+    hosts: int = 1,
+    anchor_query_form: str | None = None,
 ) -> dict[str, Any]:
     """The settings a resume must match, with the values that cannot matter for this method set to None.
 
@@ -102,6 +116,7 @@ def prediction_settings(
         settings.update(block_size=None, anchor_block_size=None, anchor=None, anchor_query=None, passing_tokens=None)
     if settings["temperature"] == 0:
         settings.update(top_p=None, seed=None)
+    settings["anchor_query_form"] = anchor_query_form if settings["anchor_query"] else None
     return settings
 
 
@@ -167,7 +182,7 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     before, after = old["prediction_settings"], new["prediction_settings"]
     changes: list[str] = []
     for name in PREDICTION_SETTINGS:
-        if name in before and before[name] == after.get(name):
+        if (name in before or name in _ADDED_LATER) and before.get(name) == after.get(name):
             continue
         was = _short(before[name]) if name in before else "(not recorded)"
         now = _short(after.get(name))

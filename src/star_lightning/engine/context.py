@@ -43,13 +43,20 @@ def _same(a: Tensor | None, b: Tensor | None) -> bool:
 
 
 def context_key(
-    model: nn.Module, context_ids: Tensor, query_ids: Tensor, star: StarSettings, group: ContextGroup
+    model: nn.Module,
+    context_ids: Tensor,
+    query_ids: Tensor,
+    star: StarSettings,
+    group: ContextGroup,
+    anchor_query_ids: Tensor | None = None,
 ) -> ContextKey:
-    """The key a request's context is encoded under (a kept context answers the request when they match)."""
+    """The key a request's context is encoded under (a kept context answers the request when they match);
+    ``anchor_query_ids``: what the anchor holds when it is not ``query_ids`` (:mod:`star_lightning.anchor_text`)."""
     rope_length = rope_length_key(model, context_ids.shape[1] + query_ids.shape[1])
     in_anchor = star.attention == "star" and star.anchor_query
+    anchor = query_ids if anchor_query_ids is None else anchor_query_ids
     shape = (context_ids.shape[1], *star.shapes_kv(), rope_length, group.rank, group.size)
-    return ContextKey(context_ids.detach(), query_ids.detach() if in_anchor else None, shape)
+    return ContextKey(context_ids.detach(), anchor.detach() if in_anchor else None, shape)
 
 
 @dataclass

@@ -229,8 +229,12 @@ def generate(
     *,
     kernels: KernelChoice | None = None,
     kept: EncodedContext | None = None,
+    anchor_query_ids: Tensor | None = None,
 ) -> GenerationResult:
     """One request; ``context_ids`` and ``query_ids`` are ``[1, L]`` on the model's device.
+
+    ``anchor_query_ids`` (``[1, Q]``): what ``star.anchor_query`` puts after the anchor, when it is not the whole
+    query (the question alone, :mod:`star_lightning.anchor_text`); Phase 2 still reads ``query_ids``.
 
     ``kept``: the context the previous request encoded (``GenerationResult.context``); when this request's context
     is the same (same tokens, same settings: its key, made once here), Phase 1 is skipped and the kept context
@@ -242,7 +246,8 @@ def generate(
     reset_peak_memory(devices)
     extra = query_ids.shape[1] + settings.max_new_tokens if is_query_host(group) else 0
     prompt_length = context_ids.shape[1] + query_ids.shape[1]
-    key = context_key(model, context_ids, query_ids, star, group)
+    anchor_ids = query_ids if anchor_query_ids is None else anchor_query_ids
+    key = context_key(model, context_ids, query_ids, star, group, anchor_ids)
     reused = kept is not None and key.matches(kept.key)
     if kept is not None and reused:
         context = kept
@@ -252,7 +257,7 @@ def generate(
         with phase(PHASE1, on_phase):
             context = encode_context(
                 model, context_ids, group, star, extra_capacity=extra, kernels=kernels, prompt_length=prompt_length,
-                query_ids=query_ids, key=key,
+                query_ids=anchor_ids, key=key,
             )  # fmt: skip
     tokens, stats = answer(
         model, context, query_ids, group, star, settings, kernels=kernels, stop_check=stop_check, on_phase=on_phase

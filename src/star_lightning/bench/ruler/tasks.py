@@ -240,6 +240,7 @@ def _rows(task: str, spec: TaskSpec, length: int, sample: int, rendered: _Render
             row["input_context"] = rendered.context
         row |= {
             "input_query": query,
+            "question": question.query.strip(),  # the template's question half: the anchor's query (anchor_text)
             "outputs": question.outputs,
             "task": task,
             "length": length,

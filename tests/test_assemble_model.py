@@ -1,0 +1,135 @@
+"""``scripts/assemble_model.py``: parts read from wheels (or unpacked folders) are joined in part order whatever the
+order given, a wrong hash or size or a missing part is refused in one line with nothing written, and a real
+assembled model loads through ``predict`` (skipped, with the reason, where the file is absent)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("assemble_model", ROOT / "scripts" / "assemble_model.py")
+assert spec is not None and spec.loader is not None
+assemble_model = importlib.util.module_from_spec(spec)
+sys.modules["assemble_model"] = assemble_model
+spec.loader.exec_module(assemble_model)
+
+
+def _wheels(directory: Path, parts: list[bytes], name: str = "demo_model") -> list[Path]:
+    """One wheel per part, as the PyPI packages hold them: ``NAME_partN/data/partNN.bin`` (and an __init__)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    wheels = []
+    for number, data in enumerate(parts, start=1):
+        wheel = directory / f"{name}_part{number}-0.1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.writestr(f"{name}_part{number}/__init__.py", "")
+            archive.writestr(f"{name}_part{number}/data/part{number:02d}.bin", data)
+            archive.writestr(f"{name}_part{number}-0.1.0.dist-info/RECORD", "")
+        wheels.append(wheel)
+    return wheels
+
+
+PARTS = [os.urandom(5000 + 17 * i) for i in range(11)]  # 11 parts: part10 sorts before part2 as text
+WHOLE = b"".join(PARTS)
+SHA = hashlib.sha256(WHOLE).hexdigest()
+
+
+def test_parts_join_in_part_order_from_wheels_in_any_order(tmp_path: Path, capsys) -> None:
+    wheels = _wheels(tmp_path / "w", PARTS)
+    out = tmp_path / "m.gguf"
+    shuffled = [str(w) for w in reversed(wheels)]
+    assert assemble_model.main(["--wheels", *shuffled, "--out", str(out), "--sha256", SHA,
+                                "--size", str(len(WHOLE))]) == 0  # fmt: skip
+    assert out.read_bytes() == WHOLE
+    assert SHA in capsys.readouterr().out
+    # A folder of wheels, and unpacked data/partNN.bin files, give the same bytes.
+    again = tmp_path / "again.gguf"
+    assert assemble_model.main(["--wheels", str(tmp_path / "w"), "--out", str(again), "--sha256", SHA[:16]]) == 0
+    assert again.read_bytes() == WHOLE
+    unpacked = tmp_path / "unpacked"
+    for wheel in wheels:
+        zipfile.ZipFile(wheel).extractall(unpacked)
+    third = tmp_path / "third.gguf"
+    assert assemble_model.main(["--wheels", str(unpacked), "--out", str(third), "--sha256", SHA]) == 0
+    assert third.read_bytes() == WHOLE
+    # Chunks cut with `split -d` (model.gguf.part00, part01, ...), as a file is staged onto another machine.
+    chunks = tmp_path / "chunks"
+    chunks.mkdir()
+    for number in range(0, len(WHOLE), 7000):
+        (chunks / f"m.gguf.part{number // 7000:02d}").write_bytes(WHOLE[number : number + 7000])
+    fourth = tmp_path / "fourth.gguf"
+    assert assemble_model.main(["--wheels", str(chunks), "--out", str(fourth), "--sha256", SHA]) == 0
+    assert fourth.read_bytes() == WHOLE
+    # Already there and matching: nothing to do; there with another hash: refused.
+    assert assemble_model.main(["--wheels", str(unpacked), "--out", str(third), "--sha256", SHA]) == 0
+    wrong = "0" * 64
+    assert assemble_model.main(["--wheels", str(unpacked), "--out", str(third), "--sha256", wrong]) == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("hash", "does not match the known"),
+        ("size", "expected"),
+        ("gap", "have gaps (missing [4])"),
+        ("twice", "found more than once"),
+        ("bad_sha", "give 16 to 64 hex digits"),
+    ],
+)
+def test_a_wrong_assembly_is_refused_in_one_line_leaving_nothing(change: str, message: str, tmp_path: Path,
+                                                                   capsys) -> None:  # fmt: skip
+    wheels = _wheels(tmp_path / "w", PARTS)
+    args = ["--wheels", *map(str, wheels), "--out", str(tmp_path / "m.gguf"), "--sha256", SHA]
+    if change == "hash":
+        args[-1] = hashlib.sha256(WHOLE + b"x").hexdigest()
+    elif change == "size":
+        args += ["--size", str(len(WHOLE) + 1)]
+    elif change == "gap":
+        args.remove(str(wheels[3]))
+    elif change == "twice":
+        args.insert(1, str(wheels[0]))
+    else:
+        args[-1] = "xyz"
+    assert assemble_model.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert list(tmp_path.glob("*.gguf")) == [] and list(tmp_path.glob(".*part")) == []
+
+
+def test_known_models_list() -> None:
+    qwen = assemble_model.MODELS["qwen2.5-coder-0.5b"]
+    assert qwen.size == 491_400_064 and qwen.sha256.startswith("1d9614638d18024d") and len(qwen.sha256) == 64
+    assert assemble_model.MODELS["qwen2.5-coder-1.5b"].parts == 22
+
+
+# The assembled Qwen2.5-Coder-0.5B-Instruct (scripts/assemble_model.py qwen2.5-coder-0.5b --out DIR): its path.
+QWEN = Path(os.environ.get("STAR_LIGHTNING_QWEN_GGUF", "/work/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not QWEN.is_file(), reason=f"no assembled Qwen2.5-Coder-0.5B GGUF at {QWEN} (set "
+                    "STAR_LIGHTNING_QWEN_GGUF; scripts/assemble_model.py qwen2.5-coder-0.5b makes it)")  # fmt: skip
+def test_the_assembled_qwen_answers_a_ruler_request_through_predict(tmp_path: Path) -> None:
+    """A 32K-context chat model assembled from its parts: generate with its tokenizer, predict one ~1K-token request
+    with star and the question in the anchor on CPU, and find the needle."""
+    from star_lightning.cli import main
+
+    requests, out = tmp_path / "req.jsonl", tmp_path / "pred.jsonl"
+    assert main(["generate", "--benchmark", "ruler", "--task", "niah_single_1", "--tokenizer", str(QWEN), "--length",
+                 "1024", "--num_samples", "1", "--output", str(requests)]) == 0  # fmt: skip
+    row = json.loads(requests.read_text())
+    assert "<|im_start|>assistant" in row["input_query"] and "<|" not in row["question"]
+    assert main(["predict", "--model.pretrained", str(QWEN), "--model.attention", "star", "--model.block_size", "256",
+                 "--model.anchor_query", "true", "--model.max_new_tokens", "24", "--data.path", str(requests),
+                 "--output", str(out), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                 "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]) == 0  # fmt: skip
+    prediction = json.loads(out.read_text())
+    assert row["outputs"][0] in prediction["pred"], prediction["pred"]
+    assert json.loads(Path(f"{out}.run.json").read_text())["prediction_settings"]["anchor_query_form"] == "question"
