@@ -26,11 +26,13 @@ class Command:
     """One subcommand: what it does (one line of the usage), its entry point ``module:function`` (imported only when
     the command runs), and, for a command whose parser imports torch or Lightning to be built, the ``module:function``
     that describes the parser (:func:`star_lightning.parser_cache.describe`): its ``--help`` and option errors are
-    then answered from the cached description without the import."""
+    then answered from the cached description without the import. ``ranks``: the command may run as several ranks,
+    of which rank 0 alone reports an option error."""
 
     summary: str
     entry: str
     parser: str | None = None
+    ranks: bool = False
 
 
 # The subcommands, in the usage's order. A new one is one entry here; give ``parser`` where building its parser is
@@ -40,6 +42,7 @@ COMMANDS: dict[str, Command] = {
         "run Star Attention (or ring/dense) over a JSONL file of requests",
         "star_lightning.predict_cli:run_predict",
         parser="star_lightning.predict_cli:describe_parser",
+        ranks=True,
     ),
     "plan": Command(
         "before launch: per-host memory and predicted times of a layout, and whether it fits (no weights)",
@@ -82,9 +85,7 @@ def _run(name: str, rest: list[str]) -> int | None:
         return None
     command = COMMANDS[name]
     if command.parser is not None:
-        answered = parser_cache.answer(name, rest)
-        if answered is not None:
-            return answered
+        parser_cache.answer(name, rest, ranks=command.ranks)
     entry: Callable[[list[str]], int] = _load(command.entry)
     if command.parser is not None and parser_cache.load(name) is None:
         parser_cache.store(name, _load(command.parser)())

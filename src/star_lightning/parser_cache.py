@@ -80,10 +80,11 @@ def cache_folder() -> Path:
     return Path(base) / "star_lightning"
 
 
-def cache_key(command: str) -> str:
-    """The hash of everything a command's description depends on (read in a few milliseconds)."""
+def cache_key(command: str, package: Path | None = None) -> str:
+    """The hash of everything a command's description depends on (read in a few milliseconds); ``package``: the
+    folder of star_lightning's sources (this one's by default)."""
     digest = hashlib.sha256()
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent if package is None else package
     digest.update(f"{command}\0{__version__}\0{package}\0{sys.version}\0".encode())
     for library in _LIBRARIES:
         try:
@@ -133,27 +134,37 @@ def store(command: str, description: ParserDescription) -> None:
         return
 
 
-def answer(command: str, argv: list[str]) -> int | None:
-    """Answer ``command argv`` from the kept description where its option names alone decide: 0 after printing the
-    help for ``--help``; :class:`ConfigurationError` (the parser's own message) for unknown options. None: the
-    command must run (no description kept, or the command line needs its parser)."""
+def answer(command: str, argv: list[str], *, ranks: bool = False) -> None:
+    """Answer ``command argv`` from the kept description where its option names alone decide, as the parser would:
+    ``--help`` prints the help and raises ``SystemExit(0)``; unknown options raise :class:`ConfigurationError` with
+    the parser's own message (for a command launched as several ``ranks``, ``SystemExit(2)`` quietly on a rank
+    other than 0, which Lightning reads from the environment). Returns (the command must run) when
+    no description is kept or the command line needs its parser."""
     if not argv or (len(argv) > 1 and any(token in _HELP for token in argv)):
-        return None
+        return
     description = load(command)
     if description is None:
-        return None
-    if argv[0] in _HELP:
+        return
+    if argv[0] in _HELP:  # as the parser's help option ends: printed, then SystemExit(0)
         sys.stdout.write(description.help)
-        return 0
+        raise SystemExit(0)
     unknown = unknown_options(description, argv)
     if not unknown:
-        return None
-    if any(os.environ.get(name, "0") != "0" for name in _RANK_VARIABLES):  # another rank: rank 0 says it, once
+        return
+    if ranks and _rank() != 0:  # rank 0 says it, once
         raise SystemExit(2)
     known = list(description.options)
     raise ConfigurationError(
         "; ".join(describe_unknown(option, known) for option in unknown) + help_hint(description.prog)
     )
+
+
+def _rank() -> int:
+    """This process's global rank as Lightning's ``rank_zero_only`` reads it (the first variable set), else 0."""
+    for name in _RANK_VARIABLES:
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
 
 
 def unknown_options(description: ParserDescription, argv: list[str]) -> list[str]:
