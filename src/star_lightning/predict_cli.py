@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -24,9 +24,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from star_lightning.callbacks.prediction_writer import JsonlPredictionWriter
-from star_lightning.callbacks.profiling import PhaseProfiler
-from star_lightning.callbacks.progress import RequestProgress
 from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
@@ -34,7 +31,10 @@ from star_lightning.options import OneLineErrors, bad_value, check_devices, clos
 from star_lightning.parallel.lifetime import kill_launched_ranks, lost_peer, watch_ranks
 from star_lightning.parallel.strategy import StarStrategy
 from star_lightning.parser_cache import ParserDescription, describe
-from star_lightning.preflight import RunPlan, check_run, speaks_for_job
+
+if TYPE_CHECKING:
+    from star_lightning.callbacks.prediction_writer import JsonlPredictionWriter
+    from star_lightning.preflight import RunPlan
 
 DESCRIPTION = (
     "Run Star Attention (or the exact ring / dense baselines) over a JSONL file of requests and write one "
@@ -155,6 +155,8 @@ class StarLightningCLI(LightningCLI):
 
     def check(self) -> RunPlan | None:
         """The checks before any weights or process group, in the process that speaks for the job (None elsewhere)."""
+        from star_lightning.preflight import check_run, speaks_for_job  # the run's, not the parser's: imported here
+
         if not speaks_for_job(self.trainer):
             return None
         return check_run(
@@ -166,6 +168,10 @@ class StarLightningCLI(LightningCLI):
         )
 
     def predict(self, plan: RunPlan | None) -> int:
+        from star_lightning.callbacks.prediction_writer import JsonlPredictionWriter
+        from star_lightning.callbacks.profiling import PhaseProfiler
+        from star_lightning.callbacks.progress import RequestProgress
+
         output = self.config["output"]
         writer = JsonlPredictionWriter(output)
         callbacks: list[Any] = self.trainer.callbacks  # type: ignore[attr-defined]
