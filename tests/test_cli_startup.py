@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 
 from star_lightning import parser_cache
-from star_lightning.cli import main
+from star_lightning.cli import COMMANDS, _load, main
+from star_lightning.errors import ConfigurationError
 
 HEAVY = ("torch", "lightning", "transformers", "jsonargparse")
 # Runs the CLI's main in a fresh interpreter, then says which heavy libraries it imported (on stderr's last line).
 _PROBE = """
 import sys
-from star_lightning.cli import main
+from star_lightning.cli import COMMANDS, _load, main
+from star_lightning.errors import ConfigurationError
 try:
     code = main(sys.argv[1:])
 except SystemExit as stop:
@@ -62,15 +64,28 @@ def _in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[object,
     return code, captured.out, captured.err
 
 
+def _real(capsys: pytest.CaptureFixture[str], command: str, *args: str) -> tuple[object, str, str]:
+    """The command's own entry point, its parser built (no cache on the way): exit code, help, one-line error."""
+    try:
+        code: object = _load(COMMANDS[command].entry)(list(args))
+        error = ""
+    except SystemExit as stop:
+        code, error = stop.code, ""
+    except ConfigurationError as refused:
+        code, error = 2, f"star-lightning {command}: error: {refused}"
+    return code, capsys.readouterr().out, error
+
+
 def test_predict_help_is_kept_and_answered_without_torch(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, real, _ = _in_process(capsys, "predict", "--help")  # no description yet: the real parser prints it
+    code, real, _ = _real(capsys, "predict", "--help")
     assert code == 0
     for option in ("--model.block_size", "--model.attention {star,ring,dense}", "--data.path", "--trainer.devices"):
         assert option in real
     assert "Run Star Attention (or the exact ring / dense baselines)" in real
-    assert len(list((cache / "parsers").glob("predict-*.json"))) == 1
-    code, kept, _ = _in_process(capsys, "predict", "-h")
-    assert (code, kept) == (0, real)
+    assert not cache.exists()
+    for flag in ("--help", "-h"):  # described (nothing kept yet), then kept
+        assert _in_process(capsys, "predict", flag) == (0, real, "")
+        assert len(list((cache / "parsers").glob("predict-*.json"))) == 1
     code, printed, err, imported = _fresh("predict", "--help")
     assert (code, printed, err, imported) == (0, real, "", [])
 
@@ -86,16 +101,18 @@ def test_predict_help_is_kept_and_answered_without_torch(cache: Path, capsys: py
 def test_an_unknown_option_gets_the_parsers_own_line_without_torch(
     cache: Path, capsys: pytest.CaptureFixture[str], command: str, args: list[str]
 ) -> None:
-    code, _, real = _in_process(capsys, command, *args)  # the real parser's message, and the description kept
-    assert code == 2 and len(real.splitlines()) == 1 and real.startswith(f"star-lightning {command}: error: unknown")
-    assert f"(star-lightning {command} --help lists every option)" in real
+    code, _, real = _real(capsys, command, *args)  # the parser's own message
+    assert code == 2 and real.startswith(f"star-lightning {command}: error: unknown")
+    assert real.endswith(f"(star-lightning {command} --help lists every option)")
+    assert _in_process(capsys, command, *args) == (2, "", real + "\n")  # described, then answered from it
     code, out, err, imported = _fresh(command, *args)
-    assert (code, out, err.strip(), imported) == (2, "", real.strip(), [])
+    assert (code, out, err, imported) == (2, "", real, [])
 
 
 def test_plan_help_is_kept_and_generate_help_needs_no_cache(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, real, _ = _in_process(capsys, "plan", "--help")
+    code, real, _ = _real(capsys, "plan", "--help")
     assert code == 0 and "--length LENGTH" in real and "--model.block_size" in real and "--gpu_memory_gib" in real
+    assert _in_process(capsys, "plan", "--help")[0] == 0  # described and kept
     code, printed, _, imported = _fresh("plan", "--help")
     assert code == 0 and imported == []
     # the help shows --format's type as a function's address, which differs between processes

@@ -87,8 +87,9 @@ def _run(name: str, rest: list[str]) -> int | None:
     if command.parser is not None:
         parser_cache.answer(name, rest, ranks=command.ranks)
     entry: Callable[[list[str]], int] = _load(command.entry)
-    if command.parser is not None and parser_cache.load(name) is None:
+    if command.parser is not None and parser_cache.load(name) is None and parser_cache.writable():
         parser_cache.store(name, _load(command.parser)())
+        parser_cache.answer(name, rest, ranks=command.ranks)  # now kept: --help needs no second parser
     return entry(rest)
 
 

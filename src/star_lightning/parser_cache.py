@@ -98,6 +98,16 @@ def cache_key(command: str, package: Path | None = None) -> str:
     return digest.hexdigest()[:32]
 
 
+def writable() -> bool:
+    """Whether descriptions can be kept (else describing a parser would be work for nothing, on every run)."""
+    folder = cache_folder() / "parsers"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
 def _path(command: str, key: str) -> Path:
     return cache_folder() / "parsers" / f"{command}-{key}.json"
 
