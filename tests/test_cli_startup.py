@@ -173,6 +173,7 @@ def test_only_lines_decided_by_option_names_are_answered() -> None:
         ["--trainer.logger.init_args.foo", "1"],  # a subclass option's own options
         ["--trainer.logger.foo", "1"],
         ["--model.block_sze", "-4"],  # a value like an option
+        ["--model.block_siz", "4"],  # an abbreviation (jsonargparse 4 expands it, with a warning)
         ["--overwrite", "--model.block_sze", "4"],  # a flag without its value
         ["-c", "c.yaml", "--model.block_sze", "4"],
         ["--trainer.callbacks+", "x", "--model.block_sze", "4"],

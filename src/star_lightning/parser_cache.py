@@ -180,7 +180,9 @@ def _rank() -> int:
 def unknown_options(description: ParserDescription, argv: list[str]) -> list[str]:
     """The unknown options of a command line made of ``--name value`` and ``--name=value`` pairs only, in order;
     empty when the line has another shape (flags, config files, values that look like options), an option under a
-    subclass option, or no unknown option: then the real parser judges it."""
+    subclass option or a group's own value, an abbreviation of a known option, or no unknown option: then the real
+    parser judges it. (A line with an unknown option and a bad value of a known one gets the unknown option's line
+    here; the parser would name the value first.)"""
     known = set(description.options)
     groups = {option.rpartition(".")[0] for option in known}  # options with options under them (--model, --trainer)
     unknown: list[str] = []
@@ -202,6 +204,8 @@ def unknown_options(description: ParserDescription, argv: list[str]) -> list[str
             continue
         key = name[2:]
         if any(key.startswith(open_key + ".") for open_key in description.open_keys):
+            return []
+        if any(option.startswith(name) for option in known):  # an abbreviation, which the parser may expand
             return []
         unknown.append(name)
     return unknown

@@ -24,6 +24,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+# The callbacks are imported with the parser: its help lists the Callback classes known when it is built.
+from star_lightning.callbacks.prediction_writer import JsonlPredictionWriter
+from star_lightning.callbacks.profiling import PhaseProfiler
+from star_lightning.callbacks.progress import RequestProgress
 from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
@@ -33,7 +37,6 @@ from star_lightning.parallel.strategy import StarStrategy
 from star_lightning.parser_cache import ParserDescription, describe
 
 if TYPE_CHECKING:
-    from star_lightning.callbacks.prediction_writer import JsonlPredictionWriter
     from star_lightning.preflight import RunPlan
 
 DESCRIPTION = (
@@ -168,10 +171,6 @@ class StarLightningCLI(LightningCLI):
         )
 
     def predict(self, plan: RunPlan | None) -> int:
-        from star_lightning.callbacks.prediction_writer import JsonlPredictionWriter
-        from star_lightning.callbacks.profiling import PhaseProfiler
-        from star_lightning.callbacks.progress import RequestProgress
-
         output = self.config["output"]
         writer = JsonlPredictionWriter(output)
         callbacks: list[Any] = self.trainer.callbacks  # type: ignore[attr-defined]
