@@ -26,21 +26,21 @@ def _qkv(q_len: int, k_len: int, dtype: torch.dtype = torch.float32):
 
 
 def test_calls_of_one_class_share_one_choice() -> None:
-    """Other key lengths and long query lengths are the same class; a window, soft-capping, a valid length, another
-    dtype or a short query is another one."""
+    """On CPU the rules read no shape or dtype: every plain call is one class; a window, soft-capping or a valid
+    length is another one."""
     choice = KernelChoice()
-    for q_len, k_len in ((64, 64), (40, 200), (100, 300), (64, 64)):
-        attention_with_lse(*_qkv(q_len, k_len), scale=0.25, causal=True, kernels=choice)
+    for q_len, k_len, dtype in ((64, 64, torch.float32), (40, 200, torch.float32), (1, 300, torch.float64)):
+        attention_with_lse(*_qkv(q_len, k_len, dtype), scale=0.25, causal=True, kernels=choice)
     assert choice.selections == 1
     (shape, backend), *_ = choice.chosen.items()
-    assert backend is sdpa.flash and shape.device == "cpu" and shape.dtype == torch.float32 and shape.head_dim == 16
+    assert backend is sdpa.flash and shape.device == "cpu" and not shape.masked and shape.dtype is None
     attention_with_lse(*_qkv(64, 64), scale=0.25, causal=True, softcap=5.0, kernels=choice)
     window = SlidingWindow(8, torch.arange(64), torch.arange(64))
     attention_with_lse(*_qkv(64, 64), scale=0.25, causal=True, window=window, kernels=choice)
-    attention_with_lse(*_qkv(64, 64, torch.float64), scale=0.25, causal=True, kernels=choice)
+    attention_with_lse(*_qkv(4, 64), scale=0.25, causal=True, valid_length=torch.tensor([50]), kernels=choice)
     assert choice.selections == 4
     assert sorted(b.__module__ for b in choice.chosen.values()) == sorted(
-        [sdpa.__name__, math_backend.__name__, banded.__name__, sdpa.__name__]
+        [sdpa.__name__, math_backend.__name__, banded.__name__, math_backend.__name__]
     )
     for _ in range(3):  # again: nothing chosen anew
         attention_with_lse(*_qkv(64, 64), scale=0.25, causal=True, window=window, kernels=choice)
@@ -52,15 +52,27 @@ def test_the_class_holds_what_the_choice_depends_on() -> None:
     choice = KernelChoice()
     q, k, v = _qkv(4, 20)
     base = shape_class(choice, q, k, v, None, None, None)
-    assert base.short and base.tiles and not base.masked and base.groups == 2
-    assert not shape_class(choice, *_qkv(17, 20), None, None, None).short
+    assert not base.masked and not base.softcap and not base.valid_length and base.window is None
+    assert shape_class(choice, q, k, v, 5.0, None, None).softcap
     assert shape_class(choice, q, k, v, None, torch.tensor([9]), None).valid_length
     aligned = SlidingWindow(8, torch.arange(4), torch.arange(4), aligned=True)
-    assert shape_class(choice, q, k, v, None, None, aligned).window == "aligned"
-    assert not shape_class(
-        choice, q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, None, None, None
-    ).split_kv_layout
+    assert shape_class(choice, q, k, v, None, None, aligned)[1:3] == (True, "aligned")
     assert shape_class(KernelChoice("flex"), q, k, v, None, None, None).masked
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_class_holds_dtype_shape_and_layout() -> None:
+    choice = KernelChoice()
+    q, k, v = (t.cuda().to(torch.bfloat16) for t in _qkv(4, 20))
+    base = shape_class(choice, q, k, v, None, None, None)
+    assert base[:5] == ("cuda", False, None, False, False)
+    assert (base.dtype, base.head_dim, base.groups, base.short, base.tiles, base.split_kv_layout) == (
+        torch.bfloat16, 16, 2, True, True, True,
+    )  # fmt: skip
+    assert not shape_class(choice, *(t.cuda() for t in _qkv(17, 20)), None, None, None).short
+    assert not shape_class(choice, q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, None, None, None)[10]
+    assert shape_class(choice, q, k, v, 5.0, None, None).masked  # soft-capping: the masking kernels' on CUDA
 
 
 @pytest.mark.parametrize("attention", ["star", "ring"])

@@ -35,27 +35,37 @@ from star_lightning.attention.window import SlidingWindow
 
 
 class ShapeClass(NamedTuple):
-    """What one call's backend depends on (besides the engine's settings): calls of one class share a backend."""
+    """What one call's backend depends on (besides the engine's settings): calls of one class share a backend.
 
+    Built on every call, so only what the rules read is looked at (a tensor attribute costs 0.1-0.6 us): on CPU
+    the rules read no dtype, shape or layout (those fields are None); the split-KV layout only for a query that
+    fits the kernel's tiles; whether a graph is being captured only for masked calls."""
+
+    device: str
     masked: bool
     """A sliding window, or soft-capping that a masking kernel takes (CUDA ``auto``, or ``flex`` asked for)."""
-    device: str
-    dtype: torch.dtype
-    head_dim: int
-    groups: int
-    """Query heads per K/V head."""
-    short: bool
-    """At most 16 query tokens (decoding, short questions)."""
-    tiles: bool
-    """The query's rows fit the split-KV kernel's tiles (``MAX_CHUNKS`` tiles of ``MAX_ROWS`` rows per KV head)."""
     window: str | None
     """``"aligned"``: a forward attending to itself; ``"positions"``: any other window; None: no window."""
     softcap: bool
     valid_length: bool
-    split_kv_layout: bool
+    dtype: torch.dtype | None = None
+    head_dim: int | None = None
+    groups: int | None = None
+    """Query heads per K/V head."""
+    short: bool | None = None
+    """At most 16 query tokens (decoding, short questions)."""
+    tiles: bool | None = None
+    """The query's rows fit the split-KV kernel's tiles (``MAX_CHUNKS`` tiles of ``MAX_ROWS`` rows per KV head)."""
+    split_kv_layout: bool | None = None
     """K/V in the query's dtype and head dim, last dimensions contiguous (what the split-KV kernel reads)."""
-    capturing: bool
+    capturing: bool | None = None
     """A CUDA graph is being captured (FlexAttention cannot be)."""
+
+
+_WINDOW_KINDS = {False: "positions", True: "aligned"}
+_NOT_READ = (None,) * 7  # the fields the rules do not read off CUDA
+# ``ShapeClass(...)`` spends 0.5 us a call on its arguments; every field is given, so the tuple is made directly.
+_new = tuple.__new__
 
 
 def shape_class(
@@ -68,28 +78,30 @@ def shape_class(
     window: SlidingWindow | None,
 ) -> ShapeClass:
     """The class of one call ``query`` ``[B, Hq, Lq, D]`` over ``key``/``value`` ``[B, Hkv, Lk, D]``."""
-    cuda = query.is_cuda
-    capped = softcap is not None and cuda and kernels.backend == "auto"  # the masking kernels take soft-capping
-    masked = window is not None or kernels.backend == "flex" or capped
-    q_len, head_dim, groups = query.shape[2], query.shape[-1], query.shape[1] // key.shape[1]
-    return ShapeClass(
-        masked=masked,
-        device=query.device.type,
-        dtype=query.dtype,
-        head_dim=head_dim,
-        groups=groups,
-        short=q_len <= sdpa.SHORT_QUERY,
-        tiles=groups <= MAX_ROWS and q_len <= MAX_CHUNKS * (MAX_ROWS // groups),
-        window=None if window is None else ("aligned" if window.aligned else "positions"),
-        softcap=softcap is not None,
-        valid_length=valid_length is not None,
-        split_kv_layout=(
-            key.dtype == query.dtype == value.dtype
+    kind = None if window is None else _WINDOW_KINDS[window.aligned]
+    forced_flex = kernels.backend == "flex"
+    if not query.is_cuda:
+        device = "cpu" if query.is_cpu else query.device.type
+        masked = window is not None or forced_flex
+        return _new(ShapeClass, (device, masked, kind, softcap is not None, valid_length is not None, *_NOT_READ))
+    masked = window is not None or forced_flex or (softcap is not None and kernels.backend == "auto")
+    shape = query.shape  # [B, Hq, Lq, D]
+    q_len, head_dim, groups = shape[2], shape[3], shape[1] // key.shape[1]
+    tiles = groups <= MAX_ROWS and q_len <= MAX_CHUNKS * (MAX_ROWS // groups)
+    layout = None
+    if tiles and not masked:
+        dtype = query.dtype
+        layout = (
+            key.dtype == dtype == value.dtype
             and key.shape[-1] == value.shape[-1] == head_dim
             and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
-        ),
-        capturing=masked and cuda and torch.cuda.is_current_stream_capturing(),
-    )
+        )
+    capturing = masked and torch.cuda.is_current_stream_capturing()
+    fields = (
+        "cuda", masked, kind, softcap is not None, valid_length is not None, query.dtype, head_dim, groups,
+        q_len <= sdpa.SHORT_QUERY, tiles, layout, capturing,
+    )  # fmt: skip
+    return _new(ShapeClass, fields)
 
 
 def select(
