@@ -43,6 +43,14 @@ def _clean_process_state():
             dist.destroy_process_group()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _parser_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The commands' cached parser descriptions (star_lightning.parser_cache) go to a folder of this session, not
+    the user's cache (set before the environment fixtures take their copies, so it holds for every test)."""
+    os.environ["STAR_LIGHTNING_CACHE"] = str(tmp_path_factory.mktemp("star_lightning_cache"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local model folder (Llama, 2 layers, width 64, safetensors) with a tokenizer, as a user would have."""

@@ -275,20 +275,20 @@ def test_longrope_phase2_equals_attention_over_the_cache() -> None:
 def test_a_window_that_cuts_nothing_keeps_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """A request shorter than the window: no windowed call, the CPU's fused kernel as without a window; a window that
     reaches the request's last position cuts."""
-    from star_lightning.attention import kernels
+    from star_lightning.attention.backends import math as math_backend
     from star_lightning.attention.step import ForwardStep
 
     assert ForwardStep(phase="query", last_position=WINDOW - 1).window(WINDOW) is None
     assert ForwardStep(phase="query", last_position=WINDOW).window(WINDOW) == WINDOW
     calls = {"math": 0, "windowed": 0}
-    math = kernels._math_attention
+    math = math_backend.attention
 
     def counting(*args, **kwargs):
         calls["math"] += 1
         calls["windowed"] += kwargs.get("window") is not None
         return math(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "_math_attention", counting)
+    monkeypatch.setattr(math_backend, "attention", counting)
     context, query = random_tokens(CONTEXT, seed=13), random_tokens(QUERY, seed=14)
     for window, expected in ((PROMPT + NEW, 0), (WINDOW, 1)):
         calls.update(math=0, windowed=0)

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from star_lightning.attention import flex, kernels
+from star_lightning.attention import flex, kernels, selector
 from star_lightning.attention.kernels import KernelChoice, SlidingWindow, attention_with_lse
 
 WINDOW = 24
@@ -169,9 +169,9 @@ def test_a_failing_flex_call_falls_back_to_math_with_one_warning(monkeypatch: py
 
     choice = KernelChoice()
     monkeypatch.setattr(choice.flex, "function", lambda device: broken)
-    original = kernels.resolve_masked_backend
+    original = selector.resolve_masked_backend
     monkeypatch.setattr(
-        kernels, "resolve_masked_backend", lambda c, *a: "flex" if c.flex.failure is None else original(c, *a)
+        selector, "resolve_masked_backend", lambda c, *a: "flex" if c.flex.failure is None else original(c, *a)
     )
     q, k, v = _qkv(8, 8)
     window = SlidingWindow(WINDOW, _span(0, 8), _span(0, 8))

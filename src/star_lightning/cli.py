@@ -13,43 +13,87 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from star_lightning import __version__
+from star_lightning import __version__, parser_cache
 from star_lightning.errors import ConfigurationError
 from star_lightning.parallel.lifetime import Stopped, job_lifetime, signal_name
 
-USAGE = """usage: star-lightning {predict,plan,generate,score,table,export,tune} ... | --version
 
-  predict   run Star Attention (or ring/dense) over a JSONL file of requests
-  plan      before launch: per-host memory and predicted times of a layout, and whether it fits (no weights)
-  generate  write a benchmark request set (RULER, BABILong) as JSONL
-  score     score a predictions JSONL file
-  table     tabulate and plot prediction files: task x length x attention method
-  export    write predictions in the reference implementation's format (its evaluators read them)
-  tune      the fastest Star configuration that keeps a target share of dense's accuracy, as a predict config
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: what it does (one line of the usage), its entry point ``module:function`` (imported only when
+    the command runs), and, for a command whose parser imports torch or Lightning to be built, the ``module:function``
+    that describes the parser (:func:`star_lightning.parser_cache.describe`): its ``--help`` and option errors are
+    then answered from the cached description without the import. ``ranks``: the command may run as several ranks,
+    of which rank 0 alone reports an option error."""
 
-Run 'star-lightning COMMAND --help' for a command's options.
-"""
+    summary: str
+    entry: str
+    parser: str | None = None
+    ranks: bool = False
 
 
-# Each command's entry point, ``module:function``, imported only when the command runs.
-COMMANDS = {
-    "predict": "star_lightning.predict_cli:run_predict",
-    "plan": "star_lightning.plan.command:run",
-    "generate": "star_lightning.bench.generate:main",
-    "score": "star_lightning.bench.scoring:main",
-    "table": "star_lightning.bench.results:main",
-    "export": "star_lightning.bench.export:main",
-    "tune": "star_lightning.tune.command:run",
+# The subcommands, in the usage's order. A new one is one entry here; give ``parser`` where building its parser is
+# heavy (its ``--help`` then answers from the cache; keep the parser's own module light otherwise, as ``generate``).
+COMMANDS: dict[str, Command] = {
+    "predict": Command(
+        "run Star Attention (or ring/dense) over a JSONL file of requests",
+        "star_lightning.predict_cli:run_predict",
+        parser="star_lightning.predict_cli:describe_parser",
+        ranks=True,
+    ),
+    "plan": Command(
+        "before launch: per-host memory and predicted times of a layout, and whether it fits (no weights)",
+        "star_lightning.plan.command:run",
+        parser="star_lightning.plan.command:describe_parser",
+    ),
+    "generate": Command(
+        "write a benchmark request set (RULER, BABILong) as JSONL", "star_lightning.bench.generate:main"
+    ),
+    "score": Command("score a predictions JSONL file", "star_lightning.bench.scoring:main"),
+    "table": Command(
+        "tabulate and plot prediction files: task x length x attention method", "star_lightning.bench.results:main"
+    ),
+    "export": Command(
+        "write predictions in the reference implementation's format (its evaluators read them)",
+        "star_lightning.bench.export:main",
+    ),
+    "tune": Command(
+        "the fastest Star configuration that keeps a target share of dense's accuracy, as a predict config",
+        "star_lightning.tune.command:run",
+    ),
 }
 
+USAGE = (
+    f"usage: star-lightning {{{','.join(COMMANDS)}}} ... | --version\n\n"
+    + "".join(f"  {name:<9} {command.summary}\n" for name, command in COMMANDS.items())
+    + "\nRun 'star-lightning COMMAND --help' for a command's options.\n"
+)
 
-def _run(command: str, rest: list[str]) -> int | None:
-    """The command's exit status; None for an unknown command."""
-    if command not in COMMANDS:
+
+def _load(path: str) -> Callable[..., Any]:
+    module, function = path.split(":")
+    loaded: Callable[..., Any] = getattr(importlib.import_module(module), function)
+    return loaded
+
+
+def _run(name: str, rest: list[str]) -> int | None:
+    """The command's exit status; None for an unknown command.
+
+    A command with a cached parser description answers ``--help`` and unknown options from it; where none is kept
+    (the first run, or star_lightning or a library changed), the parser is described again before the command runs.
+    """
+    if name not in COMMANDS:
         return None
-    module, function = COMMANDS[command].split(":")
-    entry: Callable[[list[str]], int] = getattr(importlib.import_module(module), function)
+    command = COMMANDS[name]
+    if command.parser is not None:
+        parser_cache.answer(name, rest, ranks=command.ranks)
+    entry: Callable[[list[str]], int] = _load(command.entry)
+    if command.parser is not None and parser_cache.load(name) is None and parser_cache.writable():
+        parser_cache.store(name, _load(command.parser)())
+        parser_cache.answer(name, rest, ranks=command.ranks)  # now kept: --help needs no second parser
     return entry(rest)
 
 

@@ -151,7 +151,7 @@ class OneLineErrors:
         return " ".join(message.split()) + self._help_hint()
 
     def _help_hint(self) -> str:
-        return f" ({self.prog} --help lists every option)"
+        return help_hint(self.prog)
 
     def _unknown_options(self, message: str) -> list[str]:
         """The unknown options a message is about, as the user wrote them (``--model.blocksize``)."""
@@ -172,19 +172,7 @@ class OneLineErrors:
         return matches[-1] if matches else None
 
     def _describe_unknown(self, option: str) -> str:
-        flag = option if option.startswith("-") else f"--{option}"
-        typed = flag.replace(".init_args.", ".")
-        known = self.known_options()
-        group, _, leaf = typed.rpartition(".")
-        where = "" if option.startswith("-") else " (in the config)"
-        if typed in known:  # an option of a class the value given to its group is not
-            return f"option {flag}{where} does not apply to the value given to --{group.lstrip('-')}"
-        siblings = {name.rpartition(".")[2]: name for name in known if name.rpartition(".")[0] == group}
-        if siblings:  # compare within the group: the shared prefix would make every name look close
-            close = [siblings[name] for name in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)]
-        else:
-            close = difflib.get_close_matches(typed, known, n=1, cutoff=0.6)
-        return f"unknown option {flag}{where}" + (f"; did you mean {close[0]}?" if close else "")
+        return describe_unknown(option, self.known_options())
 
     def known_options(self) -> list[str]:
         """Every option this parser takes, as ``--group.name``: its own, and those of the subclass options."""
@@ -224,6 +212,28 @@ class OneLineErrors:
             return None
         hint = _init_hints(cls).get(name)
         return None if hint is None else accepted(hint)
+
+
+def help_hint(prog: str) -> str:
+    """What ends a message about unknown options."""
+    return f" ({prog} --help lists every option)"
+
+
+def describe_unknown(option: str, known: list[str]) -> str:
+    """An unknown option (``--model.blocksize`` typed, ``model.blocksize`` in a config) with the closest of the
+    ``known`` ones; a parser's own message, and the cached parser's (:mod:`star_lightning.parser_cache`)."""
+    flag = option if option.startswith("-") else f"--{option}"
+    typed = flag.replace(".init_args.", ".")
+    group, _, leaf = typed.rpartition(".")
+    where = "" if option.startswith("-") else " (in the config)"
+    if typed in known:  # an option of a class the value given to its group is not
+        return f"option {flag}{where} does not apply to the value given to --{group.lstrip('-')}"
+    siblings = {name.rpartition(".")[2]: name for name in known if name.rpartition(".")[0] == group}
+    if siblings:  # compare within the group: the shared prefix would make every name look close
+        close = [siblings[name] for name in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)]
+    else:
+        close = difflib.get_close_matches(typed, known, n=1, cutoff=0.6)
+    return f"unknown option {flag}{where}" + (f"; did you mean {close[0]}?" if close else "")
 
 
 def _init_hints(cls: type) -> dict[str, Any]:

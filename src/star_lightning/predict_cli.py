@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+# The callbacks are imported with the parser: its help lists the Callback classes known when it is built.
 from star_lightning.callbacks.prediction_writer import JsonlPredictionWriter
 from star_lightning.callbacks.profiling import PhaseProfiler
 from star_lightning.callbacks.progress import RequestProgress
@@ -33,7 +34,10 @@ from star_lightning.module import StarAttentionLM
 from star_lightning.options import OneLineErrors, bad_value, check_devices, closest
 from star_lightning.parallel.lifetime import kill_launched_ranks, lost_peer, watch_ranks
 from star_lightning.parallel.strategy import StarStrategy
-from star_lightning.preflight import RunPlan, check_run, speaks_for_job
+from star_lightning.parser_cache import ParserDescription, describe
+
+if TYPE_CHECKING:
+    from star_lightning.preflight import RunPlan
 
 DESCRIPTION = (
     "Run Star Attention (or the exact ring / dense baselines) over a JSONL file of requests and write one "
@@ -78,6 +82,8 @@ _EXPECTED_WARNINGS = (
     "The `srun` command is available on your system but is not used",
 )
 _QUIET_INFO = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "\nDetected KeyboardInterrupt")
+# The Trainer options whose value may be a class, which brings its own options (``--trainer.logger.init_args.*``).
+_CLASS_OPTIONS = ("trainer.strategy", "trainer.logger", "trainer.callbacks", "trainer.plugins", "trainer.profiler")
 _RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 
@@ -152,6 +158,8 @@ class StarLightningCLI(LightningCLI):
 
     def check(self) -> RunPlan | None:
         """The checks before any weights or process group, in the process that speaks for the job (None elsewhere)."""
+        from star_lightning.preflight import check_run, speaks_for_job  # the run's, not the parser's: imported here
+
         if not speaks_for_job(self.trainer):
             return None
         return check_run(
@@ -264,33 +272,8 @@ def run_predict(argv: list[str]) -> int:
     An error found while parsing and checking is the same on every rank: only global rank 0 reports it, the others
     exit 2 quietly, so it is printed once.
     """
-    from jsonargparse import set_parsing_settings
-
-    # Interpolations written from the config's root (``${model.block_size}``) resolve against the merged config.
-    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    _quiet_lightning()
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    # Subclass options take their class with their value: the defaults' classes name them for the suggestions.
-    option_classes = {"trainer.strategy": StarStrategy, "trainer.logger": TensorBoardLogger}
     try:
-        cli = StarLightningCLI(
-            StarAttentionLM,
-            RequestDataModule,
-            args=argv,
-            run=False,
-            parser_class=PredictParser,
-            parser_kwargs={
-                "parser_mode": "omegaconf+",
-                "prog": "star-lightning predict",
-                "description": DESCRIPTION,
-                "option_classes": option_classes,
-            },
-            trainer_defaults=TRAINER_DEFAULTS,
-            save_config_callback=None,
-            auto_configure_optimizers=False,
-            load_from_checkpoint_support=False,
-        )
+        cli = _build(StarLightningCLI, argv)
         plan = cli.check()
     except ConfigurationError:
         if getattr(rank_zero_only, "rank", 0) != 0:
@@ -301,3 +284,58 @@ def run_predict(argv: list[str]) -> int:
     finally:
         if plan is not None:
             plan.release()
+
+
+def _build(cli_class: type[StarLightningCLI], argv: list[str]) -> StarLightningCLI:
+    """The CLI over ``argv``: parsed and instantiated (``run=False``: nothing runs yet)."""
+    from jsonargparse import set_parsing_settings
+
+    # Interpolations written from the config's root (``${model.block_size}``) resolve against the merged config.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    _quiet_lightning()
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    # Subclass options take their class with their value: the defaults' classes name them for the suggestions.
+    option_classes = {"trainer.strategy": StarStrategy, "trainer.logger": TensorBoardLogger}
+    return cli_class(
+        StarAttentionLM,
+        RequestDataModule,
+        args=argv,
+        run=False,
+        parser_class=PredictParser,
+        parser_kwargs={
+            "parser_mode": "omegaconf+",
+            "prog": "star-lightning predict",
+            "description": DESCRIPTION,
+            "option_classes": option_classes,
+        },
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+        load_from_checkpoint_support=False,
+    )
+
+
+class _Built(Exception):
+    """Raised with the parser once it is built, before it parses anything (:func:`describe_parser`)."""
+
+    def __init__(self, parser: LightningArgumentParser) -> None:
+        super().__init__("parser built")
+        self.parser = parser
+
+
+class _DescribingCLI(StarLightningCLI):
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        raise _Built(parser)
+
+
+def describe_parser() -> ParserDescription:
+    """``predict``'s parser, built as a run builds it, described for the cache (:mod:`star_lightning.parser_cache`):
+    its help text and option names. The Trainer options that take a class with their value take their own options
+    with it: those names are the parser's to judge."""
+    try:
+        _build(_DescribingCLI, [])
+    except _Built as built:
+        return describe(built.parser, open_keys=_CLASS_OPTIONS)
+    raise RuntimeError("LightningCLI parsed without calling parse_arguments")

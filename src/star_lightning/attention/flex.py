@@ -49,7 +49,7 @@ def available() -> bool:
 class FlexState:
     """What one engine knows about FlexAttention: its compiled function per device type, and whether it failed.
 
-    Kept on the engine's :class:`~star_lightning.attention.kernels.KernelChoice` (no module-level state): a failure to
+    Kept on the engine's :class:`~star_lightning.attention.choice.KernelChoice` (no module-level state): a failure to
     compile or run switches that engine to the fallback kernel, with one warning.
     """
 

@@ -13,7 +13,7 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any
 
-from star_lightning.bench.metrics import BABILONG_LABELS
+from star_lightning.bench.babilong_labels import BABILONG_LABELS
 from star_lightning.bench.ruler.prompts import Prompt, Question, count_tokens, render
 from star_lightning.errors import ConfigurationError
 

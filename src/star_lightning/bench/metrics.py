@@ -16,16 +16,9 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f]")
+from star_lightning.bench.babilong_labels import BABILONG_LABELS
 
-# Verbatim from booydar/babilong babilong/metrics.py TASK_LABELS (qa1-qa5): the answer vocabulary of each task.
-BABILONG_LABELS: dict[str, tuple[str, ...]] = {
-    "qa1": ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office"),
-    "qa2": ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office"),
-    "qa3": ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office"),
-    "qa4": ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office"),
-    "qa5": ("Bill", "Fred", "Jeff", "Mary", "apple", "football", "milk"),
-}
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f]")
 
 
 def clean_prediction(prediction: str) -> str:

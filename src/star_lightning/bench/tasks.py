@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from star_lightning.bench.metrics import BABILONG_LABELS
+from star_lightning.bench.babilong_labels import BABILONG_LABELS
 from star_lightning.bench.ruler.tasks import TASKS as RULER_SPECS
 
 Benchmark = Literal["ruler", "babilong"]

@@ -24,6 +24,7 @@ from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
 from star_lightning.options import OneLineErrors, check_devices
 from star_lightning.parallel.strategy import StarStrategy
+from star_lightning.parser_cache import ParserDescription, describe
 from star_lightning.plan.costs import GIB, RUNTIME_RESERVE_BYTES
 from star_lightning.plan.fit import Suggestion, describe_misfit, suggest_changes
 from star_lightning.plan.hardware import (
@@ -94,6 +95,11 @@ def build_parser() -> ArgumentParser:
     gpu.add_argument("--phase1_efficiency", type=float, default=efficiency.phase1, help="of the matmul rate")
     gpu.add_argument("--decode_efficiency", type=float, default=efficiency.decode, help="of the copy rate")
     return parser
+
+
+def describe_parser() -> ParserDescription:
+    """``plan``'s parser described for the cache (:mod:`star_lightning.parser_cache`): help text and option names."""
+    return describe(build_parser())
 
 
 def _filtered_config(path: str) -> str:
