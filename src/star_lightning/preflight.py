@@ -38,7 +38,7 @@ from star_lightning.data.jsonl import (
     repair_torn_tail,
     unterminated_last_line,
 )
-from star_lightning.data.output_lock import OutputLock
+from star_lightning.data.output_lock import OutputLock, lock_path
 from star_lightning.data.run_record import (
     build_record,
     differences,
@@ -139,7 +139,7 @@ def check_run(
     """Every check of the module docstring, in order; returns the plan holding the output's lock."""
     hparams = module.hparams
     context_parallel_size = _check_layout(trainer, hparams["attention"], hparams.get("simulate_hosts", 1))
-    _refuse_writing_the_input(output, datamodule.path)
+    _refuse_writing_the_input(output, datamodule.path, datamodule.contexts)
     lock = OutputLock(output)
     lock.acquire()
     try:
@@ -253,18 +253,22 @@ def _check_layout(trainer: pl.Trainer, attention: str, simulate_hosts: int = 1) 
     return size
 
 
-def _refuse_writing_the_input(output: str, request_file: str) -> None:
-    """The output, its run record and its lock must not be the request file, by any path (symlinks, hard links)."""
-    request = Path(request_file)
-    for written in (Path(output), record_path(output), Path(f"{output}.lock")):
-        same = written.resolve() == request.resolve()
-        if not same and written.exists() and request.exists():
-            same = os.path.samefile(written, request)
-        if same:
-            raise ConfigurationError(
-                f"--output {output} would write to the request file --data.path {request_file} ({written} is that "
-                "file); choose another --output"
-            )
+def _refuse_writing_the_input(output: str, request_file: str, contexts: str | None = None) -> None:
+    """The output, its run record and its lock must not be the request file or the contexts file, by any path
+    (symlinks, hard links)."""
+    inputs = [("the request file --data.path", request_file)]
+    if contexts is not None:
+        inputs.append(("the contexts file --data.contexts", contexts))
+    for what, name in inputs:
+        source = Path(name)
+        for written in (Path(output), record_path(output), lock_path(output)):
+            same = written.resolve() == source.resolve()
+            if not same and written.exists() and source.exists():
+                same = os.path.samefile(written, source)
+            if same:
+                raise ConfigurationError(
+                    f"--output {output} would write to {what} {name} ({written} is that file); choose another --output"
+                )
 
 
 def _check_writable(output: str) -> None:
@@ -276,6 +280,14 @@ def _check_writable(output: str) -> None:
         )
     if not path.exists():
         return
+    links = path.stat().st_nlink
+    if links > 1:
+        # Another name of the file would take another lock and record: two runs could write it at once.
+        raise ConfigurationError(
+            f"--output {output} is one of {links} names (hard links) of one file, and a run on another name would not "
+            "see this one's lock; give the output one name (copy it, or remove the other links), or choose another "
+            "--output"
+        )
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
     except OSError as error:

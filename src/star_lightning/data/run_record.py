@@ -71,8 +71,9 @@ PREDICTION_SETTINGS = (*MODEL_OPTIONS_THAT_DECIDE, "model", "dtype", "precision"
 
 
 def record_path(output: str | os.PathLike[str]) -> Path:
-    """``OUT.jsonl`` -> ``OUT.jsonl.run.json``."""
-    return Path(f"{output}{RECORD_SUFFIX}")
+    """``OUT.jsonl`` -> ``OUT.jsonl.run.json``, beside the file the path resolves to (links followed): every name of
+    one output has one record."""
+    return Path(f"{os.path.realpath(output)}{RECORD_SUFFIX}")
 
 
 def prediction_settings(

@@ -1,0 +1,141 @@
+"""An output is one file whatever its path, an input is the bytes the checks read, a full disk is one line: the
+file-identity, input-change and full-disk faults of issue 27, with real files (links, renames, a small tmpfs where
+the test can mount one) and the shipped command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import predict_args, write_requests
+from star_lightning.cli import main
+from star_lightning.data.output_lock import OutputLock
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with 3 requests and the finished output of a run over them (with its run record)."""
+    folder = tmp_path_factory.mktemp("identity")
+    requests = write_requests(folder / "requests.jsonl", 3, filler=2)
+    args = predict_args(tiny_model_dir, requests, folder / "out.jsonl", "--trainer.devices", "1")
+    assert main([*args, "--trainer.logger", "false"]) == 0
+    return folder
+
+
+def _copy(finished: Path, tmp_path: Path) -> tuple[Path, Path]:
+    for name in ("requests.jsonl", "out.jsonl", "out.jsonl.run.json"):
+        shutil.copy(finished / name, tmp_path / name)
+    return tmp_path / "requests.jsonl", tmp_path / "out.jsonl"
+
+
+def _predict(model: Path, requests: Path, output: Path, *extra: str) -> int:
+    return main(predict_args(model, requests, output, "--trainer.devices", "1", "--trainer.logger", "false", *extra))
+
+
+def _one_line(capsys: pytest.CaptureFixture[str], prefix: str, *words: str) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(prefix), lines[0]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def _indices(path: Path) -> list[int]:
+    return [json.loads(line)["index"] for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs (root can mount one); skipped where the test cannot mount it."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder: Path) -> None:
+    """Fill the file system of ``folder`` to its last byte."""
+    with (folder / "filler").open("wb") as handle:
+        try:
+            while True:
+                handle.write(b"x" * 1024)
+                handle.flush()
+        except OSError:
+            pass
+        try:
+            while True:
+                handle.write(b"x")
+                handle.flush()
+        except OSError:
+            pass
+
+
+# Bug 1: an output is identified by its file, not by its path text.
+
+
+def test_a_link_to_an_output_being_written_finds_its_lock(
+    tiny_model_dir: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requests, output = _copy(finished, tmp_path)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(output)
+    linked_folder = tmp_path / "same_folder"
+    linked_folder.symlink_to(tmp_path)
+    before = output.read_bytes()
+    with OutputLock(output):  # another run writes out.jsonl
+        for name in (link, linked_folder / "out.jsonl"):
+            assert _predict(tiny_model_dir, requests, name, "--overwrite", "true") == 2
+            _one_line(capsys, "star-lightning predict: error: ", "is being written by another star-lightning run")
+    assert output.read_bytes() == before
+
+
+def test_a_link_to_an_output_resumes_under_its_run_record(
+    tiny_model_dir: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requests, output = _copy(finished, tmp_path)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(output)
+    before = output.read_bytes()
+    assert _predict(tiny_model_dir, requests, link, "--model.max_new_tokens", "4") == 2
+    _one_line(capsys, "star-lightning predict: error: ", "of another run", "max_new_tokens 8 -> 4")
+    assert output.read_bytes() == before
+    assert not (tmp_path / "link.jsonl.run.json").exists()
+
+
+def test_an_output_with_a_second_hard_link_is_refused(
+    tiny_model_dir: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requests, output = _copy(finished, tmp_path)
+    os.link(output, tmp_path / "other_name.jsonl")
+    assert _predict(tiny_model_dir, requests, output) == 2
+    _one_line(capsys, "star-lightning predict: error: ", "2 names (hard links)", "choose another --output")
+
+
+# Bug 5: the output may not be the contexts file.
+
+
+def test_the_output_may_not_be_the_contexts_file_by_any_name(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    contexts = tmp_path / "contexts.jsonl"
+    contexts.write_text(json.dumps({"context_id": "c", "input_context": "The sky is blue. " * 5}) + "\n")
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"context_id": "c", "input_query": "What colour is the sky?"}) + "\n")
+    (tmp_path / "contexts_link.jsonl").symlink_to(contexts)
+    before = contexts.read_bytes()
+    for output in (contexts, tmp_path / "contexts_link.jsonl"):
+        assert _predict(tiny_model_dir, requests, output, "--data.contexts", str(contexts)) == 2
+        _one_line(capsys, "star-lightning predict: error: ", "the contexts file --data.contexts", "another --output")
+    assert contexts.read_bytes() == before
