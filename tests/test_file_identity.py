@@ -139,3 +139,58 @@ def test_the_output_may_not_be_the_contexts_file_by_any_name(
         assert _predict(tiny_model_dir, requests, output, "--data.contexts", str(contexts)) == 2
         _one_line(capsys, "star-lightning predict: error: ", "the contexts file --data.contexts", "another --output")
     assert contexts.read_bytes() == before
+
+
+# Bug 4: generate does not destroy predictions; predict counts only predictions as done.
+
+
+def _generate(model: Path, output: Path, *extra: str) -> int:
+    argv = ["generate", "--benchmark", "ruler", "--task", "niah_single_1", "--tokenizer", str(model)]
+    return main([*argv, "--length", "400", "--num_samples", "2", "--output", str(output), *extra])
+
+
+def test_generate_refuses_to_replace_predictions_unless_told(
+    tiny_model_dir: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, output = _copy(finished, tmp_path)
+    before = output.read_bytes()
+    assert _generate(tiny_model_dir, output) == 2
+    _one_line(capsys, "star-lightning generate: error: ", "run record beside it", "--overwrite")
+    assert output.read_bytes() == before
+    (tmp_path / "out.jsonl.run.json").unlink()
+    assert _generate(tiny_model_dir, output) == 2
+    _one_line(capsys, "star-lightning generate: error: ", "holds predictions", "--overwrite")
+    assert output.read_bytes() == before
+    assert _generate(tiny_model_dir, output, "--overwrite") == 0
+    assert all("pred" not in json.loads(line) for line in output.read_text().splitlines())
+
+
+def test_generate_onto_a_folder_is_one_line(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    assert _generate(tiny_model_dir, tmp_path) == 2
+    _one_line(capsys, "star-lightning generate: error: ", f"--output {tmp_path} is a folder")
+
+
+def test_predict_counts_only_predictions_as_done(
+    tiny_model_dir: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requests, output = _copy(finished, tmp_path)
+    shutil.copy(requests, output)  # the request lines (no 'pred') where the predictions were, under the run record
+    before = output.read_bytes()
+    assert _predict(tiny_model_dir, requests, output) == 2
+    _one_line(capsys, "star-lightning predict: error: ", "3 line(s) with no 'pred'", "--overwrite true")
+    assert output.read_bytes() == before
+
+
+# Bug 3 (resume): a file that holds an index twice is refused.
+
+
+def test_resume_refuses_an_output_holding_an_index_twice(
+    tiny_model_dir: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requests, output = _copy(finished, tmp_path)
+    lines = output.read_text().splitlines(keepends=True)
+    output.write_text(lines[0] + lines[1] + lines[1])
+    before = output.read_bytes()
+    assert _predict(tiny_model_dir, requests, output) == 2
+    _one_line(capsys, "star-lightning predict: error: ", "holds index 1 twice (lines 2 and 3", "--overwrite true")
+    assert output.read_bytes() == before

@@ -32,8 +32,8 @@ import lightning.pytorch as pl
 
 from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.data.jsonl import (
-    completed_indices,
     file_sha256,
+    output_lines,
     read_numbered_requests,
     repair_torn_tail,
     unterminated_last_line,
@@ -304,9 +304,22 @@ def _resumable(output: str, record: dict[str, Any], requests: set[int], request_
     that cannot be read whole, and one holding a prediction of no request of the file (it would be counted)."""
     ways_out = _WAYS_OUT
     try:
-        done = completed_indices(output)
+        lines = output_lines(output)
     except ConfigurationError as error:
         raise ConfigurationError(f"--output {output} is damaged: {error}; {ways_out}") from None
+    if lines.not_predictions:
+        named = ", ".join(str(number) for number in lines.not_predictions[:_LISTED])
+        raise ConfigurationError(
+            f"--output {output} holds {len(lines.not_predictions)} line(s) with no 'pred' (line {named}): it is no "
+            f"predictions file (a request file?); {ways_out}"
+        )
+    if lines.twice:
+        index, first, second = lines.twice[0]
+        raise ConfigurationError(
+            f"--output {output} holds index {index} twice (lines {first} and {second}; {len(lines.twice)} such "
+            f"line(s)): two runs mixed, so it cannot be resumed; {ways_out}"
+        )
+    done = lines.done
     if not done:
         return set()
     old = read_record(output)

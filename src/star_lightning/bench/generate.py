@@ -12,8 +12,10 @@ and only the first of them carries ``input_context``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from star_lightning.bench.babilong import check_queries_per_context as check_babilong_queries
@@ -54,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         "BABILong and the other RULER tasks define one); default 1",
     )
     parser.add_argument("--output", required=True, help="JSONL file to write (atomically)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output even where it holds predictions or has a run record beside it (both are deleted)",
+    )
     parser.add_argument(
         "--chat_template",
         choices=("auto", "on", "off"),
@@ -207,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_output(args.output, overwrite=args.overwrite)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             rows = run(args)
@@ -220,6 +228,42 @@ def main(argv: list[str] | None = None) -> int:
     what = f"{count} {args.benchmark} {args.task} requests" + (shared if args.queries_per_context > 1 else "")
     print(f"wrote {what} at length {args.length} to {args.output}")
     return 0
+
+
+def check_output(output: str, *, overwrite: bool) -> None:
+    """``--output`` is a file this command may replace: not a folder, and (without ``--overwrite``) no predictions
+    file, nor one with a run record beside it -- replacing it would silently destroy what a run computed."""
+    from star_lightning.data.run_record import record_path
+
+    path = Path(output)
+    if path.is_dir():
+        raise ConfigurationError(
+            f"--output {output} is a folder; give the JSONL file's path, such as {path / 'requests.jsonl'}"
+        )
+    record = record_path(output)
+    if overwrite:
+        record.unlink(missing_ok=True)  # it described predictions that are about to be replaced
+        return
+    ways_out = "choose another --output, or pass --overwrite to replace it"
+    if record.exists():
+        raise ConfigurationError(
+            f"--output {output} has a run record beside it ({record}): it holds a predict run's output; {ways_out}"
+        )
+    if path.is_file() and _holds_predictions(path):
+        raise ConfigurationError(f"--output {output} holds predictions (lines with 'pred'); {ways_out}")
+
+
+def _holds_predictions(path: Path) -> bool:
+    """Whether the file's first JSON line is a prediction (every line of a predictions file has ``pred``)."""
+    with path.open("rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                try:
+                    first = json.loads(raw)
+                except ValueError:
+                    return False
+                return isinstance(first, dict) and "pred" in first
+    return False
 
 
 if __name__ == "__main__":

@@ -23,12 +23,14 @@ The reference implementation's prepared RULER files read as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -280,17 +282,43 @@ def torn_last_line(path: str | os.PathLike[str]) -> int | None:
 
 
 def completed_indices(path: str | os.PathLike[str]) -> set[int]:
-    """Indices of the complete lines of a predictions file: an unterminated last line does not count, even where it
-    parses (a write cut just before its newline), since the run cuts it off (:func:`repair_torn_tail`)."""
-    if not Path(path).exists():
-        return set()
+    """Indices of the complete prediction lines of a predictions file (lines with ``pred``): an unterminated last line
+    does not count, even where it parses (a write cut just before its newline), since the run cuts it off
+    (:func:`repair_torn_tail`); a line without ``pred`` (a request) is no prediction."""
+    return output_lines(path).done
+
+
+@dataclass
+class OutputLines:
+    """What an output file holds: the indices predicted, the lines that are no prediction (no ``pred``: a request
+    file?) and the indices predicted twice (``(index, first line, second line)``: two runs mixed)."""
+
+    done: set[int] = dataclasses.field(default_factory=set)
+    not_predictions: list[int] = dataclasses.field(default_factory=list)
+    twice: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+
+
+def output_lines(path: str | os.PathLike[str]) -> OutputLines:
+    """The complete lines of an output file, sorted as :class:`OutputLines` says."""
+    found = OutputLines()
+    if not os.path.exists(path):
+        return found
     last = unterminated_last_line(path)
     unterminated = None if last is None else last[0]
-    return {
-        record["index"]
-        for number, record in read_records(path, what="output file", tolerate_torn_tail=True)
-        if number != unterminated and isinstance(record.get("index"), int) and not isinstance(record.get("index"), bool)
-    }
+    seen: dict[int, int] = {}
+    for number, record in read_records(path, what="output file", tolerate_torn_tail=True):
+        if number == unterminated:
+            continue
+        if "pred" not in record:
+            found.not_predictions.append(number)
+            continue
+        index = record.get("index")
+        if isinstance(index, int) and not isinstance(index, bool):
+            if index in seen:
+                found.twice.append((index, seen[index], number))
+            seen.setdefault(index, number)
+            found.done.add(index)
+    return found
 
 
 def repair_torn_tail(path: str | os.PathLike[str]) -> None:
