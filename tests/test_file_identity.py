@@ -67,19 +67,24 @@ def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 def _fill(folder: Path) -> None:
     """Fill the file system of ``folder`` to its last byte."""
-    with (folder / "filler").open("wb") as handle:
-        try:
-            while True:
-                handle.write(b"x" * 1024)
-                handle.flush()
-        except OSError:
-            pass
-        try:
-            while True:
-                handle.write(b"x")
-                handle.flush()
-        except OSError:
-            pass
+    with (folder / "filler").open("wb", buffering=0) as handle:
+        for size in (1024, 1):
+            try:
+                while handle.write(b"x" * size) == size:
+                    pass
+            except OSError:
+                pass
+
+
+def _ends_with_one_line(capsys: pytest.CaptureFixture[str], *words: str) -> str:
+    """A failure mid-run: after the start line (and the loading bars), one line, no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("star-lightning predict: ")]
+    assert len(lines) == 2 and "requests to run" in lines[0], lines
+    for word in words:
+        assert word in lines[1], (word, lines[1])
+    return lines[1]
 
 
 # Bug 1: an output is identified by its file, not by its path text.
@@ -194,3 +199,92 @@ def test_resume_refuses_an_output_holding_an_index_twice(
     assert _predict(tiny_model_dir, requests, output) == 2
     _one_line(capsys, "star-lightning predict: error: ", "holds index 1 twice (lines 2 and 3", "--overwrite true")
     assert output.read_bytes() == before
+
+
+# Bugs 3 and 12: the output replaced or its folder deleted mid-run; bug 6: full disks.
+
+
+def _after_first_write(monkeypatch: pytest.MonkeyPatch, action: object) -> None:
+    """Run ``action`` (as another process would act on the files) once the run has written its first prediction."""
+    import star_lightning.callbacks.prediction_writer as writer
+
+    real = writer.append_prediction
+    calls = []
+
+    def append(path: Path, record: dict, expected: object = None) -> None:
+        if calls:
+            action()  # type: ignore[operator]
+        calls.append(record)
+        real(path, record, expected)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer, "append_prediction", append)
+
+
+def test_an_output_replaced_mid_run_stops_the_run_in_one_line(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requests = write_requests(tmp_path / "requests.jsonl", 3, filler=2)
+    output, moved = tmp_path / "out.jsonl", tmp_path / "moved.jsonl"
+
+    def replace() -> None:
+        output.rename(moved)
+        output.write_text(json.dumps({"index": 7, "pred": "someone else's"}) + "\n")
+
+    _after_first_write(monkeypatch, replace)
+    with pytest.raises(SystemExit) as stop:
+        _predict(tiny_model_dir, requests, output)
+    assert stop.value.code == 1
+    _ends_with_one_line(capsys, "was replaced by another file", "what was written before stays")
+    assert _indices(moved) == [0]
+    assert _indices(output) == [7]
+
+
+def test_the_output_folder_deleted_mid_run_stops_the_run_in_one_line(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requests = write_requests(tmp_path / "requests.jsonl", 3, filler=2)
+    output = tmp_path / "results" / "out.jsonl"
+    _after_first_write(monkeypatch, lambda: shutil.rmtree(output.parent))
+    with pytest.raises(SystemExit) as stop:
+        _predict(tiny_model_dir, requests, output)
+    assert stop.value.code == 1
+    _ends_with_one_line(capsys, f"{output} was deleted", "the job stops")
+
+
+def _big_requests(path: Path, count: int) -> Path:
+    """Requests whose predictions are ~3 KB each (an extra field is copied into the prediction)."""
+    write_requests(path, count, filler=2)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**row, "notes": "n" * 3000}) + "\n" for row in rows))
+    return path
+
+
+def test_a_full_disk_mid_run_is_one_line_and_leaves_no_torn_line(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    tiny_tmpfs: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    requests = _big_requests(tmp_path / "requests.jsonl", 3)
+    output = tiny_tmpfs / "out.jsonl"
+    _after_first_write(monkeypatch, lambda: _fill(tiny_tmpfs))
+    with pytest.raises(SystemExit) as stop:
+        _predict(tiny_model_dir, requests, output)
+    assert stop.value.code == 1
+    _ends_with_one_line(capsys, f"cannot write to {output} (no space left on device")
+    assert output.read_bytes().endswith(b"\n")
+    assert _indices(output) == [0]
+
+
+def test_a_full_disk_at_the_start_is_one_line_and_leaves_no_lock(
+    tiny_model_dir: Path, tmp_path: Path, tiny_tmpfs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requests = write_requests(tmp_path / "requests.jsonl", 2, filler=2)
+    _fill(tiny_tmpfs)
+    assert _predict(tiny_model_dir, requests, tiny_tmpfs / "out.jsonl") == 2
+    _one_line(capsys, "star-lightning predict: error: ", "No space left on device", "free space there")
+    assert sorted(path.name for path in tiny_tmpfs.iterdir()) == ["filler"]
+    assert _generate(tiny_model_dir, tiny_tmpfs / "requests.jsonl") == 2
+    _one_line(capsys, "star-lightning generate: error: ", f"{tiny_tmpfs / 'requests.jsonl'}", "No space left on device")
+    assert sorted(path.name for path in tiny_tmpfs.iterdir()) == ["filler"]

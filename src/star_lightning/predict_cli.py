@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 import warnings
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -28,6 +28,7 @@ from star_lightning.callbacks.prediction_writer import JsonlPredictionWriter
 from star_lightning.callbacks.profiling import PhaseProfiler
 from star_lightning.callbacks.progress import RequestProgress
 from star_lightning.data.datamodule import RequestDataModule
+from star_lightning.data.jsonl import OutputWriteError
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
 from star_lightning.options import OneLineErrors, bad_value, check_devices, closest
@@ -182,6 +183,8 @@ class StarLightningCLI(LightningCLI):
                         print(hint, file=sys.stderr, flush=True)
                     raise SystemExit(130) from None
                 raise
+            except OutputWriteError as error:
+                _output_write_failed(error)
             except Exception as error:
                 # A rank that died or hung fails every other rank's next collective: one line names it, and the
                 # others' echoes (gloo's "connection closed", their tracebacks) are not printed.
@@ -229,6 +232,16 @@ class StarLightningCLI(LightningCLI):
         environment = getattr(self.trainer.strategy, "cluster_environment", None)
         others_started = environment is not None and environment.creates_processes_externally
         return not (others_started and self.trainer.world_size > 1)
+
+
+def _output_write_failed(error: OutputWriteError) -> NoReturn:
+    """A prediction could not be appended (full disk, the output replaced or deleted): one line, exit 1; the lines
+    written before stay whole."""
+    print(
+        f"star-lightning predict: {error}; the job stops (what was written before stays)", file=sys.stderr, flush=True
+    )
+    kill_launched_ranks()
+    raise SystemExit(1) from None
 
 
 def _check_trainer_options(trainer: Any) -> None:

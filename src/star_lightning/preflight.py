@@ -218,7 +218,13 @@ def _check_with_lock(
         Path(output).unlink()
     record["skipped_too_long"] = [asdict(item) for item in skipped]
     record["request_indices"] = index_ranges(every_index)
-    write_record(output, record)
+    try:
+        write_record(output, record)
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot write the run record {record_path(output)} ({error.strerror}); free space there or choose "
+            "another --output"
+        ) from None
     return RunPlan(
         output=output,
         total=len(numbered),

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             rows = run(args)
-        count = write_jsonl_atomic(args.output, rows)
+        count = write_output(args.output, rows)
     except ConfigurationError as error:
         print(f"star-lightning generate: error: {error}", file=sys.stderr)
         return 2
@@ -228,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     what = f"{count} {args.benchmark} {args.task} requests" + (shared if args.queries_per_context > 1 else "")
     print(f"wrote {what} at length {args.length} to {args.output}")
     return 0
+
+
+def write_output(output: str, rows: list[dict[str, Any]]) -> int:
+    """The rows, written atomically; a failed write (a full disk) is one line naming the file, nothing left."""
+    try:
+        return write_jsonl_atomic(output, rows)
+    except OSError as error:
+        raise ConfigurationError(f"cannot write --output {output} ({error.strerror}); free space there") from None
 
 
 def check_output(output: str, *, overwrite: bool) -> None:

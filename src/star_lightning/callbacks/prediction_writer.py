@@ -16,6 +16,7 @@ checkpoints, and running a collective inside the signal handler) are replaced fo
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -26,7 +27,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
-from star_lightning.data.jsonl import append_prediction, completed_indices, repair_torn_tail
+from star_lightning.data.jsonl import (
+    FileIdentity,
+    append_prediction,
+    completed_indices,
+    file_identity,
+    repair_torn_tail,
+)
 from star_lightning.parallel.lifetime import (
     STOP_SIGNALS,
     predict_loop_ended,
@@ -56,6 +63,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self._is_global_zero = True
         self._strategy: ContextParallelMixin | None = None
         self._previous_handlers: dict[int, Any] = {}
+        self._identity: FileIdentity | None = None  # the file the run appends to: a replaced one is not written
 
     def resume_hint(self) -> str:
         return (
@@ -71,10 +79,12 @@ class JsonlPredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             self.output.parent.mkdir(parents=True, exist_ok=True)
             repair_torn_tail(self.output)
+            os.close(os.open(self.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
         strategy = trainer.strategy
         self._strategy = strategy if isinstance(strategy, ContextParallelMixin) else None
         self._is_global_zero = trainer.is_global_zero
         trainer.strategy.barrier("prediction_writer_setup")
+        self._identity = file_identity(self.output)
 
     def _note_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT:
@@ -148,7 +158,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         if prediction is not None:
-            append_prediction(self.output, prediction)
+            append_prediction(self.output, prediction, self._identity)
         signum = self._agreed_signal()
         if signum:
             self._stop(trainer, signum)

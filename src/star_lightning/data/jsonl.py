@@ -24,6 +24,7 @@ The reference implementation's prepared RULER files read as they are.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -336,14 +337,54 @@ def repair_torn_tail(path: str | os.PathLike[str]) -> None:
         os.fsync(handle.fileno())
 
 
-def append_prediction(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    """One line, one ``write``, under an exclusive lock (data-parallel groups share the file), fsynced."""
+class OutputWriteError(Exception):
+    """Writing a prediction failed mid-run (no space left, the file replaced or deleted): the message names the file
+    and the cause; what was written before stays whole."""
+
+
+FileIdentity = tuple[int, int]  # (st_dev, st_ino)
+
+
+def file_identity(path: str | os.PathLike[str]) -> FileIdentity:
+    """The file a path names now (device and inode): a replaced or recreated file has another."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+
+
+def append_prediction(
+    path: str | os.PathLike[str], record: dict[str, Any], expected: FileIdentity | None = None
+) -> None:
+    """One line, one ``write``, under an exclusive lock (data-parallel groups share the file), fsynced.
+
+    With ``expected`` (the file the run started on), the path must still name that file: a file replaced, renamed
+    away or deleted mid-run is not written to (:class:`OutputWriteError`). A write that does not complete (a full
+    disk) is cut back off, so the file never ends with a torn line, and raised."""
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    flags = os.O_WRONLY | os.O_APPEND | (0 if expected is not None else os.O_CREAT)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        raise OutputWriteError(f"{path} was deleted (or its folder) while the run wrote it") from None
+    except OSError as error:
+        raise OutputWriteError(f"cannot open {path} to append ({error.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, line)
-        os.fsync(fd)
+        status = os.fstat(fd)
+        if expected is not None and (status.st_dev, status.st_ino) != expected:
+            raise OutputWriteError(
+                f"{path} was replaced by another file while the run wrote it (the file it wrote so far is no longer "
+                "under that name)"
+            )
+        size = status.st_size
+        try:
+            written = os.write(fd, line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes written")
+            os.fsync(fd)
+        except OSError as error:
+            os.ftruncate(fd, size)  # no torn line left behind
+            why = "no space left on device" if error.errno == errno.ENOSPC else error.strerror
+            raise OutputWriteError(f"cannot write to {path} ({why}; the unfinished line was cut off)") from None
     finally:
         os.close(fd)
 

@@ -76,8 +76,18 @@ class OutputLock:
                 break
             os.close(fd)  # the holder removed the file between our open and our lock: take the new one
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        text = (json.dumps(me) + "\n").encode()
+        try:
+            os.ftruncate(fd, 0)
+            if os.pwrite(fd, text, 0) != len(text):
+                raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as error:
+            self._fd = fd
+            self.release()  # no stray lock file
+            raise ConfigurationError(
+                f"cannot write beside --output {self.output} ({error.strerror}: {self.path}); free space there or "
+                "choose another --output"
+            ) from None
         self._fd = fd
 
     def release(self) -> None:
