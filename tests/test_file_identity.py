@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -76,9 +77,14 @@ def _fill(folder: Path) -> None:
                 pass
 
 
+def _stderr(capsys: pytest.CaptureFixture[str]) -> str:
+    """stderr, less the logging module's complaints about a handler left on an earlier test's closed capture."""
+    return re.sub(r"--- Logging error ---\n.*?\nArguments: [^\n]*\n", "", capsys.readouterr().err, flags=re.DOTALL)
+
+
 def _ends_with_one_line(capsys: pytest.CaptureFixture[str], *words: str) -> str:
     """A failure mid-run: after the start line (and the loading bars), one line, no traceback."""
-    err = capsys.readouterr().err
+    err = _stderr(capsys)
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("star-lightning predict: ")]
     assert len(lines) == 2 and "requests to run" in lines[0], lines
@@ -288,3 +294,72 @@ def test_a_full_disk_at_the_start_is_one_line_and_leaves_no_lock(
     assert _generate(tiny_model_dir, tiny_tmpfs / "requests.jsonl") == 2
     _one_line(capsys, "star-lightning generate: error: ", f"{tiny_tmpfs / 'requests.jsonl'}", "No space left on device")
     assert sorted(path.name for path in tiny_tmpfs.iterdir()) == ["filler"]
+
+
+# Bug 2: an input that changes between the checks and the ranks' read.
+
+
+def _change_after_the_checks(monkeypatch: pytest.MonkeyPatch, path: Path, text: str) -> None:
+    """Replace ``path`` (a rename over it, as an editor saves) right after the checks, before the ranks read it."""
+    import star_lightning.predict_cli as predict_cli
+
+    real = predict_cli.check_run
+
+    def check_then_change(**kwargs: object) -> object:
+        plan = real(**kwargs)  # type: ignore[arg-type]
+        (path.parent / "new.tmp").write_text(text)
+        (path.parent / "new.tmp").rename(path)
+        return plan
+
+    monkeypatch.setattr(predict_cli, "check_run", check_then_change)
+
+
+@pytest.mark.parametrize("changed", ["requests", "contexts"])
+def test_an_input_replaced_after_the_checks_is_refused_and_a_rerun_runs_it(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], changed
+) -> None:
+    contexts = tmp_path / "contexts.jsonl"
+    contexts.write_text(json.dumps({"context_id": "c", "input_context": "The magic number is 4. " * 5}) + "\n")
+    requests = tmp_path / "requests.jsonl"
+    rows = [{"context_id": "c", "input_query": f"Question {i}?", "outputs": ["4"]} for i in range(3)]
+    requests.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    original = (requests if changed == "requests" else contexts).read_text()
+    if changed == "requests":
+        _change_after_the_checks(monkeypatch, requests, original.replace("Question", "Other question"))
+    else:
+        _change_after_the_checks(monkeypatch, contexts, original.replace("4", "5"))
+    output = tmp_path / "out.jsonl"
+    assert _predict(tiny_model_dir, requests, output, "--data.contexts", str(contexts)) == 2
+    option = "--data.path" if changed == "requests" else "--data.contexts"
+    _ends_with_error(capsys, f"{option} ", "changed after the checks read it", "nothing was run")
+    assert not output.exists() or _indices(output) == []
+    monkeypatch.undo()
+    (requests if changed == "requests" else contexts).write_text(original)
+    assert _predict(tiny_model_dir, requests, output, "--data.contexts", str(contexts)) == 0
+    assert "3 of 3 requests to run" in capsys.readouterr().err
+    assert _indices(output) == [0, 1, 2]
+
+
+def _ends_with_error(capsys: pytest.CaptureFixture[str], *words: str) -> None:
+    err = _stderr(capsys)
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("star-lightning predict: error: ")]
+    assert len(errors) == 1, err
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+
+
+def test_a_changed_contexts_file_is_named_on_resume(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    contexts = tmp_path / "contexts.jsonl"
+    contexts.write_text(json.dumps({"context_id": "c", "input_context": "The magic number is 4. " * 5}) + "\n")
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"context_id": "c", "input_query": "Which number?", "outputs": ["4"]}) + "\n")
+    output = tmp_path / "out.jsonl"
+    assert _predict(tiny_model_dir, requests, output, "--data.contexts", str(contexts)) == 0
+    capsys.readouterr()
+    contexts.write_text(contexts.read_text().replace("4", "5"))
+    assert _predict(tiny_model_dir, requests, output, "--data.contexts", str(contexts)) == 2
+    line = _one_line(capsys, "star-lightning predict: error: ", f"contexts file (--data.contexts) {contexts} (")
+    assert "request file" not in line, line

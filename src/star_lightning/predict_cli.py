@@ -185,6 +185,11 @@ class StarLightningCLI(LightningCLI):
                 raise
             except OutputWriteError as error:
                 _output_write_failed(error)
+            except ConfigurationError:  # an input changed after the checks: every rank finds it, rank 0 says so
+                kill_launched_ranks()
+                if not self.trainer.is_global_zero:
+                    raise SystemExit(2) from None
+                raise
             except Exception as error:
                 # A rank that died or hung fails every other rank's next collective: one line names it, and the
                 # others' echoes (gloo's "connection closed", their tracebacks) are not printed.

@@ -32,10 +32,11 @@ import lightning.pytorch as pl
 
 from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.data.jsonl import (
-    file_sha256,
     output_lines,
+    read_input,
     read_numbered_requests,
     repair_torn_tail,
+    requests_fingerprint,
     unterminated_last_line,
 )
 from star_lightning.data.output_lock import OutputLock, lock_path
@@ -160,7 +161,11 @@ def _check_with_lock(
 ) -> RunPlan:
     hparams = module.hparams
     _check_writable(output)
-    numbered = read_numbered_requests(datamodule.path, datamodule.contexts)
+    data = read_input(datamodule.path, "input file (--data.path)")
+    contexts_data = (
+        None if datamodule.contexts is None else read_input(datamodule.contexts, "contexts file (--data.contexts)")
+    )
+    numbered = read_numbered_requests(datamodule.path, datamodule.contexts, data=data, contexts_data=contexts_data)
     every_index = {request["index"] for _, request in numbered}  # the file's: --data.limit may differ on resume
     if datamodule.limit is not None:
         numbered = numbered[: datamodule.limit]
@@ -180,8 +185,7 @@ def _check_with_lock(
         model=model_fingerprint(source),
         dtype=dtype,
         precision=str(trainer.precision),
-        requests=file_sha256(datamodule.path)
-        + ("" if datamodule.contexts is None else f" + contexts {file_sha256(datamodule.contexts)}"),
+        requests=requests_fingerprint(data, contexts_data),  # the bytes checked here: the ranks read the same
         hosts=context_parallel_size,
     )
     model_path = source if not Path(source).is_dir() else str(Path(source).resolve())
@@ -190,6 +194,7 @@ def _check_with_lock(
         settings,
         model_path=model_path,
         request_file=str(Path(datamodule.path).resolve()),
+        contexts_file=None if datamodule.contexts is None else str(Path(datamodule.contexts).resolve()),
         run={
             "world_size": world_size,
             "context_parallel_size": context_parallel_size,

@@ -16,7 +16,7 @@ JSON, a non-object, bytes that are not UTF-8; a leading byte-order mark is read 
   mixed);
 - whole files written at once (``generate``, tables, the run record): :func:`write_jsonl_atomic` and
   :func:`write_json_atomic` (temp file, fsync, rename);
-- :func:`file_sha256` identifies a request file in the run record.
+- :func:`requests_fingerprint` identifies the input files' bytes in the run record.
 
 The reference implementation's prepared RULER files read as they are.
 """
@@ -46,21 +46,39 @@ CONTEXT_ID = "context_id"
 _BOM = b"\xef\xbb\xbf"
 
 
+def read_input(path: str | os.PathLike[str], what: str = "JSONL file") -> bytes:
+    """The bytes of an input file (a pipe too), or a :class:`ConfigurationError` naming a folder or a missing file."""
+    source = Path(path)
+    if source.is_dir():
+        raise ConfigurationError(f"{what} {str(source)!r} is a folder, not a file; give the JSONL file's path")
+    if not source.exists():
+        raise ConfigurationError(f"{what} {str(source)!r} does not exist; check the path")
+    with source.open("rb") as handle:
+        return handle.read()
+
+
+def requests_fingerprint(requests: bytes, contexts: bytes | None = None) -> str:
+    """What the run record holds of the inputs: ``sha256:<requests>`` (`` + contexts sha256:<contexts>``)."""
+    fingerprint = f"sha256:{hashlib.sha256(requests).hexdigest()}"
+    if contexts is not None:
+        fingerprint += f" + contexts sha256:{hashlib.sha256(contexts).hexdigest()}"
+    return fingerprint
+
+
 def read_records(
-    path: str | os.PathLike[str], *, what: str = "JSONL file", tolerate_torn_tail: bool = False
+    path: str | os.PathLike[str],
+    *,
+    what: str = "JSONL file",
+    tolerate_torn_tail: bool = False,
+    data: bytes | None = None,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` for every non-blank line of ``path``.
+    """``(line number, object)`` for every non-blank line of ``path`` (of ``data``, its bytes read already).
 
     A last line without its newline that is not valid JSON (a job killed while writing it) is skipped when
     ``tolerate_torn_tail``; every other bad line raises a :class:`ConfigurationError` naming the file and line.
     """
     source = Path(path)
-    if source.is_dir():
-        raise ConfigurationError(f"{what} {str(source)!r} is a folder, not a file; give the JSONL file's path")
-    if not source.is_file():
-        raise ConfigurationError(f"{what} {str(source)!r} does not exist; check the path")
-    with source.open("rb") as handle:
-        data = handle.read()
+    data = read_input(path, what) if data is None else data
     data = data.removeprefix(_BOM)  # UTF-8 with a byte-order mark (as some editors save it) reads as UTF-8
     lines = data.split(b"\n")
     for number, raw in enumerate(lines, start=1):
@@ -102,15 +120,6 @@ def read_predictions(path: str | os.PathLike[str]) -> list[tuple[str, dict[str, 
             seen[index] = number
         records.append((f"{path}, line {number}", record))
     return records
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """``sha256:<hex>`` of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(2**20), b""):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
 
 
 def check_encodable(value: Any, where: str, field: str) -> None:
@@ -206,10 +215,10 @@ class ContextBook:
         return self._texts[context_id]
 
 
-def read_contexts(path: str | os.PathLike[str]) -> ContextBook:
+def read_contexts(path: str | os.PathLike[str], data: bytes | None = None) -> ContextBook:
     """A contexts file: one ``{"context_id": ..., "input_context": ...}`` a line."""
     book = ContextBook()
-    for number, record in read_records(path, what="contexts file (--data.contexts)"):
+    for number, record in read_records(path, what="contexts file (--data.contexts)", data=data):
         where = f"{path}, line {number}"
         if CONTEXT_ID not in record or "input_context" not in record:
             raise ConfigurationError(f"{where}: a contexts file line needs '{CONTEXT_ID}' and 'input_context'")
@@ -218,14 +227,19 @@ def read_contexts(path: str | os.PathLike[str]) -> ContextBook:
 
 
 def read_numbered_requests(
-    path: str | os.PathLike[str], contexts: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    contexts: str | os.PathLike[str] | None = None,
+    *,
+    data: bytes | None = None,
+    contexts_data: bytes | None = None,
 ) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, request)`` for every request of a JSONL file, in file order, each with its ``input_context``
-    (resolved from ``context_id``); indices must be unique (they identify requests on resume)."""
-    book = read_contexts(contexts) if contexts is not None else ContextBook()
+    (resolved from ``context_id``); indices must be unique (they identify requests on resume). ``data`` and
+    ``contexts_data``: the files' bytes, read already (so what is checked is what was hashed)."""
+    book = read_contexts(contexts, contexts_data) if contexts is not None else ContextBook()
     requests: list[tuple[int, dict[str, Any]]] = []
     seen: dict[int, int] = {}
-    for number, record in read_records(path, what="input file (--data.path)"):
+    for number, record in read_records(path, what="input file (--data.path)", data=data):
         where = f"{path}, line {number}"
         if CONTEXT_ID in record:
             if "input_context" in record:
@@ -246,9 +260,16 @@ def read_numbered_requests(
     return requests
 
 
-def read_requests(path: str | os.PathLike[str], contexts: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+def read_requests(
+    path: str | os.PathLike[str],
+    contexts: str | os.PathLike[str] | None = None,
+    *,
+    data: bytes | None = None,
+    contexts_data: bytes | None = None,
+) -> list[dict[str, Any]]:
     """All requests of a JSONL file, in file order (see :func:`read_numbered_requests`)."""
-    return [request for _, request in read_numbered_requests(path, contexts)]
+    numbered = read_numbered_requests(path, contexts, data=data, contexts_data=contexts_data)
+    return [request for _, request in numbered]
 
 
 def prediction_record(request: dict[str, Any], pred: str) -> dict[str, Any]:

@@ -106,7 +106,14 @@ def prediction_settings(
     return settings
 
 
-def build_record(settings: Mapping[str, Any], *, model_path: str, request_file: str, run: Mapping[str, Any]) -> dict:
+def build_record(
+    settings: Mapping[str, Any],
+    *,
+    model_path: str,
+    request_file: str,
+    run: Mapping[str, Any],
+    contexts_file: str | None = None,
+) -> dict:
     """The JSON document: prediction settings (compared) and what else the run used (for people)."""
     from star_lightning import __version__
 
@@ -116,6 +123,7 @@ def build_record(settings: Mapping[str, Any], *, model_path: str, request_file: 
         "prediction_settings": dict(settings),
         "model_path": model_path,
         "request_file": request_file,
+        "contexts_file": contexts_file,
         "run": {"host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **run},
     }
 
@@ -172,7 +180,9 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
             continue
         was = _short(before[name]) if name in before else "(not recorded)"
         now = _short(after.get(name))
-        if name in _DESCRIBED_BY:
+        if name == "requests" and name in before:
+            changes.extend(_input_changes(old, new))
+        elif name in _DESCRIBED_BY:
             label, where = _DESCRIBED_BY[name]
             changes.append(f"{label} {old.get(where)} ({was}) -> {new.get(where)} ({now})")
         else:
@@ -182,3 +192,21 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 # Settings recorded as hashes: a difference names the files (``model_path``, ``request_file``) with short hashes.
 _DESCRIBED_BY = {"model": ("model", "model_path"), "requests": ("request file", "request_file")}
+
+
+def _input_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The input files that changed, each named with its short hashes: the request file, the contexts file, or both
+    (the ``requests`` setting holds ``sha256:<requests>[ + contexts sha256:<contexts>]``)."""
+    was = str(old["prediction_settings"]["requests"]).split(" + contexts ")
+    now = str(new["prediction_settings"].get("requests")).split(" + contexts ")
+    changes = []
+    if was[0] != now[0]:
+        changes.append(
+            f"request file {old.get('request_file')} ({_short(was[0])}) -> {new.get('request_file')} ({_short(now[0])})"
+        )
+    old_contexts, new_contexts = was[1] if len(was) > 1 else None, now[1] if len(now) > 1 else None
+    if old_contexts != new_contexts:
+        before = f"{old.get('contexts_file')} ({_short(old_contexts)})" if old_contexts else "none"
+        after = f"{new.get('contexts_file')} ({_short(new_contexts)})" if new_contexts else "none"
+        changes.append(f"contexts file (--data.contexts) {before} -> {after}")
+    return changes
