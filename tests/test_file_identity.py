@@ -363,3 +363,58 @@ def test_a_changed_contexts_file_is_named_on_resume(
     assert _predict(tiny_model_dir, requests, output, "--data.contexts", str(contexts)) == 2
     line = _one_line(capsys, "star-lightning predict: error: ", f"contexts file (--data.contexts) {contexts} (")
     assert "request file" not in line, line
+
+
+# score: a damaged record (bug 12, and its advice), two runs of one request file, a pipe.
+
+SCORE = ("--task", "niah_single_1")
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"skipped_too_long": 5}, "'skipped_too_long' is not a list of objects"),
+        ({"request_indices": [0, 2]}, "'request_indices' is not a list of [first, last] index pairs"),
+        (None, "Expecting property name"),
+    ],
+)
+def test_score_beside_a_damaged_run_record_is_one_line_with_scores_way_out(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict | None, why: str
+) -> None:
+    _, output = _copy(finished, tmp_path)
+    record = tmp_path / "out.jsonl.run.json"
+    if change is None:
+        record.write_text("{ not json")
+    else:
+        record.write_text(json.dumps({**json.loads(record.read_text()), **change}))
+    assert main(["score", str(output), *SCORE]) == 2
+    line = _one_line(capsys, "star-lightning score: error: ", f"{record} beside {output} is damaged ({why}")
+    assert "move the record away" in line and "--output" not in line, line
+
+
+def test_score_refuses_two_runs_of_one_request_file(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, output = _copy(finished, tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    _copy(finished, other)
+    assert main(["score", str(output), str(other / "out.jsonl"), *SCORE]) == 2
+    _one_line(capsys, "star-lightning score: error: ", "two runs over the same requests", "both hold index 0")
+
+
+def test_score_reads_a_pipe(finished: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reader, writer = os.pipe()
+    data = (finished / "out.jsonl").read_bytes()
+    pid = os.fork()
+    if pid == 0:  # a real writer process, as a shell's <(cat file) would be
+        os.close(reader)
+        os.write(writer, data)
+        os._exit(0)
+    os.close(writer)
+    try:
+        assert main(["score", f"/dev/fd/{reader}", *SCORE]) == 0
+    finally:
+        os.close(reader)
+        os.waitpid(pid, 0)
+    assert json.loads(capsys.readouterr().out)["counts"] == {"niah_single_1": 3}

@@ -144,21 +144,29 @@ def in_ranges(index: int, ranges: Iterable[Iterable[int]]) -> bool:
     return any(start <= index <= end for start, end in ranges)
 
 
-def read_record(output: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The record beside ``output``, None when there is none; an unreadable one is refused (it cannot vouch)."""
+def load_record(output: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The record beside ``output``, None when there is none; ``ValueError`` (the reason) for an unreadable one."""
     path = record_path(output)
     if not path.exists():
         return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(record, dict) or not isinstance(record.get("prediction_settings"), dict):
-            raise ValueError("no prediction_settings object")
-    except (UnicodeDecodeError, ValueError) as error:
-        raise ConfigurationError(
-            f"the run record {path} is unreadable ({error}), so {output} cannot be resumed safely; choose another "
-            "--output, or pass --overwrite true to start it over"
-        ) from None
+    except UnicodeDecodeError as error:
+        raise ValueError(str(error)) from None
+    if not isinstance(record, dict) or not isinstance(record.get("prediction_settings"), dict):
+        raise ValueError("no prediction_settings object")
     return record
+
+
+def read_record(output: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The record beside ``output``, None when there is none; an unreadable one is refused (it cannot vouch)."""
+    try:
+        return load_record(output)
+    except ValueError as error:
+        raise ConfigurationError(
+            f"the run record {record_path(output)} is unreadable ({error}), so {output} cannot be resumed safely; "
+            "choose another --output, or pass --overwrite true to start it over"
+        ) from None
 
 
 def write_record(output: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
