@@ -418,3 +418,19 @@ def test_score_reads_a_pipe(finished: Path, capsys: pytest.CaptureFixture[str]) 
         os.close(reader)
         os.waitpid(pid, 0)
     assert json.loads(capsys.readouterr().out)["counts"] == {"niah_single_1": 3}
+
+
+# Bug 10: a ring with fewer context tokens than its chunks is refused by the checks, naming the request.
+
+
+def test_a_ring_too_short_for_its_chunks_is_refused_before_any_rank_starts(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requests = write_requests(tmp_path / "requests.jsonl", 2, filler=2)
+    with requests.open("a") as handle:
+        handle.write(json.dumps({"input_context": "Hi", "input_query": "Who?", "outputs": ["x"]}) + "\n")
+    output = tmp_path / "out.jsonl"
+    args = predict_args(tiny_model_dir, requests, output, "--model.attention", "ring", "--trainer.devices", "2")
+    assert main([*args, "--trainer.logger", "false"]) == 2
+    _one_line(capsys, "star-lightning predict: error: ", "request 2 (", "line 3)", "too short for a zigzag ring")
+    assert not output.exists()

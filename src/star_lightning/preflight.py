@@ -61,7 +61,7 @@ from star_lightning.models import (
 )
 from star_lightning.module import StarAttentionLM
 from star_lightning.parallel.mixin import ContextParallelMixin
-from star_lightning.partition import plan_blocks
+from star_lightning.partition import plan_blocks, plan_ring
 from star_lightning.plan import Layout, Request, check_fits, local_gpu
 from star_lightning.tokens import batch_lengths, context_tokens_beyond
 
@@ -439,10 +439,11 @@ def _check_lengths(
                 plan_blocks(context, hparams["block_size"], hosts, hparams["anchor_block_size"], hparams["anchor"])
             except ConfigurationError as error:
                 raise ConfigurationError(f"{where}: {error}") from None
-        elif hparams["attention"] == "ring" and context < hosts:
-            raise ConfigurationError(
-                f"{where}: ring attention needs at least one context token per host ({hosts}), got {context}"
-            )
+        elif hparams["attention"] == "ring":
+            try:
+                plan_ring(context, hosts, hparams["ring_layout"])
+            except ConfigurationError as error:
+                raise ConfigurationError(f"{where}: {error}") from None
         if longest is None or total > longest.context_tokens + longest.query_tokens + longest.max_new_tokens:
             longest = Request(context, query, budget)
     return sorted(skipped, key=lambda item: item.line), longest
