@@ -271,3 +271,69 @@ def check_devices(devices: object, option: str = "trainer.devices") -> None:
         if all(index >= 0 for index in devices):
             return
     raise bad_value(option, devices, DEVICES_ACCEPTED)
+
+
+# What a launcher (Lightning's own, torchrun, a manual launch) tells a process about its place in a job.
+LAUNCH_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
+
+
+def _device_count(devices: object) -> int | None:
+    """The processes per node ``--trainer.devices`` asks for; None for every device (``auto``, ``-1``)."""
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return devices if devices > 0 else None
+    if isinstance(devices, list):
+        return len(devices)
+    if isinstance(devices, str):
+        text = devices.strip()
+        if "," in text:
+            return len([part for part in text.split(",") if part.strip()])
+        return int(text) if text.isdigit() else None
+    return None
+
+
+class LaunchEnvironmentError(ConfigurationError):
+    """The launcher variables are wrong: said by whichever rank the process takes itself for (it may be the only
+    process, taking itself for rank 1)."""
+
+
+def check_launch_environment(devices: object, num_nodes: object, environ: Mapping[str, str] | None = None) -> None:
+    """Launcher variables left in the environment (a notebook, another launcher) that contradict the command, or
+    are no numbers, refused in one line before any record is written: with them Lightning would take this process
+    for one rank of a job started elsewhere (a hang, a crash, or no checks). SLURM's jobs read SLURM's variables."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return
+    fix = "unset it if a notebook or an earlier launcher left it ({}), so that predict starts its own processes"
+    values: dict[str, int] = {}
+    for name in LAUNCH_VARIABLES:
+        if name not in env:
+            continue
+        text = env[name].strip()
+        number = int(text) if text.isdigit() else None
+        if number is None or (name == "MASTER_PORT" and not 0 < number < 65536):
+            accepted = "a port number (1-65535)" if name == "MASTER_PORT" else "a number (0, 1, ...)"
+            raise LaunchEnvironmentError(
+                f"the environment variable {name}={env[name]!r} is not {accepted}; {fix.format(f'unset {name}')}"
+            )
+        values[name] = number
+    count, nodes = _device_count(devices), num_nodes if isinstance(num_nodes, int) else 1
+    wrong: list[str] = []
+    if values.get("NODE_RANK", 0) >= nodes:
+        wrong.append(f"NODE_RANK={values['NODE_RANK']} (--trainer.num_nodes {nodes} has node ranks 0-{nodes - 1})")
+    if "LOCAL_RANK" in values:
+        local = values["LOCAL_RANK"]
+        if count is not None and local >= count:
+            wrong.append(f"LOCAL_RANK={local} (--trainer.devices {count} has local ranks 0-{count - 1})")
+        if count is not None and "WORLD_SIZE" in values and values["WORLD_SIZE"] != count * nodes:
+            wrong.append(f"WORLD_SIZE={values['WORLD_SIZE']} (the command makes {count * nodes} processes)")
+        if (count is None or count * nodes > 1) and "MASTER_PORT" not in values and "TORCHELASTIC_RUN_ID" not in env:
+            wrong.append(f"LOCAL_RANK={local} without MASTER_PORT (the ranks of a job launched elsewhere share one)")
+    if wrong:
+        names = " ".join(dict.fromkeys(item.split("=")[0] for item in wrong))
+        raise LaunchEnvironmentError(
+            f"the environment says this process is a rank of a job launched elsewhere, but {'; '.join(wrong)} "
+            f"contradicts the command; {fix.format(f'unset {names}').replace('unset it', 'unset them')}, or launch "
+            "every rank with matching --trainer.devices and --trainer.num_nodes"
+        )

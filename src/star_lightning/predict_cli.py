@@ -31,7 +31,14 @@ from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.data.jsonl import OutputWriteError
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
-from star_lightning.options import OneLineErrors, bad_value, check_devices, closest
+from star_lightning.options import (
+    LaunchEnvironmentError,
+    OneLineErrors,
+    bad_value,
+    check_devices,
+    check_launch_environment,
+    closest,
+)
 from star_lightning.parallel.lifetime import kill_launched_ranks, lost_peer, watch_ranks
 from star_lightning.parallel.strategy import StarStrategy
 from star_lightning.preflight import RunPlan, check_run, speaks_for_job
@@ -255,6 +262,7 @@ def _check_trainer_options(trainer: Any) -> None:
     from lightning.pytorch.strategies import StrategyRegistry
 
     check_devices(trainer["devices"])
+    check_launch_environment(trainer["devices"], trainer["num_nodes"])
     if isinstance(trainer["num_nodes"], int) and trainer["num_nodes"] < 1:
         raise bad_value("trainer.num_nodes", trainer["num_nodes"], "a positive number of nodes")
     for option, names in (
@@ -310,8 +318,8 @@ def run_predict(argv: list[str]) -> int:
             load_from_checkpoint_support=False,
         )
         plan = cli.check()
-    except ConfigurationError:
-        if getattr(rank_zero_only, "rank", 0) != 0:
+    except ConfigurationError as error:
+        if getattr(rank_zero_only, "rank", 0) != 0 and not isinstance(error, LaunchEnvironmentError):
             raise SystemExit(2) from None
         raise
     try:
