@@ -434,3 +434,33 @@ def test_a_ring_too_short_for_its_chunks_is_refused_before_any_rank_starts(
     assert main([*args, "--trainer.logger", "false"]) == 2
     _one_line(capsys, "star-lightning predict: error: ", "request 2 (", "line 3)", "too short for a zigzag ring")
     assert not output.exists()
+
+
+# Poor answers: simulated hosts beyond the blocks; a context_id defined as "1" and used as 1.
+
+
+def test_simulated_hosts_beyond_the_blocks_name_simulate_hosts(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requests = write_requests(tmp_path / "requests.jsonl", 1, filler=2)
+    assert _predict(tiny_model_dir, requests, tmp_path / "out.jsonl", "--model.simulate_hosts", "64") == 2
+    line = _one_line(
+        capsys,
+        "star-lightning predict: error: ",
+        "hosts --model.simulate_hosts plays",
+        "Lower --model.simulate_hosts to at most",
+    )
+    assert "--trainer.devices" not in line, line
+
+
+def test_a_context_id_defined_as_a_string_and_used_as_a_number_says_so(tmp_path: Path) -> None:
+    from star_lightning.data.jsonl import read_requests
+    from star_lightning.errors import ConfigurationError
+
+    path = tmp_path / "requests.jsonl"
+    rows = [{"context_id": "1", "input_context": "Text.", "input_query": "Q?"}, {"context_id": 1, "input_query": "Q?"}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(
+        ConfigurationError, match=r"'context_id' 1 is no string, but the context is defined as the string '1'"
+    ):
+        read_requests(path)

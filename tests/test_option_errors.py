@@ -28,6 +28,15 @@ from star_lightning.cli import main
         (["--trainer.accelerator", "gpuu"], "--trainer.accelerator gpuu: expected one of"),
         (["--data.limit", "-1"], "--data.limit -1: expected a positive number of requests"),
         (["--data.limit", "0"], "--data.limit 0: expected a positive number of requests"),
+        (
+            ["--model.passing_selection", "per_head"],
+            "--model.passing_selection per_head chooses the tokens that pass between hosts, but none pass",
+        ),
+        (["--model.passing_pool_kernel", "3"], "set --model.passing_tokens, or drop --model.passing_pool_kernel"),
+        (
+            ["--model.anchor_query_positions", "phase2"],
+            "--model.anchor_query_positions phase2 places the query in every block's prefix, but there is none",
+        ),
     ],
 )
 def test_an_option_error_is_one_line_naming_the_option_and_the_fix(
@@ -47,8 +56,23 @@ def test_plan_options_get_the_same_one_line_errors(capsys: pytest.CaptureFixture
         (["--model.blocksize", "64"], "unknown option --model.blocksize; did you mean --model.block_size?"),
         (["--lenght", "5"], "unknown option --lenght; did you mean --length?"),
         (["--trainer.devices", "0"], "--trainer.devices 0: expected a positive number of processes per node"),
+        (
+            ["--trainer.strategy.context_parallel_size", "-1"],
+            "--trainer.strategy.context_parallel_size -1: expected a positive number of hosts",
+        ),
     ):
         assert main(["plan", "--length", "1024", "--gpu", "H100", *extra]) == 2
         lines = capsys.readouterr().err.splitlines()
         assert len(lines) == 1 and lines[0].startswith("star-lightning plan: error: "), lines
         assert expected in lines[0], lines[0]
+
+
+def test_the_option_defaults_the_do_nothing_check_assumes_are_the_modules() -> None:
+    import inspect
+
+    from star_lightning.module import StarAttentionLM
+
+    defaults = {name: p.default for name, p in inspect.signature(StarAttentionLM.__init__).parameters.items()}
+    assert defaults["passing_selection"] == "shared"
+    assert defaults["passing_pool_kernel"] == 7
+    assert defaults["anchor_query_positions"] == "after_anchor"

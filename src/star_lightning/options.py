@@ -337,3 +337,23 @@ def check_launch_environment(devices: object, num_nodes: object, environ: Mappin
             f"contradicts the command; {fix.format(f'unset {names}').replace('unset it', 'unset them')}, or launch "
             "every rank with matching --trainer.devices and --trainer.num_nodes"
         )
+
+
+def check_options_that_do_nothing(options: Mapping[str, Any]) -> None:
+    """Options given a value that nothing reads, refused rather than ignored: the user thinks they matter. (The
+    defaults are those of ``StarAttentionLM``; a test holds them together.)"""
+    passing = options.get("attention", "star") == "star" and bool(options.get("passing_tokens", 0))
+    for option, default in (("passing_selection", "shared"), ("passing_pool_kernel", 7)):
+        if not passing and options.get(option, default) != default:
+            raise ConfigurationError(
+                f"--model.{option} {shown(options[option])} chooses the tokens that pass between hosts, but none pass "
+                "(it needs --model.attention star and --model.passing_tokens N > 0); set --model.passing_tokens, or "
+                f"drop --model.{option}"
+            )
+    anchored = options.get("attention", "star") == "star" and bool(options.get("anchor_query", False))
+    if not anchored and options.get("anchor_query_positions", "after_anchor") != "after_anchor":
+        raise ConfigurationError(
+            f"--model.anchor_query_positions {shown(options['anchor_query_positions'])} places the query in every "
+            "block's prefix, but there is none (it needs --model.attention star and --model.anchor_query true); set "
+            "--model.anchor_query true, or drop --model.anchor_query_positions"
+        )

@@ -60,6 +60,7 @@ from star_lightning.models import (
     resolve_dtype,
 )
 from star_lightning.module import StarAttentionLM
+from star_lightning.options import check_options_that_do_nothing
 from star_lightning.parallel.mixin import ContextParallelMixin
 from star_lightning.partition import plan_blocks, plan_ring
 from star_lightning.plan import Layout, Request, check_fits, local_gpu
@@ -139,6 +140,7 @@ def check_run(
 ) -> RunPlan:
     """Every check of the module docstring, in order; returns the plan holding the output's lock."""
     hparams = module.hparams
+    check_options_that_do_nothing(hparams)
     context_parallel_size = _check_layout(trainer, hparams["attention"], hparams.get("simulate_hosts", 1))
     _refuse_writing_the_input(output, datamodule.path, datamodule.contexts)
     lock = OutputLock(output)
@@ -438,7 +440,10 @@ def _check_lengths(
             try:
                 plan_blocks(context, hparams["block_size"], hosts, hparams["anchor_block_size"], hparams["anchor"])
             except ConfigurationError as error:
-                raise ConfigurationError(f"{where}: {error}") from None
+                simulated = int(hparams.get("simulate_hosts", 1))
+                raise ConfigurationError(
+                    f"{where}: {too_few_blocks_for_simulated_hosts(context, hparams['block_size'], simulated) or error}"
+                ) from None
         elif hparams["attention"] == "ring":
             try:
                 plan_ring(context, hosts, hparams["ring_layout"])
@@ -447,6 +452,20 @@ def _check_lengths(
         if longest is None or total > longest.context_tokens + longest.query_tokens + longest.max_new_tokens:
             longest = Request(context, query, budget)
     return sorted(skipped, key=lambda item: item.line), longest
+
+
+def too_few_blocks_for_simulated_hosts(context: int, block_size: int, simulate_hosts: int) -> str | None:
+    """The reason, naming ``--model.simulate_hosts``, where the hosts it plays in one process outnumber a context's
+    blocks (None where it does not): the devices are not the cause there."""
+    blocks = -(-context // block_size)
+    if simulate_hosts <= 1 or simulate_hosts <= blocks:
+        return None
+    return (
+        f"the context of {context} tokens makes {blocks} block(s) of block_size {block_size}, fewer than the "
+        f"{simulate_hosts} hosts --model.simulate_hosts plays: every host needs at least one block. Lower "
+        f"--model.simulate_hosts to at most {blocks} (0 plays one host per block) or --model.block_size to at most "
+        f"{-(-context // simulate_hosts)}"
+    )
 
 
 def _check_memory(config: Any, hparams: Any, trainer: pl.Trainer, dtype: str, longest: Request) -> None:

@@ -16,6 +16,7 @@ checkpoints, and running a collective inside the signal handler) are replaced fo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -36,6 +37,7 @@ from star_lightning.data.jsonl import (
 )
 from star_lightning.parallel.lifetime import (
     STOP_SIGNALS,
+    launcher_pid,
     predict_loop_ended,
     predict_loop_started,
     requeue_slurm_job,
@@ -64,6 +66,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self._strategy: ContextParallelMixin | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._identity: FileIdentity | None = None  # the file the run appends to: a replaced one is not written
+        self._told_launcher = False
 
     def resume_hint(self) -> str:
         return (
@@ -98,6 +101,18 @@ class JsonlPredictionWriter(BasePredictionWriter):
                     flush=True,
                 )
         self._signal = signum
+        self._tell_the_launcher(signum)
+
+    def _tell_the_launcher(self, signum: int) -> None:
+        """A rank Lightning's launcher started passes SIGTERM / SIGUSR1 on to the launcher (once): the data-parallel
+        groups the signal did not reach stop too, after their current request, and the launcher speaks for the job
+        (Ctrl-C reaches every process of the terminal already)."""
+        launcher = launcher_pid()
+        if launcher is None or signum == signal.SIGINT or self._told_launcher:
+            return
+        self._told_launcher = True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(launcher, signum)
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -130,6 +145,11 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     def _stop(self, trainer: pl.Trainer, signum: int) -> None:
         name = signal.Signals(signum).name
+        if self._told_launcher and sys.platform.startswith("linux"):
+            # The launcher, told, stops after its own current request, says so and gives the job's exit code; this
+            # rank's end (the kernel kills it with its launcher) must not look like a crash to Lightning's observer.
+            while True:
+                signal.pause()
         requeued = requeue_slurm_job() if signum == signal.SIGUSR1 and trainer.is_global_zero else ""
         if self._speaks_for_group(trainer):
             print(

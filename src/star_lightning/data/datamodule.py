@@ -163,4 +163,8 @@ class RequestDataModule(LightningDataModule):
         trainer = self.trainer
         split = trainer.distributed_sampler_kwargs if trainer is not None else None
         replicas, rank = (split["num_replicas"], split["rank"]) if split else (1, 0)
+        if trainer is not None:
+            # A data-parallel group may have nothing to do (fewer contexts than groups, or a resume of the last
+            # request): it waits for the others instead of failing the job (Lightning refuses an empty loader).
+            trainer.lightning_module.allow_zero_length_dataloader_with_multiple_devices = True
         return DataLoader(dataset, batch_size=None, sampler=ContextShardSampler(dataset, replicas, rank))

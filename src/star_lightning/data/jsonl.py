@@ -207,6 +207,11 @@ class ContextBook:
         return known  # the same text: one string object for every request that shares it
 
     def text(self, context_id: object, where: str) -> str:
+        if not isinstance(context_id, str) and str(context_id) in self._texts:
+            raise ConfigurationError(
+                f"{where}: '{CONTEXT_ID}' {context_id!r} is no string, but the context is defined "
+                f'as the string {str(context_id)!r} (at {self._where[str(context_id)]}); write it as "{context_id}"'
+            )
         if not isinstance(context_id, str) or context_id not in self._texts:
             raise ConfigurationError(
                 f"{where}: '{CONTEXT_ID}' {context_id!r} names no context given before; define it on an earlier line "

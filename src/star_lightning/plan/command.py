@@ -21,7 +21,7 @@ from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
-from star_lightning.options import OneLineErrors, check_devices
+from star_lightning.options import OneLineErrors, bad_value, check_devices
 from star_lightning.parallel.strategy import StarStrategy
 from star_lightning.partition import validate_block_sizes, validate_star_options
 from star_lightning.plan.costs import GIB, RUNTIME_RESERVE_BYTES
@@ -171,6 +171,8 @@ def _layout(cfg: Namespace) -> tuple[Layout, int]:
     tensor_parallel = int(init_args.get("tensor_parallel_size") or 1)
     world = _world_size(cfg.trainer.devices, cfg.trainer.num_nodes)
     context_parallel = init_args.get("context_parallel_size")
+    if context_parallel is not None and context_parallel < 1:  # it would make the world size, and be named as that
+        raise bad_value("trainer.strategy.context_parallel_size", context_parallel, "a positive number of hosts")
     parallel = strategy.validate_layout(world if world is not None else (context_parallel or 1) * tensor_parallel)
     validate_block_sizes(model.block_size, model.anchor_block_size)
     validate_star_options(
