@@ -76,3 +76,33 @@ def test_the_option_defaults_the_do_nothing_check_assumes_are_the_modules() -> N
     assert defaults["passing_selection"] == "shared"
     assert defaults["passing_pool_kernel"] == 7
     assert defaults["anchor_query_positions"] == "after_anchor"
+
+
+@pytest.mark.parametrize(("text", "held"), [("", "nothing (it is empty)"), ("- a\n- b\n", "a YAML list")])
+def test_a_config_file_without_options_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, held: str
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    assert main(["predict", "--config", str(config)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert f"--config {config}: the file holds {held}, not options" in lines[0], lines[0]
+
+
+def test_generate_argument_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--benchmark", "rulr", "--task", "qa1", "--length", "9", "--output", "x.jsonl"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("star-lightning generate: error: argument --benchmark"), lines
+    assert "invalid choice: 'rulr'" in lines[0], lines[0]
+
+
+def test_generate_suggests_no_length_beyond_the_models_positions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["generate", "--benchmark", "ruler", "--task", "niah_single_1", "--queries_per_context", "1000"]
+    assert main([*argv, "--length", "512", "--num_samples", "1", "--output", str(tmp_path / "q.jsonl")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert "more than the 8192 positions the model of --tokenizer" in lines[0], lines[0]
+    assert "Lower --queries_per_context" in lines[0] and "Use --length" not in lines[0], lines[0]

@@ -131,6 +131,8 @@ class OneLineErrors:
     def describe_error(self, message: str) -> str:
         """jsonargparse's message as one line naming the option, the value and what is accepted (or the closest
         known option)."""
+        if message.strip().startswith("Unexpected config"):
+            return self._describe_bad_config(message)
         unknown = self._unknown_options(message)
         if unknown:
             return "; ".join(self._describe_unknown(option) for option in unknown) + self._help_hint()
@@ -149,6 +151,18 @@ class OneLineErrors:
                 given = self._given_value(key, detail)
                 return f"--{key}{'' if given is None else ' ' + shown(given)}: expected {what}"
         return " ".join(message.split()) + self._help_hint()
+
+    def _describe_bad_config(self, message: str) -> str:
+        """A ``--config`` file that holds no mapping of options (empty, a list, a bare value), named by its path."""
+        files = [value for name, value in zip(self.args, self.args[1:], strict=False) if name == "--config"]
+        files += [token.partition("=")[2] for token in self.args if token.startswith("--config=")]
+        held = message.strip().removeprefix("Unexpected config:").strip()
+        what = "nothing (it is empty)" if not held else f"{'a YAML list' if held.startswith('- ') else 'no mapping'}"
+        named = f" {files[-1]}" if files else ""
+        return (
+            f"--config{named}: the file holds {what}, not options; write them as a YAML mapping, e.g. "
+            "'model: {block_size: 4096}'"
+        )
 
     def _help_hint(self) -> str:
         return f" ({self.prog} --help lists every option)"

@@ -16,17 +16,25 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from star_lightning.bench.babilong import check_queries_per_context as check_babilong_queries
+from star_lightning.bench.ruler.tasks import PromptTooLong
 from star_lightning.bench.ruler.tasks import check_queries_per_context as check_ruler_queries
 from star_lightning.bench.tasks import BABILONG_TASKS, RULER_TASKS, tasks_of
 from star_lightning.data.jsonl import write_jsonl_atomic
 from star_lightning.errors import ConfigurationError
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line (the command line prints it), not the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigurationError(f"{message} ({self.prog} --help lists every option)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="star-lightning generate",
         description="Generate RULER or BABILong prompts (context/query split for Star Attention) as JSONL.",
     )
@@ -164,9 +172,25 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     chat = _use_chat(args.chat_template, tokenizer)
     rows: list[dict[str, Any]] = []
     for task in tasks:
-        for row in _task_rows(args, task, tokenizer, chat):
+        try:
+            task_rows = _task_rows(args, task, tokenizer, chat)
+        except PromptTooLong as error:
+            raise _beyond_the_positions(error, args, positions) from None
+        for row in task_rows:
             rows.append({**row, "index": len(rows)})
     return rows
+
+
+def _beyond_the_positions(error: PromptTooLong, args: argparse.Namespace, positions: int | None) -> Exception:
+    """A prompt too long for ``--length``: ``--length`` is the way out only if the model can place that many
+    positions; otherwise the questions per context (each adds its needle or document) are."""
+    if positions is None or error.smallest <= positions:
+        return error
+    fewer = " Lower --queries_per_context (each question adds to the prompt)." if args.queries_per_context > 1 else ""
+    return ConfigurationError(
+        f"{error.task}: the smallest prompt needs {error.smallest} tokens with this tokenizer, more than the "
+        f"{positions} positions the model of --tokenizer {args.tokenizer} can place.{fewer}"
+    )
 
 
 def _task_rows(args: argparse.Namespace, task: str, tokenizer: Any, chat: bool) -> list[dict[str, Any]]:
@@ -212,8 +236,8 @@ def _task_rows(args: argparse.Namespace, task: str, tokenizer: Any, chat: bool) 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``star-lightning generate``; returns the exit status (2 on a usage error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         check_output(args.output, overwrite=args.overwrite)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
