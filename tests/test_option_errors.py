@@ -106,3 +106,33 @@ def test_generate_suggests_no_length_beyond_the_models_positions(
     assert len(lines) == 1, lines
     assert "more than the 8192 positions the model of --tokenizer" in lines[0], lines[0]
     assert "Lower --queries_per_context" in lines[0] and "Use --length" not in lines[0], lines[0]
+
+
+def test_a_hub_id_is_answered_at_once_when_the_hub_cannot_be_reached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from star_lightning import models
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: the connection is refused
+    monkeypatch.setattr(models, "_HUB_REACHABLE", {})
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"input_context": "Some text.", "input_query": "What?"}\n')
+    args = ["--data.path", str(requests), "--output", str(tmp_path / "out.jsonl"), "--trainer.accelerator", "cpu"]
+    assert main(["predict", "--model.pretrained", "nosuch/model-x", *args, "--trainer.logger", "false"]) == 2
+    argv = [
+        "generate",
+        "--benchmark",
+        "ruler",
+        "--task",
+        "niah_single_1",
+        "--tokenizer",
+        "nosuch/tok",
+        "--length",
+        "500",
+    ]
+    assert main([*argv, "--length", "500", "--output", str(tmp_path / "g.jsonl")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    for line, option in zip(lines, ("--model.pretrained nosuch/model-x", "--tokenizer nosuch/tok"), strict=True):
+        assert f"{option}: no local folder or file of that name, not in the HuggingFace cache" in line, line
+        assert "http://127.0.0.1:9 cannot be reached" in line, line

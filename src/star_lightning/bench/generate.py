@@ -98,12 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_tokenizer(name: str, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
-    from star_lightning.models import metadata_source
+    from star_lightning.models import metadata_source, unreachable_hub_error
 
     try:
         source, kwargs = metadata_source(name, trust_remote_code=trust_remote_code)  # a GGUF file: its tokenizer
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as error:
+        offline = unreachable_hub_error(name, "--tokenizer")
+        if offline is not None:
+            raise offline from None
         raise ConfigurationError(
             f"--tokenizer {name}: could not load a tokenizer ({error}). Give a local folder with tokenizer files "
             "or a hub id that is already in the local cache."
