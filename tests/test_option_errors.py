@@ -136,3 +136,28 @@ def test_a_hub_id_is_answered_at_once_when_the_hub_cannot_be_reached(
     for line, option in zip(lines, ("--model.pretrained nosuch/model-x", "--tokenizer nosuch/tok"), strict=True):
         assert f"{option}: no local folder or file of that name, not in the HuggingFace cache" in line, line
         assert "http://127.0.0.1:9 cannot be reached" in line, line
+
+
+def _help(command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_predict_and_plan_help_say_how_to_set_the_hosts_without_training_text(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    predict, plan = _help("predict", capsys), _help("plan", capsys)
+    for text in (predict, plan):
+        assert "known subclasses" not in text and "<lambda>" not in text and "Default: ``" not in text
+        flat = " ".join(text.split())
+        assert "each request is spread over --trainer.strategy.context_parallel_size processes" in flat, flat[:600]
+    assert "--model.temperature" in predict and "--model.temperature" not in plan
+    assert "--model.stop_strings" not in plan and "--model.block_size" in plan
+    assert len(predict.splitlines()) < 320
+
+
+def test_generate_help_says_the_tokenizer_may_be_a_gguf_file(capsys: pytest.CaptureFixture[str]) -> None:
+    text = " ".join(_help("generate", capsys).split())
+    assert ".gguf" in text.split("--tokenizer TOKENIZER HF tokenizer:", 1)[1][:100], text

@@ -371,3 +371,55 @@ def check_options_that_do_nothing(options: Mapping[str, Any]) -> None:
             "block's prefix, but there is none (it needs --model.attention star and --model.anchor_query true); set "
             "--model.anchor_query true, or drop --model.anchor_query_positions"
         )
+
+
+def _trimmed_formatter() -> type:
+    """jsonargparse's help formatter without Lightning's lists of every known subclass (~80 lines of class paths)
+    and without the inherited ``Default: ...`` sentences that contradict the defaults shown beside them; with the
+    help given in :data:`HELP` for options whose inherited text is about training."""
+    from jsonargparse import DefaultHelpFormatter
+
+    class TrimmedHelpFormatter(DefaultHelpFormatter):
+        def _get_help_string(self, action: Any) -> str:
+            own = HELP.get(getattr(action, "dest", ""))
+            if own is not None and not getattr(action, "_jsonargparse_preexpanded_help", False):
+                action.help = own
+            text = super()._get_help_string(action)
+            text = re.sub(r", known subclasses: [^()]*\)$", ")", text, flags=re.DOTALL)
+            return re.sub(r"\s*Default: ``[^`]*``\.", "", text)
+
+    return TrimmedHelpFormatter
+
+
+# Help for options whose inherited (Lightning) text speaks of training or of defaults this command replaces.
+HOSTS_HELP = (
+    "Hosts: each request is spread over --trainer.strategy.context_parallel_size processes (unset: all "
+    "--trainer.devices x --trainer.num_nodes of them; 1 with --model.attention dense); the groups split the requests. "
+    "--model.simulate_hosts N plays N hosts in one process."
+)
+HELP = {
+    "trainer.strategy": "star_lightning's StarStrategy (the default) or a subclass; its options: "
+    "--trainer.strategy.context_parallel_size (hosts per request), tensor_parallel_size, gpus_per_host, timeout_s "
+    "(--trainer.strategy.help StarStrategy lists them)",
+    "trainer.precision": "Lightning's precision plugin; unset: '32-true'. The weights' dtype is --model.dtype",
+    "trainer.devices": "processes per node (each a host of a request, or of its own data-parallel group): a number, "
+    "-1 or auto (every device), or device indices",
+    "trainer.num_nodes": "nodes of the job (the processes are --trainer.devices x --trainer.num_nodes)",
+    "trainer.enable_progress_bar": "the per-request progress bar on stderr (unset: shown)",
+    "trainer.logger": "where the per-request phase timings go (TensorBoard under lightning_logs/predict by default); "
+    "false: no logger",
+    "trainer.callbacks": "extra Lightning callbacks (the prediction writer, profiler and progress are always added)",
+    "trainer.profiler": "a Lightning profiler (simple, advanced, pytorch) for the whole run",
+}
+
+
+def help_formatter() -> type:
+    """The formatter ``predict`` and ``plan`` print their help with (built on first use: jsonargparse is imported
+    only by the commands)."""
+    global _FORMATTER
+    if _FORMATTER is None:
+        _FORMATTER = _trimmed_formatter()
+    return _FORMATTER
+
+
+_FORMATTER: type | None = None

@@ -32,12 +32,14 @@ from star_lightning.data.jsonl import OutputWriteError
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
 from star_lightning.options import (
+    HOSTS_HELP,
     LaunchEnvironmentError,
     OneLineErrors,
     bad_value,
     check_devices,
     check_launch_environment,
     closest,
+    help_formatter,
 )
 from star_lightning.parallel.lifetime import kill_launched_ranks, lost_peer, watch_ranks
 from star_lightning.parallel.strategy import StarStrategy
@@ -48,7 +50,7 @@ DESCRIPTION = (
     "prediction per request to --output. An existing output is resumed only by the run that made it (same "
     "prediction settings in its run record OUTPUT.run.json); --overwrite true starts it over. Exit codes: 0 done, "
     "1 a rank died or hung (one line names it), 2 bad input or settings (one line on stderr), 130 Ctrl-C, 128+N "
-    "stopped by signal N (rerun to resume)."
+    "stopped by signal N (rerun to resume). " + HOSTS_HELP
 )
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -311,6 +313,7 @@ def run_predict(argv: list[str]) -> int:
                 "prog": "star-lightning predict",
                 "description": DESCRIPTION,
                 "option_classes": option_classes,
+                "formatter_class": help_formatter(),
             },
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_callback=None,

@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tokenizer",
-        help="HF tokenizer: a local folder or a hub id already cached; default: the model shipped with star_lightning "
-        "(the one predict uses without --model.pretrained)",
+        help="HF tokenizer: a local folder, a .gguf file (its tokenizer) or a hub id already cached; default: the "
+        "model shipped with star_lightning (the one predict uses without --model.pretrained)",
     )
     parser.add_argument(
         "--length", required=True, type=int, help="target sequence length in tokens (prompt + answer budget)"
