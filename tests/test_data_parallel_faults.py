@@ -56,3 +56,16 @@ def test_sigterm_to_one_rank_of_a_data_parallel_job_stops_it_with_143_and_one_li
     assert time.monotonic() - start < 120
     indices = read_indices(tmp_path / "out.jsonl")
     assert len(indices) == len(set(indices)) < 40
+
+
+def test_dense_attention_on_two_devices_splits_the_requests_without_being_told(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    requests = write_requests(tmp_path / "requests.jsonl", 2, filler=2)
+    args = predict_args(tiny_model_dir, requests, tmp_path / "out.jsonl", "--trainer.devices", "2")
+    args += ["--model.attention", "dense", "--model.max_new_tokens", "4", "--trainer.logger", "false"]
+    log = (tmp_path / "job.log").open("w")
+    process = subprocess.Popen([str(STAR_LIGHTNING), *args], cwd=tmp_path, env=cli_env(), stdout=log, stderr=log)
+    assert process.wait(timeout=240) == 0, (tmp_path / "job.log").read_text()[-3000:]
+    assert "2 process(es) on cpu, 1 host(s) per request" in (tmp_path / "job.log").read_text()
+    assert sorted(read_indices(tmp_path / "out.jsonl")) == [0, 1]

@@ -43,7 +43,7 @@ from star_lightning.options import (
 )
 from star_lightning.parallel.lifetime import kill_launched_ranks, lost_peer, watch_ranks
 from star_lightning.parallel.strategy import StarStrategy
-from star_lightning.preflight import RunPlan, check_run, speaks_for_job
+from star_lightning.preflight import RunPlan, check_run, follow_attention, speaks_for_job
 
 DESCRIPTION = (
     "Run Star Attention (or the exact ring / dense baselines) over a JSONL file of requests and write one "
@@ -152,6 +152,7 @@ class StarLightningCLI(LightningCLI):
             self.trainer = self.instantiate_trainer()
         except (MisconfigurationException, ValueError) as error:  # what Lightning refuses that the checks let by
             raise ConfigurationError(f"the --trainer.* options: {' '.join(str(error).split())}") from None
+        follow_attention(self.trainer.strategy, self.model.hparams)
         watch_ranks(lambda: [(rank, child.pid) for rank, child in self._launched_ranks()])
 
     def _launched_ranks(self) -> list[tuple[int, Any]]:
