@@ -246,11 +246,10 @@ def _check_with_lock(
 
 
 def follow_attention(strategy: Any, hparams: Any) -> None:
-    """``dense`` attention and simulated hosts run each request in one process: where
-    ``--trainer.strategy.context_parallel_size`` is not given, it follows them (1: the processes split the requests)
-    rather than being refused. Called on every rank, before the layout is made."""
-    one_process = hparams["attention"] == "dense" or int(hparams.get("simulate_hosts", 1)) != 1
-    if one_process and isinstance(strategy, ContextParallelMixin) and strategy._context_parallel_size is None:
+    """``dense`` attention runs each request in one process: where ``--trainer.strategy.context_parallel_size`` is not
+    given, it follows (1: the processes split the requests) rather than being refused. Called on every rank, before
+    the layout is made."""
+    if hparams["attention"] == "dense" and isinstance(strategy, ContextParallelMixin) and strategy._context_parallel_size is None:
         strategy._context_parallel_size = 1
 
 
