@@ -61,11 +61,16 @@ def test_sigterm_to_one_rank_of_a_data_parallel_job_stops_it_with_143_and_one_li
 def test_dense_attention_on_two_devices_splits_the_requests_without_being_told(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
+    """Also the console of a config-file run: no seed lines, one weights bar (not one per rank)."""
     requests = write_requests(tmp_path / "requests.jsonl", 2, filler=2)
-    args = predict_args(tiny_model_dir, requests, tmp_path / "out.jsonl", "--trainer.devices", "2")
-    args += ["--model.attention", "dense", "--model.max_new_tokens", "4", "--trainer.logger", "false"]
+    config = tmp_path / "dense.yaml"
+    config.write_text("model:\n  attention: dense\n  max_new_tokens: 4\ntrainer:\n  devices: 2\n  logger: false\n")
+    args = predict_args(tiny_model_dir, requests, tmp_path / "out.jsonl", "--config", str(config))
     log = (tmp_path / "job.log").open("w")
     process = subprocess.Popen([str(STAR_LIGHTNING), *args], cwd=tmp_path, env=cli_env(), stdout=log, stderr=log)
     assert process.wait(timeout=240) == 0, (tmp_path / "job.log").read_text()[-3000:]
-    assert "2 process(es) on cpu, 1 host(s) per request" in (tmp_path / "job.log").read_text()
+    text = (tmp_path / "job.log").read_text()
+    assert "2 process(es) on cpu, 1 host(s) per request" in text, text[-3000:]
     assert sorted(read_indices(tmp_path / "out.jsonl")) == [0, 1]
+    assert "Seed set" not in text and "seed set" not in text, text[-3000:]
+    assert text.count("Loading weights: 100%") == 1, text[-3000:]

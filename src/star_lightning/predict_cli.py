@@ -109,6 +109,11 @@ class StarLightningCLI(LightningCLI):
         parser.add_argument("--seed_everything", type=bool | int, default=False, help=argparse.SUPPRESS)
 
     @override
+    def _set_seed(self) -> None:
+        """No global seeding, whatever the config holds (a config file left it None, which Lightning seeded with 0
+        and two lines per rank): sampling has its own --model.seed per request."""
+
+    @override
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         import inspect
 

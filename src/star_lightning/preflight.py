@@ -249,7 +249,11 @@ def follow_attention(strategy: Any, hparams: Any) -> None:
     """``dense`` attention runs each request in one process: where ``--trainer.strategy.context_parallel_size`` is not
     given, it follows (1: the processes split the requests) rather than being refused. Called on every rank, before
     the layout is made."""
-    if hparams["attention"] == "dense" and isinstance(strategy, ContextParallelMixin) and strategy._context_parallel_size is None:
+    if (
+        hparams["attention"] == "dense"
+        and isinstance(strategy, ContextParallelMixin)
+        and strategy._context_parallel_size is None
+    ):
         strategy._context_parallel_size = 1
 
 

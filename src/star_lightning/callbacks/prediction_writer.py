@@ -83,6 +83,10 @@ class JsonlPredictionWriter(BasePredictionWriter):
             self.output.parent.mkdir(parents=True, exist_ok=True)
             repair_torn_tail(self.output)
             os.close(os.open(self.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        if not trainer.is_global_zero:  # the weights load on every rank: one progress bar, not one per rank
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
         strategy = trainer.strategy
         self._strategy = strategy if isinstance(strategy, ContextParallelMixin) else None
         self._is_global_zero = trainer.is_global_zero
