@@ -190,8 +190,7 @@ def _refuse_two_runs_of_one_request_set(paths: list[str], files: list[list[Locat
     seen: dict[tuple[str, int], str] = {}
     for path, located in zip(paths, files, strict=True):
         record = _run_record(path)
-        requests = None if record is None else record["prediction_settings"].get("requests")
-        if not isinstance(requests, str):
+        if record is None or not isinstance(requests := record["prediction_settings"].get("requests"), str):
             continue
         for _, prediction in located:
             index = prediction.get("index")
