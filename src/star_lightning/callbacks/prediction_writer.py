@@ -45,6 +45,17 @@ from star_lightning.parallel.lifetime import (
 from star_lightning.parallel.mixin import ContextParallelMixin
 
 
+def _quiet_loading_bars() -> None:
+    """No weight-loading bars in this process: transformers' own, and the GGUF reader's (a bare ``tqdm``)."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_reading
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    gguf_reading.tqdm = functools.partial(gguf_reading.tqdm, disable=True)  # type: ignore[attr-defined]
+
+
 class PredictionStopped(SystemExit):
     """Raised on every rank after a stop signal, once the current request is written; exits ``128 + signal``."""
 
@@ -84,9 +95,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
             repair_torn_tail(self.output)
             os.close(os.open(self.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
         if not trainer.is_global_zero:  # the weights load on every rank: one progress bar, not one per rank
-            from transformers.utils import logging as transformers_logging
-
-            transformers_logging.disable_progress_bar()
+            _quiet_loading_bars()
         strategy = trainer.strategy
         self._strategy = strategy if isinstance(strategy, ContextParallelMixin) else None
         self._is_global_zero = trainer.is_global_zero
