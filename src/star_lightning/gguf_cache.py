@@ -15,6 +15,7 @@ Where the cache cannot be written (a read-only home), the file is read as before
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -23,7 +24,9 @@ from typing import Any
 
 from star_lightning.model_files import fingerprint_file
 
-_COMPLETE = "complete"  # written last: a folder without it is a half-written one (another process, or a crash)
+# Written last, listing every file with its SHA-256: a folder without it is a half-written one (another process, or a
+# crash), and one whose files differ from it was cut short or corrupted on disk.
+_COMPLETE = "complete"
 
 
 def cache_root() -> Path:
@@ -43,11 +46,11 @@ def metadata_folder(path: str | os.PathLike[str], *, trust_remote_code: bool = F
     cannot be written (the caller then reads the file)."""
     source = Path(path)
     folder = cache_root() / _key(source)
-    if (folder / _COMPLETE).is_file():
+    if _whole(folder):
         return folder
     try:  # where nothing can be written, nothing is read twice: find out before reading
         folder.parent.mkdir(parents=True, exist_ok=True)
-        if folder.exists():  # without its marker: left half-copied by hand or a crash of the disk, not by a writer
+        if folder.exists():  # not whole: left half-copied by hand, cut short or corrupted on disk, not by a writer
             shutil.rmtree(folder)
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging."))
     except OSError:
@@ -65,14 +68,31 @@ def metadata_folder(path: str | os.PathLike[str], *, trust_remote_code: bool = F
         config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "source.txt").write_text(f"{source.resolve()}\n", encoding="utf-8")  # for a reader of the cache
-        (staging / _COMPLETE).write_text("", encoding="utf-8")
+        manifest = {item.name: _sha256(item) for item in sorted(staging.iterdir()) if item.is_file()}
+        (staging / _COMPLETE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         try:
             os.replace(staging, folder)
         except OSError:  # another process finished first: its folder is the same
-            if not (folder / _COMPLETE).is_file():
+            if not _whole(folder):
                 raise
     except OSError:
         return None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _whole(folder: Path) -> bool:
+    """The entry holds every file its marker lists, byte for byte (a few MB to hash): a truncated or corrupted entry
+    is rebuilt from the GGUF file, rather than read and blamed on the file."""
+    try:
+        manifest = json.loads((folder / _COMPLETE).read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or "config.json" not in manifest:
+            return False
+        return all(_sha256(folder / name) == digest for name, digest in manifest.items())
+    except (OSError, ValueError):
+        return False

@@ -70,7 +70,7 @@ def pretrained_source(pretrained: str) -> tuple[str, dict[str, Any]]:
     id, and ``gguf_file`` for a GGUF file (whose reader packages must then be installed)."""
     located = gguf_file(pretrained)
     if located is None:
-        return pretrained, {}
+        return pretrained, ({"local_files_only": True} if hub_unreachable(pretrained) else {})
     _check_gguf_support(pretrained)
     return located[0], {"gguf_file": located[1]}
 
@@ -86,6 +86,42 @@ def metadata_source(pretrained: str, *, trust_remote_code: bool = False) -> tupl
         if folder is not None:
             return str(folder), {}
     return source, kwargs
+
+
+_HUB_REACHABLE: dict[str, str | None] = {}  # endpoint -> None (reachable) or why not, once per process
+
+
+def hub_unreachable(pretrained: str) -> str | None:
+    """Why the HuggingFace hub cannot be reached (one quick connect, cached), where ``pretrained`` is a hub id and
+    the hub is not known to be offline: then only the local cache is read (``local_files_only``), answering at once
+    rather than after transformers' retries (30-50 s); None otherwise."""
+    if not _looks_like_hub_id(pretrained) or Path(pretrained).exists():
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return None  # transformers reads only the cache already
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    if endpoint not in _HUB_REACHABLE:
+        url = urlparse(endpoint)
+        try:
+            socket.create_connection((url.hostname or "", url.port or 443), timeout=5).close()
+            _HUB_REACHABLE[endpoint] = None
+        except OSError as error:
+            _HUB_REACHABLE[endpoint] = f"the hub {endpoint} cannot be reached: {error.strerror or error}"
+    return _HUB_REACHABLE[endpoint]
+
+
+def unreachable_hub_error(pretrained: str, option: str) -> ConfigurationError | None:
+    """The one line for a hub id that is not cached while the hub cannot be reached (None where it can)."""
+    why = hub_unreachable(pretrained)
+    if why is None:
+        return None
+    return ConfigurationError(
+        f"{option} {pretrained}: no local folder or file of that name, not in the HuggingFace cache, and {why}; give "
+        f"a local folder or .gguf file, or download it where the hub is reachable (hf download {pretrained})"
+    )
 
 
 def _check_gguf_support(name: str) -> None:
@@ -155,6 +191,9 @@ def load_config(pretrained: str, *, trust_remote_code: bool = False) -> Pretrain
     except (OSError, ValueError) as error:
         if "trust_remote_code" in str(error) and not trust_remote_code:
             raise _remote_code_error(pretrained, "transformers does not know its model type") from None
+        offline = unreachable_hub_error(pretrained, "--model.pretrained")
+        if offline is not None:
+            raise offline from None
         raise ConfigurationError(
             f"{pretrained!r} is neither an existing model folder nor a model the HuggingFace hub could provide "
             f"({error}); give --model.pretrained an existing folder or a reachable hub id"
@@ -321,6 +360,9 @@ def load_tokenizer(pretrained: str, *, trust_remote_code: bool = False) -> Any:
         source, kwargs = metadata_source(pretrained, trust_remote_code=trust_remote_code)
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as error:
+        offline = unreachable_hub_error(pretrained, "--model.pretrained")
+        if offline is not None:
+            raise offline from None
         raise ConfigurationError(f"could not load the tokenizer of {pretrained!r}: {error}") from None
 
 

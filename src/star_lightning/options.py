@@ -131,6 +131,8 @@ class OneLineErrors:
     def describe_error(self, message: str) -> str:
         """jsonargparse's message as one line naming the option, the value and what is accepted (or the closest
         known option)."""
+        if message.strip().startswith("Unexpected config"):
+            return self._describe_bad_config(message)
         unknown = self._unknown_options(message)
         if unknown:
             return "; ".join(self._describe_unknown(option) for option in unknown) + self._help_hint()
@@ -149,6 +151,18 @@ class OneLineErrors:
                 given = self._given_value(key, detail)
                 return f"--{key}{'' if given is None else ' ' + shown(given)}: expected {what}"
         return " ".join(message.split()) + self._help_hint()
+
+    def _describe_bad_config(self, message: str) -> str:
+        """A ``--config`` file that holds no mapping of options (empty, a list, a bare value), named by its path."""
+        files = [value for name, value in zip(self.args, self.args[1:], strict=False) if name == "--config"]
+        files += [token.partition("=")[2] for token in self.args if token.startswith("--config=")]
+        held = message.strip().removeprefix("Unexpected config:").strip()
+        what = "nothing (it is empty)" if not held else f"{'a YAML list' if held.startswith('- ') else 'no mapping'}"
+        named = f" {files[-1]}" if files else ""
+        return (
+            f"--config{named}: the file holds {what}, not options; write them as a YAML mapping, e.g. "
+            "'model: {block_size: 4096}'"
+        )
 
     def _help_hint(self) -> str:
         return help_hint(self.prog)
@@ -281,3 +295,121 @@ def check_devices(devices: object, option: str = "trainer.devices") -> None:
         if all(index >= 0 for index in devices):
             return
     raise bad_value(option, devices, DEVICES_ACCEPTED)
+
+
+# What a launcher (Lightning's own, torchrun, a manual launch) tells a process about its place in a job.
+LAUNCH_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
+
+
+def _device_count(devices: object) -> int | None:
+    """The processes per node ``--trainer.devices`` asks for; None for every device (``auto``, ``-1``)."""
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return devices if devices > 0 else None
+    if isinstance(devices, list):
+        return len(devices)
+    if isinstance(devices, str):
+        text = devices.strip()
+        if "," in text:
+            return len([part for part in text.split(",") if part.strip()])
+        return int(text) if text.isdigit() else None
+    return None
+
+
+class LaunchEnvironmentError(ConfigurationError):
+    """The launcher variables are wrong: said by whichever rank the process takes itself for (it may be the only
+    process, taking itself for rank 1)."""
+
+
+def check_launch_environment(devices: object, num_nodes: object, environ: Mapping[str, str] | None = None) -> None:
+    """Launcher variables left in the environment (a notebook, another launcher) that contradict the command, or
+    are no numbers, refused in one line before any record is written: with them Lightning would take this process
+    for one rank of a job started elsewhere (a hang, a crash, or no checks). SLURM's jobs read SLURM's variables."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return
+    fix = "unset it if a notebook or an earlier launcher left it ({}), so that predict starts its own processes"
+    values: dict[str, int] = {}
+    for name in LAUNCH_VARIABLES:
+        if name not in env:
+            continue
+        text = env[name].strip()
+        number = int(text) if text.isdigit() else None
+        if number is None or (name == "MASTER_PORT" and not 0 < number < 65536):
+            accepted = "a port number (1-65535)" if name == "MASTER_PORT" else "a number (0, 1, ...)"
+            raise LaunchEnvironmentError(
+                f"the environment variable {name}={env[name]!r} is not {accepted}; {fix.format(f'unset {name}')}"
+            )
+        values[name] = number
+    count, nodes = _device_count(devices), num_nodes if isinstance(num_nodes, int) else 1
+    wrong: list[str] = []
+    if values.get("NODE_RANK", 0) >= nodes:
+        wrong.append(f"NODE_RANK={values['NODE_RANK']} (--trainer.num_nodes {nodes} has node ranks 0-{nodes - 1})")
+    if "LOCAL_RANK" in values:
+        local = values["LOCAL_RANK"]
+        if count is not None and local >= count:
+            wrong.append(f"LOCAL_RANK={local} (--trainer.devices {count} has local ranks 0-{count - 1})")
+        if count is not None and "WORLD_SIZE" in values and values["WORLD_SIZE"] != count * nodes:
+            wrong.append(f"WORLD_SIZE={values['WORLD_SIZE']} (the command makes {count * nodes} processes)")
+        if (count is None or count * nodes > 1) and "MASTER_PORT" not in values and "TORCHELASTIC_RUN_ID" not in env:
+            wrong.append(f"LOCAL_RANK={local} without MASTER_PORT (the ranks of a job launched elsewhere share one)")
+    if wrong:
+        names = " ".join(dict.fromkeys(item.split("=")[0] for item in wrong))
+        raise LaunchEnvironmentError(
+            f"the environment says this process is a rank of a job launched elsewhere, but {'; '.join(wrong)} "
+            f"contradicts the command; {fix.format(f'unset {names}').replace('unset it', 'unset them')}, or launch "
+            "every rank with matching --trainer.devices and --trainer.num_nodes"
+        )
+
+
+def _trimmed_formatter() -> type:
+    """jsonargparse's help formatter without Lightning's lists of every known subclass (~80 lines of class paths)
+    and without the inherited ``Default: ...`` sentences that contradict the defaults shown beside them; with the
+    help given in :data:`HELP` for options whose inherited text is about training."""
+    from jsonargparse import DefaultHelpFormatter
+
+    class TrimmedHelpFormatter(DefaultHelpFormatter):
+        def _get_help_string(self, action: Any) -> str:
+            own = HELP.get(getattr(action, "dest", ""))
+            if own is not None and not getattr(action, "_jsonargparse_preexpanded_help", False):
+                action.help = own
+            text = super()._get_help_string(action)
+            text = re.sub(r", known subclasses: [^()]*\)$", ")", text, flags=re.DOTALL)
+            return re.sub(r"\s*Default: ``[^`]*``\.", "", text)
+
+    return TrimmedHelpFormatter
+
+
+# Help for options whose inherited (Lightning) text speaks of training or of defaults this command replaces.
+HOSTS_HELP = (
+    "Hosts: each request is spread over --trainer.strategy.context_parallel_size processes (unset: all "
+    "--trainer.devices x --trainer.num_nodes of them; 1 with --model.attention dense); the groups split the requests. "
+    "--model.simulate_hosts N plays N hosts in one process."
+)
+HELP = {
+    "trainer.strategy": "star_lightning's StarStrategy (the default) or a subclass; its options: "
+    "--trainer.strategy.context_parallel_size (hosts per request), tensor_parallel_size, gpus_per_host, timeout_s "
+    "(--trainer.strategy.help StarStrategy lists them)",
+    "trainer.precision": "Lightning's precision plugin; unset: '32-true'. The weights' dtype is --model.dtype",
+    "trainer.devices": "processes per node (each a host of a request, or of its own data-parallel group): a number, "
+    "-1 or auto (every device), or device indices",
+    "trainer.num_nodes": "nodes of the job (the processes are --trainer.devices x --trainer.num_nodes)",
+    "trainer.enable_progress_bar": "the per-request progress bar on stderr (unset: shown)",
+    "trainer.logger": "where the per-request phase timings go (TensorBoard under lightning_logs/predict by default); "
+    "false: no logger",
+    "trainer.callbacks": "extra Lightning callbacks (the prediction writer, profiler and progress are always added)",
+    "trainer.profiler": "a Lightning profiler (simple, advanced, pytorch) for the whole run",
+}
+
+
+def help_formatter() -> type:
+    """The formatter ``predict`` and ``plan`` print their help with (built on first use: jsonargparse is imported
+    only by the commands)."""
+    global _FORMATTER
+    if _FORMATTER is None:
+        _FORMATTER = _trimmed_formatter()
+    return _FORMATTER
+
+
+_FORMATTER: type | None = None

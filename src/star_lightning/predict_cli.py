@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -29,9 +29,19 @@ from star_lightning.callbacks.prediction_writer import JsonlPredictionWriter
 from star_lightning.callbacks.profiling import PhaseProfiler
 from star_lightning.callbacks.progress import RequestProgress
 from star_lightning.data.datamodule import RequestDataModule
+from star_lightning.data.jsonl import OutputWriteError
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
-from star_lightning.options import OneLineErrors, bad_value, check_devices, closest
+from star_lightning.options import (
+    HOSTS_HELP,
+    LaunchEnvironmentError,
+    OneLineErrors,
+    bad_value,
+    check_devices,
+    check_launch_environment,
+    closest,
+    help_formatter,
+)
 from star_lightning.parallel.lifetime import kill_launched_ranks, lost_peer, watch_ranks
 from star_lightning.parallel.strategy import StarStrategy
 from star_lightning.parser_cache import ParserDescription, describe
@@ -44,7 +54,7 @@ DESCRIPTION = (
     "prediction per request to --output. An existing output is resumed only by the run that made it (same "
     "prediction settings in its run record OUTPUT.run.json); --overwrite true starts it over. Exit codes: 0 done, "
     "1 a rank died or hung (one line names it), 2 bad input or settings (one line on stderr), 130 Ctrl-C, 128+N "
-    "stopped by signal N (rerun to resume)."
+    "stopped by signal N (rerun to resume). " + HOSTS_HELP
 )
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -105,6 +115,11 @@ class StarLightningCLI(LightningCLI):
         parser.add_argument("--seed_everything", type=bool | int, default=False, help=argparse.SUPPRESS)
 
     @override
+    def _set_seed(self) -> None:
+        """No global seeding, whatever the config holds (a config file left it None, which Lightning seeded with 0
+        and two lines per rank): sampling has its own --model.seed per request."""
+
+    @override
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         import inspect
 
@@ -148,6 +163,9 @@ class StarLightningCLI(LightningCLI):
             self.trainer = self.instantiate_trainer()
         except (MisconfigurationException, ValueError) as error:  # what Lightning refuses that the checks let by
             raise ConfigurationError(f"the --trainer.* options: {' '.join(str(error).split())}") from None
+        from star_lightning.preflight import follow_attention
+
+        follow_attention(self.trainer.strategy, self.model.hparams)
         watch_ranks(lambda: [(rank, child.pid) for rank, child in self._launched_ranks()])
 
     def _launched_ranks(self) -> list[tuple[int, Any]]:
@@ -189,6 +207,13 @@ class StarLightningCLI(LightningCLI):
                         hint = f"star-lightning predict: stopped by Ctrl-C; {writer.resume_hint()}"
                         print(hint, file=sys.stderr, flush=True)
                     raise SystemExit(130) from None
+                raise
+            except OutputWriteError as error:
+                _output_write_failed(error)
+            except ConfigurationError:  # an input changed after the checks: every rank finds it, rank 0 says so
+                kill_launched_ranks()
+                if not self.trainer.is_global_zero:
+                    raise SystemExit(2) from None
                 raise
             except Exception as error:
                 # A rank that died or hung fails every other rank's next collective: one line names it, and the
@@ -239,12 +264,23 @@ class StarLightningCLI(LightningCLI):
         return not (others_started and self.trainer.world_size > 1)
 
 
+def _output_write_failed(error: OutputWriteError) -> NoReturn:
+    """A prediction could not be appended (full disk, the output replaced or deleted): one line, exit 1; the lines
+    written before stay whole."""
+    print(
+        f"star-lightning predict: {error}; the job stops (what was written before stays)", file=sys.stderr, flush=True
+    )
+    kill_launched_ranks()
+    raise SystemExit(1) from None
+
+
 def _check_trainer_options(trainer: Any) -> None:
     """The Trainer options Lightning would refuse with a traceback from inside the Trainer, refused in one line."""
     from lightning.pytorch.accelerators import AcceleratorRegistry
     from lightning.pytorch.strategies import StrategyRegistry
 
     check_devices(trainer["devices"])
+    check_launch_environment(trainer["devices"], trainer["num_nodes"])
     if isinstance(trainer["num_nodes"], int) and trainer["num_nodes"] < 1:
         raise bad_value("trainer.num_nodes", trainer["num_nodes"], "a positive number of nodes")
     for option, names in (
@@ -275,8 +311,8 @@ def run_predict(argv: list[str]) -> int:
     try:
         cli = _build(StarLightningCLI, argv)
         plan = cli.check()
-    except ConfigurationError:
-        if getattr(rank_zero_only, "rank", 0) != 0:
+    except ConfigurationError as error:
+        if getattr(rank_zero_only, "rank", 0) != 0 and not isinstance(error, LaunchEnvironmentError):
             raise SystemExit(2) from None
         raise
     try:
@@ -308,6 +344,7 @@ def _build(cli_class: type[StarLightningCLI], argv: list[str]) -> StarLightningC
             "prog": "star-lightning predict",
             "description": DESCRIPTION,
             "option_classes": option_classes,
+            "formatter_class": help_formatter(),
         },
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=None,

@@ -33,13 +33,14 @@ import lightning.pytorch as pl
 from star_lightning.anchor_text import anchor_query_form, check_anchor_texts
 from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.data.jsonl import (
-    completed_indices,
-    file_sha256,
+    output_lines,
+    read_input,
     read_numbered_requests,
     repair_torn_tail,
+    requests_fingerprint,
     unterminated_last_line,
 )
-from star_lightning.data.output_lock import OutputLock
+from star_lightning.data.output_lock import OutputLock, lock_path
 from star_lightning.data.run_record import (
     build_record,
     differences,
@@ -62,7 +63,7 @@ from star_lightning.models import (
 )
 from star_lightning.module import StarAttentionLM
 from star_lightning.parallel.context import planned_layout
-from star_lightning.partition import plan_blocks
+from star_lightning.partition import plan_blocks, plan_ring
 from star_lightning.plan import Layout, Request, check_fits, local_gpu
 from star_lightning.tokens import batch_lengths, context_tokens_beyond
 
@@ -140,7 +141,7 @@ def check_run(
 ) -> RunPlan:
     """Every check of the module docstring, in order; returns the plan holding the output's lock."""
     star = _check_layout(trainer, module.star_settings)
-    _refuse_writing_the_input(output, datamodule.path)
+    _refuse_writing_the_input(output, datamodule.path, datamodule.contexts)
     lock = OutputLock(output)
     lock.acquire()
     try:
@@ -161,7 +162,11 @@ def _check_with_lock(
 ) -> RunPlan:
     hparams, context_parallel_size = module.hparams, star.hosts
     _check_writable(output)
-    numbered = read_numbered_requests(datamodule.path, datamodule.contexts)
+    data = read_input(datamodule.path, "input file (--data.path)")
+    contexts_data = (
+        None if datamodule.contexts is None else read_input(datamodule.contexts, "contexts file (--data.contexts)")
+    )
+    numbered = read_numbered_requests(datamodule.path, datamodule.contexts, data=data, contexts_data=contexts_data)
     every_index = {request["index"] for _, request in numbered}  # the file's: --data.limit may differ on resume
     form = None  # the whole file's: --data.limit may differ on resume
     if hparams["attention"] == "star" and hparams.get("anchor_query"):
@@ -184,8 +189,7 @@ def _check_with_lock(
         model=model_fingerprint(source),
         dtype=dtype,
         precision=str(trainer.precision),
-        requests=file_sha256(datamodule.path)
-        + ("" if datamodule.contexts is None else f" + contexts {file_sha256(datamodule.contexts)}"),
+        requests=requests_fingerprint(data, contexts_data),  # the bytes checked here: the ranks read the same
         hosts=context_parallel_size,
         anchor_query_form=form,
     )
@@ -195,6 +199,7 @@ def _check_with_lock(
         settings,
         model_path=model_path,
         request_file=str(Path(datamodule.path).resolve()),
+        contexts_file=None if datamodule.contexts is None else str(Path(datamodule.contexts).resolve()),
         run={
             "world_size": world_size,
             "context_parallel_size": context_parallel_size,
@@ -225,7 +230,13 @@ def _check_with_lock(
         Path(output).unlink()
     record["skipped_too_long"] = [asdict(item) for item in skipped]
     record["request_indices"] = index_ranges(every_index)
-    write_record(output, record)
+    try:
+        write_record(output, record)
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot write the run record {record_path(output)} ({error.strerror}); free space there or choose "
+            "another --output"
+        ) from None
     return RunPlan(
         output=output,
         total=len(numbered),
@@ -246,18 +257,30 @@ def _check_layout(trainer: pl.Trainer, settings: StarSettings) -> StarSettings:
     return settings.with_hosts(layout.context_parallel_size, layout.tensor_parallel_size, gpus_per_host)
 
 
-def _refuse_writing_the_input(output: str, request_file: str) -> None:
-    """The output, its run record and its lock must not be the request file, by any path (symlinks, hard links)."""
-    request = Path(request_file)
-    for written in (Path(output), record_path(output), Path(f"{output}.lock")):
-        same = written.resolve() == request.resolve()
-        if not same and written.exists() and request.exists():
-            same = os.path.samefile(written, request)
-        if same:
-            raise ConfigurationError(
-                f"--output {output} would write to the request file --data.path {request_file} ({written} is that "
-                "file); choose another --output"
-            )
+def follow_attention(strategy: Any, hparams: Any) -> None:
+    """``dense`` attention runs each request in one process: where ``--trainer.strategy.context_parallel_size`` is not
+    given, it follows (1: the processes split the requests) rather than being refused. Called on every rank, before
+    the layout is made (a strategy without a context-parallel size has nothing to follow)."""
+    if hparams["attention"] == "dense" and getattr(strategy, "_context_parallel_size", 0) is None:
+        strategy._context_parallel_size = 1
+
+
+def _refuse_writing_the_input(output: str, request_file: str, contexts: str | None = None) -> None:
+    """The output, its run record and its lock must not be the request file or the contexts file, by any path
+    (symlinks, hard links)."""
+    inputs = [("the request file --data.path", request_file)]
+    if contexts is not None:
+        inputs.append(("the contexts file --data.contexts", contexts))
+    for what, name in inputs:
+        source = Path(name)
+        for written in (Path(output), record_path(output), lock_path(output)):
+            same = written.resolve() == source.resolve()
+            if not same and written.exists() and source.exists():
+                same = os.path.samefile(written, source)
+            if same:
+                raise ConfigurationError(
+                    f"--output {output} would write to {what} {name} ({written} is that file); choose another --output"
+                )
 
 
 def _check_writable(output: str) -> None:
@@ -269,6 +292,14 @@ def _check_writable(output: str) -> None:
         )
     if not path.exists():
         return
+    links = path.stat().st_nlink
+    if links > 1:
+        # Another name of the file would take another lock and record: two runs could write it at once.
+        raise ConfigurationError(
+            f"--output {output} is one of {links} names (hard links) of one file, and a run on another name would not "
+            "see this one's lock; give the output one name (copy it, or remove the other links), or choose another "
+            "--output"
+        )
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
     except OSError as error:
@@ -285,9 +316,22 @@ def _resumable(output: str, record: dict[str, Any], requests: set[int], request_
     that cannot be read whole, and one holding a prediction of no request of the file (it would be counted)."""
     ways_out = _WAYS_OUT
     try:
-        done = completed_indices(output)
+        lines = output_lines(output)
     except ConfigurationError as error:
         raise ConfigurationError(f"--output {output} is damaged: {error}; {ways_out}") from None
+    if lines.not_predictions:
+        named = ", ".join(str(number) for number in lines.not_predictions[:_LISTED])
+        raise ConfigurationError(
+            f"--output {output} holds {len(lines.not_predictions)} line(s) with no 'pred' (line {named}): it is no "
+            f"predictions file (a request file?); {ways_out}"
+        )
+    if lines.twice:
+        index, first, second = lines.twice[0]
+        raise ConfigurationError(
+            f"--output {output} holds index {index} twice (lines {first} and {second}; {len(lines.twice)} such "
+            f"line(s)): two runs mixed, so it cannot be resumed; {ways_out}"
+        )
+    done = lines.done
     if not done:
         return set()
     old = read_record(output)
@@ -395,14 +439,32 @@ def _check_lengths(
             try:
                 plan_blocks(context, hparams["block_size"], hosts, hparams["anchor_block_size"], hparams["anchor"])
             except ConfigurationError as error:
+                simulated = int(hparams.get("simulate_hosts", 1))
+                raise ConfigurationError(
+                    f"{where}: {too_few_blocks_for_simulated_hosts(context, hparams['block_size'], simulated) or error}"
+                ) from None
+        elif hparams["attention"] == "ring":
+            try:
+                plan_ring(context, hosts, hparams["ring_layout"])
+            except ConfigurationError as error:
                 raise ConfigurationError(f"{where}: {error}") from None
-        elif hparams["attention"] == "ring" and context < hosts:
-            raise ConfigurationError(
-                f"{where}: ring attention needs at least one context token per host ({hosts}), got {context}"
-            )
         if longest is None or total > longest.context_tokens + longest.query_tokens + longest.max_new_tokens:
             longest = Request(context, query, budget)
     return sorted(skipped, key=lambda item: item.line), longest
+
+
+def too_few_blocks_for_simulated_hosts(context: int, block_size: int, simulate_hosts: int) -> str | None:
+    """The reason, naming ``--model.simulate_hosts``, where the hosts it plays in one process outnumber a context's
+    blocks (None where it does not): the devices are not the cause there."""
+    blocks = -(-context // block_size)
+    if simulate_hosts <= 1 or simulate_hosts <= blocks:
+        return None
+    return (
+        f"the context of {context} tokens makes {blocks} block(s) of block_size {block_size}, fewer than the "
+        f"{simulate_hosts} hosts --model.simulate_hosts plays: every host needs at least one block. Lower "
+        f"--model.simulate_hosts to at most {blocks} (0 plays one host per block) or --model.block_size to at most "
+        f"{-(-context // simulate_hosts)}"
+    )
 
 
 def _check_memory(config: Any, settings: StarSettings, trainer: pl.Trainer, dtype: str, longest: Request) -> None:

@@ -14,19 +14,29 @@ and only the first of them carries ``input_context``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from star_lightning.bench.babilong import check_queries_per_context as check_babilong_queries
+from star_lightning.bench.ruler.tasks import PromptTooLong
 from star_lightning.bench.ruler.tasks import check_queries_per_context as check_ruler_queries
 from star_lightning.bench.tasks import BABILONG_TASKS, RULER_TASKS, tasks_of
 from star_lightning.data.jsonl import write_jsonl_atomic
 from star_lightning.errors import ConfigurationError
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line (the command line prints it), not the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigurationError(f"{message} ({self.prog} --help lists every option)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="star-lightning generate",
         description="Generate RULER or BABILong prompts (context/query split for Star Attention) as JSONL.",
     )
@@ -39,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tokenizer",
-        help="HF tokenizer: a local folder or a hub id already cached; default: the model shipped with star_lightning "
-        "(the one predict uses without --model.pretrained)",
+        help="HF tokenizer: a local folder, a .gguf file (its tokenizer) or a hub id already cached; default: the "
+        "model shipped with star_lightning (the one predict uses without --model.pretrained)",
     )
     parser.add_argument(
         "--length", required=True, type=int, help="target sequence length in tokens (prompt + answer budget)"
@@ -56,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         "BABILong and the other RULER tasks define one); default 1",
     )
     parser.add_argument("--output", required=True, help="JSONL file to write (atomically)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output even where it holds predictions or has a run record beside it (both are deleted)",
+    )
     parser.add_argument(
         "--chat_template",
         choices=("auto", "on", "off"),
@@ -85,12 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_tokenizer(name: str, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
-    from star_lightning.models import metadata_source
+    from star_lightning.models import metadata_source, unreachable_hub_error
 
     try:
         source, kwargs = metadata_source(name, trust_remote_code=trust_remote_code)  # a GGUF file: its tokenizer
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as error:
+        offline = unreachable_hub_error(name, "--tokenizer")
+        if offline is not None:
+            raise offline from None
         raise ConfigurationError(
             f"--tokenizer {name}: could not load a tokenizer ({error}). Give a local folder with tokenizer files "
             "or a hub id that is already in the local cache."
@@ -159,9 +177,25 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     chat = _use_chat(args.chat_template, tokenizer)
     rows: list[dict[str, Any]] = []
     for task in tasks:
-        for row in _task_rows(args, task, tokenizer, chat):
+        try:
+            task_rows = _task_rows(args, task, tokenizer, chat)
+        except PromptTooLong as error:
+            raise _beyond_the_positions(error, args, positions) from None
+        for row in task_rows:
             rows.append({**row, "index": len(rows)})
     return rows
+
+
+def _beyond_the_positions(error: PromptTooLong, args: argparse.Namespace, positions: int | None) -> Exception:
+    """A prompt too long for ``--length``: ``--length`` is the way out only if the model can place that many
+    positions; otherwise the questions per context (each adds its needle or document) are."""
+    if positions is None or error.smallest <= positions:
+        return error
+    fewer = " Lower --queries_per_context (each question adds to the prompt)." if args.queries_per_context > 1 else ""
+    return ConfigurationError(
+        f"{error.task}: the smallest prompt needs {error.smallest} tokens with this tokenizer, more than the "
+        f"{positions} positions the model of --tokenizer {args.tokenizer} can place.{fewer}"
+    )
 
 
 def _task_rows(args: argparse.Namespace, task: str, tokenizer: Any, chat: bool) -> list[dict[str, Any]]:
@@ -207,12 +241,13 @@ def _task_rows(args: argparse.Namespace, task: str, tokenizer: Any, chat: bool) 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``star-lightning generate``; returns the exit status (2 on a usage error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
+        check_output(args.output, overwrite=args.overwrite)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             rows = run(args)
-        count = write_jsonl_atomic(args.output, rows)
+        count = write_output(args.output, rows)
     except ConfigurationError as error:
         print(f"star-lightning generate: error: {error}", file=sys.stderr)
         return 2
@@ -222,6 +257,50 @@ def main(argv: list[str] | None = None) -> int:
     what = f"{count} {args.benchmark} {args.task} requests" + (shared if args.queries_per_context > 1 else "")
     print(f"wrote {what} at length {args.length} to {args.output}")
     return 0
+
+
+def write_output(output: str, rows: list[dict[str, Any]]) -> int:
+    """The rows, written atomically; a failed write (a full disk) is one line naming the file, nothing left."""
+    try:
+        return write_jsonl_atomic(output, rows)
+    except OSError as error:
+        raise ConfigurationError(f"cannot write --output {output} ({error.strerror}); free space there") from None
+
+
+def check_output(output: str, *, overwrite: bool) -> None:
+    """``--output`` is a file this command may replace: not a folder, and (without ``--overwrite``) no predictions
+    file, nor one with a run record beside it -- replacing it would silently destroy what a run computed."""
+    from star_lightning.data.run_record import record_path
+
+    path = Path(output)
+    if path.is_dir():
+        raise ConfigurationError(
+            f"--output {output} is a folder; give the JSONL file's path, such as {path / 'requests.jsonl'}"
+        )
+    record = record_path(output)
+    if overwrite:
+        record.unlink(missing_ok=True)  # it described predictions that are about to be replaced
+        return
+    ways_out = "choose another --output, or pass --overwrite to replace it"
+    if record.exists():
+        raise ConfigurationError(
+            f"--output {output} has a run record beside it ({record}): it holds a predict run's output; {ways_out}"
+        )
+    if path.is_file() and _holds_predictions(path):
+        raise ConfigurationError(f"--output {output} holds predictions (lines with 'pred'); {ways_out}")
+
+
+def _holds_predictions(path: Path) -> bool:
+    """Whether the file's first JSON line is a prediction (every line of a predictions file has ``pred``)."""
+    with path.open("rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                try:
+                    first = json.loads(raw)
+                except ValueError:
+                    return False
+                return isinstance(first, dict) and "pred" in first
+    return False
 
 
 if __name__ == "__main__":

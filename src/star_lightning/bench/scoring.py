@@ -23,7 +23,7 @@ from star_lightning.bench.metrics import BABILONG_LABELS, BabilongAccuracy, Stri
 from star_lightning.bench.tasks import METRIC_BY_TASK
 from star_lightning.data.jsonl import read_predictions as read_prediction_file
 from star_lightning.data.jsonl import torn_last_line
-from star_lightning.data.run_record import in_ranges, read_record, record_path
+from star_lightning.data.run_record import in_ranges, load_record, record_path
 from star_lightning.errors import ConfigurationError
 
 METRICS = ("auto", "match_all", "match_part", "babilong")
@@ -129,9 +129,35 @@ def summarize(scores: dict[Any, float], counts: dict[Any, int]) -> dict[str, Any
     }
 
 
+def _run_record(path: str) -> dict[str, Any] | None:
+    """The run record beside a predictions file (None without one), its fields checked for what score reads: a
+    damaged one is one line with score's way out, not predict's advice or a traceback."""
+    try:
+        record = load_record(path)
+        if record is None:
+            return None
+        skipped, indices = record.get("skipped_too_long"), record.get("request_indices")
+        if skipped is not None and not (isinstance(skipped, list) and all(isinstance(s, dict) for s in skipped)):
+            raise ValueError("'skipped_too_long' is not a list of objects")
+        if indices is not None and not (
+            isinstance(indices, list)
+            and all(
+                isinstance(pair, list) and len(pair) == 2 and all(type(end) is int for end in pair) for pair in indices
+            )
+        ):
+            raise ValueError("'request_indices' is not a list of [first, last] index pairs")
+    except ValueError as error:
+        raise ConfigurationError(
+            f"the run record {record_path(path)} beside {path} is damaged ({error}), so it cannot vouch for the "
+            "file; rerun the predict command with --overwrite true to make both again, or move the record away to "
+            "score the file without its checks"
+        ) from None
+    return record
+
+
 def _note_skipped(path: str) -> None:
     """Requests ``predict --data.on_too_long skip`` left out are not in the file, so not in its scores: say so."""
-    record = read_record(path)
+    record = _run_record(path)
     skipped = (record or {}).get("skipped_too_long") or []
     if skipped:
         print(
@@ -158,6 +184,26 @@ def _refuse_the_same_file_twice(paths: list[str]) -> None:
         seen[key] = path
 
 
+def _refuse_two_runs_of_one_request_set(paths: list[str], files: list[list[Located]]) -> None:
+    """Two predictions files of one request file (their run records hold the same input bytes) that both hold a
+    request would count it twice: refused, naming the files and the request."""
+    seen: dict[tuple[str, int], str] = {}
+    for path, located in zip(paths, files, strict=True):
+        record = _run_record(path)
+        if record is None or not isinstance(requests := record["prediction_settings"].get("requests"), str):
+            continue
+        for _, prediction in located:
+            index = prediction.get("index")
+            if not isinstance(index, int):
+                continue
+            other = seen.setdefault((requests, index), path)
+            if other != path:
+                raise ConfigurationError(
+                    f"{other} and {path} are two runs over the same requests ({record.get('request_file')}; both "
+                    f"hold index {index}), so each request would count twice; score each run on its own"
+                )
+
+
 def _read_file(path: str) -> list[Located]:
     """A predictions file's records: a torn last line (a run stopped while writing it) is left out, with a warning;
     a line whose index is no request of the run that wrote the file (its run record lists them) is refused."""
@@ -169,7 +215,7 @@ def _read_file(path: str) -> list[Located]:
             "not scored; rerun the same predict command to complete the file",
             file=sys.stderr,
         )
-    requests = (read_record(path) or {}).get("request_indices")
+    requests = (_run_record(path) or {}).get("request_indices")
     if requests is not None:
         for where, record in located:
             index = record.get("index")
@@ -200,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_the_same_file_twice(args.predictions)
         for path in args.predictions:
             _note_skipped(path)
-        records = [located for path in args.predictions for located in _read_file(path)]
+        files = [_read_file(path) for path in args.predictions]
+        _refuse_two_runs_of_one_request_set(args.predictions, files)
+        records = [located for located_file in files for located in located_file]
         if not records:
             raise ConfigurationError(f"no predictions in {', '.join(args.predictions)}.")
         scores, counts = score_records(records, metric=args.metric, default_task=args.task)

@@ -16,6 +16,8 @@ checkpoints, and running a collective inside the signal handler) are replaced fo
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -26,14 +28,32 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
-from star_lightning.data.jsonl import append_prediction, completed_indices, repair_torn_tail
+from star_lightning.data.jsonl import (
+    FileIdentity,
+    append_prediction,
+    completed_indices,
+    file_identity,
+    repair_torn_tail,
+)
 from star_lightning.parallel.context import ContextInfo, single_host
 from star_lightning.parallel.lifetime import (
     STOP_SIGNALS,
+    launcher_pid,
     predict_loop_ended,
     predict_loop_started,
     requeue_slurm_job,
 )
+
+
+def _quiet_loading_bars() -> None:
+    """No weight-loading bars in this process: transformers' own, and the GGUF reader's (a bare ``tqdm``)."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_reading
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    gguf_reading.tqdm = functools.partial(gguf_reading.tqdm, disable=True)  # type: ignore[attr-defined]
 
 
 class PredictionStopped(SystemExit):
@@ -56,6 +76,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self._is_global_zero = True
         self._context: ContextInfo = single_host()
         self._previous_handlers: dict[int, Any] = {}
+        self._identity: FileIdentity | None = None  # the file the run appends to: a replaced one is not written
+        self._told_launcher = False
 
     def resume_hint(self) -> str:
         return (
@@ -71,9 +93,13 @@ class JsonlPredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             self.output.parent.mkdir(parents=True, exist_ok=True)
             repair_torn_tail(self.output)
+            os.close(os.open(self.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        if not trainer.is_global_zero:  # the weights load on every rank: one progress bar, not one per rank
+            _quiet_loading_bars()
         self._context = getattr(pl_module, "context_info", None) or single_host()
         self._is_global_zero = trainer.is_global_zero
         trainer.strategy.barrier("prediction_writer_setup")
+        self._identity = file_identity(self.output)
 
     def _note_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT:
@@ -87,6 +113,18 @@ class JsonlPredictionWriter(BasePredictionWriter):
                     flush=True,
                 )
         self._signal = signum
+        self._tell_the_launcher(signum)
+
+    def _tell_the_launcher(self, signum: int) -> None:
+        """A rank Lightning's launcher started passes SIGTERM / SIGUSR1 on to the launcher (once): the data-parallel
+        groups the signal did not reach stop too, after their current request, and the launcher speaks for the job
+        (Ctrl-C reaches every process of the terminal already)."""
+        launcher = launcher_pid()
+        if launcher is None or signum == signal.SIGINT or self._told_launcher:
+            return
+        self._told_launcher = True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(launcher, signum)
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -117,6 +155,11 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     def _stop(self, trainer: pl.Trainer, signum: int) -> None:
         name = signal.Signals(signum).name
+        if self._told_launcher and sys.platform.startswith("linux"):
+            # The launcher, told, stops after its own current request, says so and gives the job's exit code; this
+            # rank's end (the kernel kills it with its launcher) must not look like a crash to Lightning's observer.
+            while True:
+                signal.pause()
         requeued = requeue_slurm_job() if signum == signal.SIGUSR1 and trainer.is_global_zero else ""
         if self._speaks_for_group(trainer):
             print(
@@ -145,7 +188,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         if prediction is not None:
-            append_prediction(self.output, prediction)
+            append_prediction(self.output, prediction, self._identity)
         signum = self._agreed_signal()
         if signum:
             self._stop(trainer, signum)

@@ -29,7 +29,6 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from star_lightning.data.datamodule import RequestDataModule
@@ -90,8 +89,7 @@ class PhaseProfiler(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._enabled = bool(trainer.loggers)
-        if not self._enabled:
-            rank_zero_warn("PhaseProfiler: the trainer has no logger (--trainer.logger false); nothing is logged")
+        if not self._enabled:  # --trainer.logger false: the user asked for no log, so nothing to warn of
             return
         self._context = getattr(pl_module, "context_info", None) or single_host()
         self._pending = []

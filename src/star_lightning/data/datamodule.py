@@ -14,7 +14,9 @@ from typing import Any, Literal
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from star_lightning.data.jsonl import CONTEXT_ID, completed_indices, read_requests
+from star_lightning.data.jsonl import CONTEXT_ID, completed_indices, read_input, read_requests, requests_fingerprint
+from star_lightning.data.run_record import read_record, record_path
+from star_lightning.errors import ConfigurationError
 from star_lightning.options import bad_value
 
 # 0 would run nothing and a negative count is no count: both refused rather than read as Python's slice would.
@@ -113,7 +115,10 @@ class RequestDataModule(LightningDataModule):
         self._excluded.update(indices)
 
     def setup(self, stage: str) -> None:
-        requests = read_requests(self.path, self.contexts)
+        data = read_input(self.path, "input file (--data.path)")
+        contexts = None if self.contexts is None else read_input(self.contexts, "contexts file (--data.contexts)")
+        self._check_inputs_unchanged(requests_fingerprint(data, contexts))
+        requests = read_requests(self.path, self.contexts, data=data, contexts_data=contexts)
         if self.limit is not None:
             requests = requests[: self.limit]
         self.positions = {request["index"]: position for position, request in enumerate(requests)}
@@ -123,6 +128,22 @@ class RequestDataModule(LightningDataModule):
         remaining = [r for r in requests if r["index"] not in done]
         # Requests sharing a context one after the other, contexts in order of first use.
         self.requests = [remaining[p] for group in group_by_context(remaining) for p in group]
+
+    def _check_inputs_unchanged(self, fingerprint: str) -> None:
+        """The bytes this rank read are those the checks read (the run record holds their hash): an input replaced
+        in between is refused, not run under a record of another file."""
+        if self.output is None:
+            return
+        record = read_record(self.output)
+        checked = None if record is None else record["prediction_settings"].get("requests")
+        if checked is None or checked == fingerprint:
+            return
+        was, now = str(checked).split(" + contexts "), fingerprint.split(" + contexts ")
+        changed = f"--data.path {self.path}" if was[0] != now[0] else f"--data.contexts {self.contexts}"
+        raise ConfigurationError(
+            f"{changed} changed after the checks read it (its bytes are not those {record_path(self.output)} was "
+            "written for), so nothing was run from it; rerun the command once the file stays as it is"
+        )
 
     def _indices_to_leave_out(self) -> tuple[set[int], set[int]]:
         """Requests an earlier run already wrote, and the excluded ones; read on global rank 0 and broadcast so
@@ -142,4 +163,8 @@ class RequestDataModule(LightningDataModule):
         trainer = self.trainer
         split = trainer.distributed_sampler_kwargs if trainer is not None else None
         replicas, rank = (split["num_replicas"], split["rank"]) if split else (1, 0)
+        if trainer is not None:
+            # A data-parallel group may have nothing to do (fewer contexts than groups, or a resume of the last
+            # request): it waits for the others instead of failing the job (Lightning refuses an empty loader).
+            trainer.lightning_module.allow_zero_length_dataloader_with_multiple_devices = True
         return DataLoader(dataset, batch_size=None, sampler=ContextShardSampler(dataset, replicas, rank))

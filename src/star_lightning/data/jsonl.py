@@ -16,19 +16,22 @@ JSON, a non-object, bytes that are not UTF-8; a leading byte-order mark is read 
   mixed);
 - whole files written at once (``generate``, tables, the run record): :func:`write_jsonl_atomic` and
   :func:`write_json_atomic` (temp file, fsync, rename);
-- :func:`file_sha256` identifies a request file in the run record.
+- :func:`requests_fingerprint` identifies the input files' bytes in the run record.
 
 The reference implementation's prepared RULER files read as they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,21 +46,39 @@ CONTEXT_ID = "context_id"
 _BOM = b"\xef\xbb\xbf"
 
 
+def read_input(path: str | os.PathLike[str], what: str = "JSONL file") -> bytes:
+    """The bytes of an input file (a pipe too), or a :class:`ConfigurationError` naming a folder or a missing file."""
+    source = Path(path)
+    if source.is_dir():
+        raise ConfigurationError(f"{what} {str(source)!r} is a folder, not a file; give the JSONL file's path")
+    if not source.exists():
+        raise ConfigurationError(f"{what} {str(source)!r} does not exist; check the path")
+    with source.open("rb") as handle:
+        return handle.read()
+
+
+def requests_fingerprint(requests: bytes, contexts: bytes | None = None) -> str:
+    """What the run record holds of the inputs: ``sha256:<requests>`` (`` + contexts sha256:<contexts>``)."""
+    fingerprint = f"sha256:{hashlib.sha256(requests).hexdigest()}"
+    if contexts is not None:
+        fingerprint += f" + contexts sha256:{hashlib.sha256(contexts).hexdigest()}"
+    return fingerprint
+
+
 def read_records(
-    path: str | os.PathLike[str], *, what: str = "JSONL file", tolerate_torn_tail: bool = False
+    path: str | os.PathLike[str],
+    *,
+    what: str = "JSONL file",
+    tolerate_torn_tail: bool = False,
+    data: bytes | None = None,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` for every non-blank line of ``path``.
+    """``(line number, object)`` for every non-blank line of ``path`` (of ``data``, its bytes read already).
 
     A last line without its newline that is not valid JSON (a job killed while writing it) is skipped when
     ``tolerate_torn_tail``; every other bad line raises a :class:`ConfigurationError` naming the file and line.
     """
     source = Path(path)
-    if source.is_dir():
-        raise ConfigurationError(f"{what} {str(source)!r} is a folder, not a file; give the JSONL file's path")
-    if not source.is_file():
-        raise ConfigurationError(f"{what} {str(source)!r} does not exist; check the path")
-    with source.open("rb") as handle:
-        data = handle.read()
+    data = read_input(path, what) if data is None else data
     data = data.removeprefix(_BOM)  # UTF-8 with a byte-order mark (as some editors save it) reads as UTF-8
     lines = data.split(b"\n")
     for number, raw in enumerate(lines, start=1):
@@ -99,15 +120,6 @@ def read_predictions(path: str | os.PathLike[str]) -> list[tuple[str, dict[str, 
             seen[index] = number
         records.append((f"{path}, line {number}", record))
     return records
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """``sha256:<hex>`` of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(2**20), b""):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
 
 
 def check_encodable(value: Any, where: str, field: str) -> None:
@@ -195,6 +207,11 @@ class ContextBook:
         return known  # the same text: one string object for every request that shares it
 
     def text(self, context_id: object, where: str) -> str:
+        if not isinstance(context_id, str) and str(context_id) in self._texts:
+            raise ConfigurationError(
+                f"{where}: '{CONTEXT_ID}' {context_id!r} is no string, but the context is defined "
+                f'as the string {str(context_id)!r} (at {self._where[str(context_id)]}); write it as "{context_id}"'
+            )
         if not isinstance(context_id, str) or context_id not in self._texts:
             raise ConfigurationError(
                 f"{where}: '{CONTEXT_ID}' {context_id!r} names no context given before; define it on an earlier line "
@@ -203,10 +220,10 @@ class ContextBook:
         return self._texts[context_id]
 
 
-def read_contexts(path: str | os.PathLike[str]) -> ContextBook:
+def read_contexts(path: str | os.PathLike[str], data: bytes | None = None) -> ContextBook:
     """A contexts file: one ``{"context_id": ..., "input_context": ...}`` a line."""
     book = ContextBook()
-    for number, record in read_records(path, what="contexts file (--data.contexts)"):
+    for number, record in read_records(path, what="contexts file (--data.contexts)", data=data):
         where = f"{path}, line {number}"
         if CONTEXT_ID not in record or "input_context" not in record:
             raise ConfigurationError(f"{where}: a contexts file line needs '{CONTEXT_ID}' and 'input_context'")
@@ -215,14 +232,19 @@ def read_contexts(path: str | os.PathLike[str]) -> ContextBook:
 
 
 def read_numbered_requests(
-    path: str | os.PathLike[str], contexts: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    contexts: str | os.PathLike[str] | None = None,
+    *,
+    data: bytes | None = None,
+    contexts_data: bytes | None = None,
 ) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, request)`` for every request of a JSONL file, in file order, each with its ``input_context``
-    (resolved from ``context_id``); indices must be unique (they identify requests on resume)."""
-    book = read_contexts(contexts) if contexts is not None else ContextBook()
+    (resolved from ``context_id``); indices must be unique (they identify requests on resume). ``data`` and
+    ``contexts_data``: the files' bytes, read already (so what is checked is what was hashed)."""
+    book = read_contexts(contexts, contexts_data) if contexts is not None else ContextBook()
     requests: list[tuple[int, dict[str, Any]]] = []
     seen: dict[int, int] = {}
-    for number, record in read_records(path, what="input file (--data.path)"):
+    for number, record in read_records(path, what="input file (--data.path)", data=data):
         where = f"{path}, line {number}"
         if CONTEXT_ID in record:
             if "input_context" in record:
@@ -243,9 +265,16 @@ def read_numbered_requests(
     return requests
 
 
-def read_requests(path: str | os.PathLike[str], contexts: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+def read_requests(
+    path: str | os.PathLike[str],
+    contexts: str | os.PathLike[str] | None = None,
+    *,
+    data: bytes | None = None,
+    contexts_data: bytes | None = None,
+) -> list[dict[str, Any]]:
     """All requests of a JSONL file, in file order (see :func:`read_numbered_requests`)."""
-    return [request for _, request in read_numbered_requests(path, contexts)]
+    numbered = read_numbered_requests(path, contexts, data=data, contexts_data=contexts_data)
+    return [request for _, request in numbered]
 
 
 def prediction_record(request: dict[str, Any], pred: str) -> dict[str, Any]:
@@ -280,17 +309,43 @@ def torn_last_line(path: str | os.PathLike[str]) -> int | None:
 
 
 def completed_indices(path: str | os.PathLike[str]) -> set[int]:
-    """Indices of the complete lines of a predictions file: an unterminated last line does not count, even where it
-    parses (a write cut just before its newline), since the run cuts it off (:func:`repair_torn_tail`)."""
-    if not Path(path).exists():
-        return set()
+    """Indices of the complete prediction lines of a predictions file (lines with ``pred``): an unterminated last line
+    does not count, even where it parses (a write cut just before its newline), since the run cuts it off
+    (:func:`repair_torn_tail`); a line without ``pred`` (a request) is no prediction."""
+    return output_lines(path).done
+
+
+@dataclass
+class OutputLines:
+    """What an output file holds: the indices predicted, the lines that are no prediction (no ``pred``: a request
+    file?) and the indices predicted twice (``(index, first line, second line)``: two runs mixed)."""
+
+    done: set[int] = dataclasses.field(default_factory=set)
+    not_predictions: list[int] = dataclasses.field(default_factory=list)
+    twice: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+
+
+def output_lines(path: str | os.PathLike[str]) -> OutputLines:
+    """The complete lines of an output file, sorted as :class:`OutputLines` says."""
+    found = OutputLines()
+    if not os.path.exists(path):
+        return found
     last = unterminated_last_line(path)
     unterminated = None if last is None else last[0]
-    return {
-        record["index"]
-        for number, record in read_records(path, what="output file", tolerate_torn_tail=True)
-        if number != unterminated and isinstance(record.get("index"), int) and not isinstance(record.get("index"), bool)
-    }
+    seen: dict[int, int] = {}
+    for number, record in read_records(path, what="output file", tolerate_torn_tail=True):
+        if number == unterminated:
+            continue
+        if "pred" not in record:
+            found.not_predictions.append(number)
+            continue
+        index = record.get("index")
+        if isinstance(index, int) and not isinstance(index, bool):
+            if index in seen:
+                found.twice.append((index, seen[index], number))
+            seen.setdefault(index, number)
+            found.done.add(index)
+    return found
 
 
 def repair_torn_tail(path: str | os.PathLike[str]) -> None:
@@ -308,14 +363,54 @@ def repair_torn_tail(path: str | os.PathLike[str]) -> None:
         os.fsync(handle.fileno())
 
 
-def append_prediction(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    """One line, one ``write``, under an exclusive lock (data-parallel groups share the file), fsynced."""
+class OutputWriteError(Exception):
+    """Writing a prediction failed mid-run (no space left, the file replaced or deleted): the message names the file
+    and the cause; what was written before stays whole."""
+
+
+FileIdentity = tuple[int, int]  # (st_dev, st_ino)
+
+
+def file_identity(path: str | os.PathLike[str]) -> FileIdentity:
+    """The file a path names now (device and inode): a replaced or recreated file has another."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+
+
+def append_prediction(
+    path: str | os.PathLike[str], record: dict[str, Any], expected: FileIdentity | None = None
+) -> None:
+    """One line, one ``write``, under an exclusive lock (data-parallel groups share the file), fsynced.
+
+    With ``expected`` (the file the run started on), the path must still name that file: a file replaced, renamed
+    away or deleted mid-run is not written to (:class:`OutputWriteError`). A write that does not complete (a full
+    disk) is cut back off, so the file never ends with a torn line, and raised."""
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    flags = os.O_WRONLY | os.O_APPEND | (0 if expected is not None else os.O_CREAT)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        raise OutputWriteError(f"{path} was deleted (or its folder) while the run wrote it") from None
+    except OSError as error:
+        raise OutputWriteError(f"cannot open {path} to append ({error.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, line)
-        os.fsync(fd)
+        status = os.fstat(fd)
+        if expected is not None and (status.st_dev, status.st_ino) != expected:
+            raise OutputWriteError(
+                f"{path} was replaced by another file while the run wrote it (the file it wrote so far is no longer "
+                "under that name)"
+            )
+        size = status.st_size
+        try:
+            written = os.write(fd, line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes written")
+            os.fsync(fd)
+        except OSError as error:
+            os.ftruncate(fd, size)  # no torn line left behind
+            why = "no space left on device" if error.errno == errno.ENOSPC else error.strerror
+            raise OutputWriteError(f"cannot write to {path} ({why}; the unfinished line was cut off)") from None
     finally:
         os.close(fd)
 

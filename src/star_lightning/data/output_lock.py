@@ -9,6 +9,9 @@ groups included. A second job on the same output finds the lock taken and stops,
 (the file it leaves is taken over by the next run). On NFS, Linux maps ``flock`` onto NFS byte-range locks, which
 hold across nodes. The file is removed when the lock is released; an acquirer that locked a file someone removed
 meanwhile notices (the path no longer names its file) and tries again.
+
+The lock file is named after the output's resolved path, so every name of one file (a symbolic link, a path through
+a linked folder) takes the same lock.
 """
 
 from __future__ import annotations
@@ -27,12 +30,17 @@ from star_lightning.errors import ConfigurationError
 LOCK_SUFFIX = ".lock"
 
 
+def lock_path(output: str | os.PathLike[str]) -> Path:
+    """``OUT.jsonl`` -> ``OUT.jsonl.lock``, beside the file the path resolves to (links followed)."""
+    return Path(f"{os.path.realpath(output)}{LOCK_SUFFIX}")
+
+
 class OutputLock:
     """``with OutputLock(output):`` holds the lock of ``output``; :meth:`acquire` raises naming the holder."""
 
     def __init__(self, output: str | os.PathLike[str]) -> None:
         self.output = Path(output)
-        self.path = Path(f"{output}{LOCK_SUFFIX}")
+        self.path = lock_path(output)
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -68,8 +76,18 @@ class OutputLock:
                 break
             os.close(fd)  # the holder removed the file between our open and our lock: take the new one
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        text = (json.dumps(me) + "\n").encode()
+        try:
+            os.ftruncate(fd, 0)
+            if os.pwrite(fd, text, 0) != len(text):
+                raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as error:
+            self._fd = fd
+            self.release()  # no stray lock file
+            raise ConfigurationError(
+                f"cannot write beside --output {self.output} ({error.strerror}: {self.path}); free space there or "
+                "choose another --output"
+            ) from None
         self._fd = fd
 
     def release(self) -> None:

@@ -78,8 +78,9 @@ _ADDED_LATER = ("anchor_query_form",)
 
 
 def record_path(output: str | os.PathLike[str]) -> Path:
-    """``OUT.jsonl`` -> ``OUT.jsonl.run.json``."""
-    return Path(f"{output}{RECORD_SUFFIX}")
+    """``OUT.jsonl`` -> ``OUT.jsonl.run.json``, beside the file the path resolves to (links followed): every name of
+    one output has one record."""
+    return Path(f"{os.path.realpath(output)}{RECORD_SUFFIX}")
 
 
 def prediction_settings(
@@ -120,7 +121,14 @@ def prediction_settings(
     return settings
 
 
-def build_record(settings: Mapping[str, Any], *, model_path: str, request_file: str, run: Mapping[str, Any]) -> dict:
+def build_record(
+    settings: Mapping[str, Any],
+    *,
+    model_path: str,
+    request_file: str,
+    run: Mapping[str, Any],
+    contexts_file: str | None = None,
+) -> dict:
     """The JSON document: prediction settings (compared) and what else the run used (for people)."""
     from star_lightning import __version__
 
@@ -130,6 +138,7 @@ def build_record(settings: Mapping[str, Any], *, model_path: str, request_file: 
         "prediction_settings": dict(settings),
         "model_path": model_path,
         "request_file": request_file,
+        "contexts_file": contexts_file,
         "run": {"host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **run},
     }
 
@@ -150,21 +159,29 @@ def in_ranges(index: int, ranges: Iterable[Iterable[int]]) -> bool:
     return any(start <= index <= end for start, end in ranges)
 
 
-def read_record(output: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The record beside ``output``, None when there is none; an unreadable one is refused (it cannot vouch)."""
+def load_record(output: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The record beside ``output``, None when there is none; ``ValueError`` (the reason) for an unreadable one."""
     path = record_path(output)
     if not path.exists():
         return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(record, dict) or not isinstance(record.get("prediction_settings"), dict):
-            raise ValueError("no prediction_settings object")
-    except (UnicodeDecodeError, ValueError) as error:
-        raise ConfigurationError(
-            f"the run record {path} is unreadable ({error}), so {output} cannot be resumed safely; choose another "
-            "--output, or pass --overwrite true to start it over"
-        ) from None
+    except UnicodeDecodeError as error:
+        raise ValueError(str(error)) from None
+    if not isinstance(record, dict) or not isinstance(record.get("prediction_settings"), dict):
+        raise ValueError("no prediction_settings object")
     return record
+
+
+def read_record(output: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The record beside ``output``, None when there is none; an unreadable one is refused (it cannot vouch)."""
+    try:
+        return load_record(output)
+    except ValueError as error:
+        raise ConfigurationError(
+            f"the run record {record_path(output)} is unreadable ({error}), so {output} cannot be resumed safely; "
+            "choose another --output, or pass --overwrite true to start it over"
+        ) from None
 
 
 def write_record(output: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
@@ -186,7 +203,9 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
             continue
         was = _short(before[name]) if name in before else "(not recorded)"
         now = _short(after.get(name))
-        if name in _DESCRIBED_BY:
+        if name == "requests" and name in before:
+            changes.extend(_input_changes(old, new))
+        elif name in _DESCRIBED_BY:
             label, where = _DESCRIBED_BY[name]
             changes.append(f"{label} {old.get(where)} ({was}) -> {new.get(where)} ({now})")
         else:
@@ -196,3 +215,21 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 # Settings recorded as hashes: a difference names the files (``model_path``, ``request_file``) with short hashes.
 _DESCRIBED_BY = {"model": ("model", "model_path"), "requests": ("request file", "request_file")}
+
+
+def _input_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The input files that changed, each named with its short hashes: the request file, the contexts file, or both
+    (the ``requests`` setting holds ``sha256:<requests>[ + contexts sha256:<contexts>]``)."""
+    was = str(old["prediction_settings"]["requests"]).split(" + contexts ")
+    now = str(new["prediction_settings"].get("requests")).split(" + contexts ")
+    changes = []
+    if was[0] != now[0]:
+        changes.append(
+            f"request file {old.get('request_file')} ({_short(was[0])}) -> {new.get('request_file')} ({_short(now[0])})"
+        )
+    old_contexts, new_contexts = was[1] if len(was) > 1 else None, now[1] if len(now) > 1 else None
+    if old_contexts != new_contexts:
+        before = f"{old.get('contexts_file')} ({_short(old_contexts)})" if old_contexts else "none"
+        after = f"{new.get('contexts_file')} ({_short(new_contexts)})" if new_contexts else "none"
+        changes.append(f"contexts file (--data.contexts) {before} -> {after}")
+    return changes

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from star_lightning.errors import ConfigurationError
+from star_lightning.options import shown
 
 if TYPE_CHECKING:
     from star_lightning.attention.passing import PassingSettings
@@ -161,6 +162,28 @@ class StarSettings:
             raise ConfigurationError(
                 f"--model.{used[0]} needs the anchor (the query joins the anchor's prefix; passing tokens are chosen "
                 "by it), but --model.anchor is false; drop it or set --model.anchor true"
+            )
+        self._check_options_that_do_nothing()
+
+    def _check_options_that_do_nothing(self) -> None:
+        """Options given a value that nothing reads, refused rather than ignored: the user thinks they matter."""
+        passing = self.attention == "star" and self.passing_tokens > 0
+        for option, value, default in (
+            ("passing_selection", self.passing_selection, "shared"),
+            ("passing_pool_kernel", self.passing_pool_kernel, 7),
+        ):
+            if not passing and value != default:
+                raise ConfigurationError(
+                    f"--model.{option} {shown(value)} chooses the tokens that pass between hosts, but none pass (it "
+                    "needs --model.attention star and --model.passing_tokens N > 0); set --model.passing_tokens, or "
+                    f"drop --model.{option}"
+                )
+        anchored = self.attention == "star" and self.anchor_query
+        if not anchored and self.anchor_query_positions != "after_anchor":
+            raise ConfigurationError(
+                f"--model.anchor_query_positions {shown(self.anchor_query_positions)} places the query in every "
+                "block's prefix, but there is none (it needs --model.attention star and --model.anchor_query true); "
+                "set --model.anchor_query true, or drop --model.anchor_query_positions"
             )
 
     def _check_hosts(self) -> None:

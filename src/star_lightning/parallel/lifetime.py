@@ -125,6 +125,10 @@ class _Watcher:
         os.close(self._read)
         os.close(self._write)
 
+    @property
+    def launcher(self) -> int | None:
+        return self._launcher
+
     def predict_loop(self, running: bool) -> None:
         self._in_loop = running
 
@@ -203,6 +207,11 @@ def kill_launched_ranks() -> None:
     """SIGKILL the ranks this process launched, before its own sockets close under them."""
     if _watcher is not None:
         _watcher.kill_ranks()
+
+
+def launcher_pid() -> int | None:
+    """The pid of the launching process where this process is a rank it started (tied to it), else None."""
+    return None if _watcher is None else _watcher.launcher
 
 
 def predict_loop_started() -> None:

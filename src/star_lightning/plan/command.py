@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
@@ -22,7 +22,7 @@ from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 from star_lightning.engine.settings import settings_from_options
 from star_lightning.errors import ConfigurationError
 from star_lightning.module import StarAttentionLM
-from star_lightning.options import OneLineErrors, check_devices
+from star_lightning.options import HOSTS_HELP, OneLineErrors, bad_value, check_devices, help_formatter
 from star_lightning.parallel.strategy import StarStrategy
 from star_lightning.parser_cache import ParserDescription, describe
 from star_lightning.plan.costs import GIB, RUNTIME_RESERVE_BYTES
@@ -53,6 +53,11 @@ _PLAN_KEYS = (
 )  # fmt: skip
 
 
+# ``--model.*`` options that choose how tokens are sampled or decoded, not what a host holds or how long it works:
+# not offered (a predict config's values for them are ignored).
+GENERATION_ONLY = ("temperature", "top_p", "seed", "stop_strings", "decode")
+
+
 class PlanParser(OneLineErrors, ArgumentParser):
     """``plan``'s parser: an option error is one line (:mod:`star_lightning.options`), as ``predict``'s."""
 
@@ -61,14 +66,15 @@ def build_parser() -> ArgumentParser:
     parser = PlanParser(
         prog="star-lightning plan",
         description="Per-host memory and predicted times of a layout, from the model's config (no weights). "
-        "Exits 2 when a host does not fit its GPU, naming the smallest changes that would.",
+        "Exits 2 when a host does not fit its GPU, naming the smallest changes that would. " + HOSTS_HELP,
         parser_mode="omegaconf+",
+        formatter_class=help_formatter(),
     )
     parser.add_argument("--config", action="config", help="a predict config (configs/*.yaml); other keys ignored")
     parser.add_argument("--length", type=int, required=True, help="context tokens of the request (Phase 1)")
     parser.add_argument("--query_tokens", type=int, default=128, help="query tokens of the request (Phase 2)")
-    parser.add_argument("--format", type=str, default="text", choices=["text", "json"], help="text or one JSON object")
-    parser.add_class_arguments(StarAttentionLM, "model")
+    parser.add_argument("--format", type=Literal["text", "json"], default="text", help="text or one JSON object")
+    parser.add_class_arguments(StarAttentionLM, "model", skip=set(GENERATION_ONLY))
     parser.add_subclass_arguments(StarStrategy, "trainer.strategy", default={"class_path": STRATEGY_PATH})
     parser.add_argument(
         "--trainer.devices",
@@ -114,6 +120,8 @@ def _filtered_config(path: str) -> str:
     if not isinstance(data, dict):
         raise ConfigurationError(f"--config {path!r} must be a mapping of options, got {type(data).__name__}")
     kept = {key: value for key, value in data.items() if key == "model" or key in _PLAN_KEYS}
+    if isinstance(kept.get("model"), dict):
+        kept["model"] = {key: value for key, value in kept["model"].items() if key not in GENERATION_ONLY}
     trainer = data.get("trainer") or {}
     if isinstance(trainer, dict):
         layout = {key: trainer[key] for key in _TRAINER_KEYS if key in trainer}
@@ -177,6 +185,8 @@ def _layout(cfg: Namespace) -> tuple[Layout, int]:
     tensor_parallel = int(init_args.get("tensor_parallel_size") or 1)
     world = _world_size(cfg.trainer.devices, cfg.trainer.num_nodes)
     context_parallel = init_args.get("context_parallel_size")
+    if context_parallel is not None and context_parallel < 1:  # it would make the world size, and be named as that
+        raise bad_value("trainer.strategy.context_parallel_size", context_parallel, "a positive number of hosts")
     parallel = strategy.validate_layout(world if world is not None else (context_parallel or 1) * tensor_parallel)
     # The request settings predict builds, on this layout: what predict refuses, plan refuses with the same line.
     settings = settings_from_options(

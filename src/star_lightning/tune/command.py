@@ -35,7 +35,13 @@ from star_lightning.bench.fidelity import (
     share,
     spec_digest,
 )
-from star_lightning.data.jsonl import file_sha256, read_requests, write_json_atomic, write_jsonl_atomic
+from star_lightning.data.jsonl import (
+    read_input,
+    read_requests,
+    requests_fingerprint,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from star_lightning.errors import ConfigurationError
 from star_lightning.tune.candidates import Candidate, default_candidates, parse_candidate, pick
 
@@ -187,7 +193,7 @@ class Tuner:
             source = self._ruler_file()
         else:
             source = Path(self.args.data)
-        spec = {"kind": "sample", "source": str(source.resolve()), "sha256": file_sha256(source),
+        spec = {"kind": "sample", "source": str(source.resolve()), "sha256": requests_fingerprint(read_input(source)),
                 "samples": self.args.samples, "seed": self.args.seed}  # fmt: skip
         path = self.work / f"sample_{spec_digest(spec)}.jsonl"
         if not self.manifest.check(path, spec):

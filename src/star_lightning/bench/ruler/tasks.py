@@ -137,6 +137,14 @@ class _Rendered:
         return self.context_tokens + max(self.query_tokens)
 
 
+class PromptTooLong(ConfigurationError):
+    """The smallest prompt of a task needs more tokens than ``--length`` (``smallest`` of them)."""
+
+    def __init__(self, message: str, *, task: str, smallest: int) -> None:
+        super().__init__(message)
+        self.task, self.smallest = task, smallest
+
+
 def check_queries_per_context(task: str, queries: int) -> None:
     """Several questions per context only where RULER defines several per haystack (NIAH keys, QA documents)."""
     if queries < 1:
@@ -211,9 +219,11 @@ def generate_samples(
             if measure(1) <= budget:
                 raise  # not a length problem: the error names its own cause
             smallest = measure(1) + spec.tokens_to_generate
-            raise ConfigurationError(
+            raise PromptTooLong(
                 f"{task} at --length {length}: the smallest prompt needs {smallest} tokens with this tokenizer "
-                f"(including {spec.tokens_to_generate} for the answer). Use --length {smallest} or more."
+                f"(including {spec.tokens_to_generate} for the answer). Use --length {smallest} or more.",
+                task=task,
+                smallest=smallest,
             ) from None
         if spec.kind == "cwe" and hint == plan.upper and english_words is None:
             english_words_file(None, hint + 1)  # raises: more words would fit than wonderwords has
