@@ -1,178 +1,26 @@
 """Phase 1 on this host: star (blocks after the anchor prefix), ring (exact, chunks), dense (one causal forward).
 
-Each ``prefill_*`` builds its :class:`~star_lightning.attention.step.ForwardStep` in named helpers and runs the model
-once per block (:func:`~star_lightning.engine.forward.forward`); every host of a group runs the same calls in the
-same order, differing only in the blocks it owns.
+Each ``prefill_*`` builds its :class:`~star_lightning.attention.step.ForwardStep` in named helpers (star's set-up:
+:mod:`.star_setup`) and runs the model once per block (:func:`~star_lightning.engine.forward.forward`); every host
+of a group runs the same calls in the same order, differing only in the blocks it owns.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
-from star_lightning.attention.anchor import AnchorPrefix, BroadcastAnchor, KeptAnchor, ReceivedAnchor
 from star_lightning.attention.kernels import KernelChoice
-from star_lightning.attention.passing import SELECTION_WINDOW, PassingExchange, PassingSettings
+from star_lightning.attention.passing import PassingSettings
 from star_lightning.attention.step import BlockRows, ForwardStep
 from star_lightning.cache import KVStore
-from star_lightning.engine.forward import (
-    forward,
-    kv_shape,
-    model_dtype_and_device,
-    num_layers,
-    position_ids,
-    query_heads_per_key_head,
-)
+from star_lightning.engine.forward import forward, position_ids
 from star_lightning.engine.settings import AnchorSource, QueryPositions
+from star_lightning.engine.star_setup import StarRun, star_run
 from star_lightning.parallel.group import ContextGroup
 from star_lightning.partition import Block, BlockPlan, RingPlan
-
-
-@dataclass(frozen=True)
-class AnchorPrefixTokens:
-    """The anchor prefix of one request: the anchor, then (``anchor_query``) the query; ids ``[1, P]`` and positions
-    ``[1, P]``, and which of its rows are the selection queries of passing tokens."""
-
-    ids: Tensor
-    positions: Tensor
-    anchor: int
-    query: int
-    selection: tuple[int, int]
-
-    @property
-    def length(self) -> int:
-        return self.anchor + self.query
-
-
-def anchor_prefix(
-    context_ids: Tensor, plan: BlockPlan, query_ids: Tensor | None, query_positions: QueryPositions
-) -> AnchorPrefixTokens:
-    """``after_anchor``: the query at ``a .. a+q-1``, right after the anchor (APB gives the query consecutive positions
-    inside its anchor); ``phase2``: at ``T .. T+q-1``, where Phase 2 puts it."""
-    device, anchor = context_ids.device, plan.anchor_length
-    if query_ids is None or not anchor:
-        window = min(SELECTION_WINDOW, anchor)
-        ids, positions = context_ids[:, :anchor], position_ids(0, anchor, device)  # [1, a]
-        return AnchorPrefixTokens(ids, positions, anchor, 0, (anchor - window, anchor))
-    query = query_ids.shape[1]
-    start = anchor if query_positions == "after_anchor" else plan.context_length
-    ids = torch.cat([context_ids[:, :anchor], query_ids], dim=1)  # [1, a + q]
-    positions = torch.cat([position_ids(0, anchor, device), position_ids(start, start + query, device)], dim=1)
-    return AnchorPrefixTokens(ids, positions, anchor, query, (anchor, anchor + query))
-
-
-@dataclass
-class StarRun:
-    """One host's Phase 1 set-up: its blocks, the anchor prefix, the step every block's forward starts from, and
-    where its blocks get the prefix's K/V (``sink``: the forward computing them hands them here; ``received``: from
-    host 0's broadcast)."""
-
-    context_ids: Tensor
-    plan: BlockPlan
-    blocks: tuple[Block, ...]
-    prefix: AnchorPrefixTokens
-    base: ForwardStep
-    anchor_source: AnchorSource
-    exchange: PassingExchange | None = None
-    sink: KeptAnchor | None = None
-    received: ReceivedAnchor | None = None
-
-    @property
-    def selection(self) -> tuple[int, int] | None:
-        return self.prefix.selection if self.exchange is not None else None
-
-    @property
-    def anchor(self) -> AnchorPrefix | None:
-        return self.received if self.received is not None else self.sink
-
-    @property
-    def rounds(self) -> int:
-        """With passing tokens every host takes part in every round's collectives (a host with fewer blocks too)."""
-        if self.exchange is None:
-            return len(self.blocks)
-        return max(len(self.plan.blocks_of(host)) for host in range(self.plan.num_hosts))
-
-    def begin_round(self, round_index: int) -> Block | None:
-        """This round's block, or None where this host has none left (it still joins the round's exchange)."""
-        if self.exchange is not None:  # what each host can pass this round: its block's tokens, the anchor's excepted
-            self.exchange.begin_round([_candidates(self.plan, h, round_index) for h in range(self.plan.num_hosts)])
-        if round_index < len(self.blocks):
-            return self.blocks[round_index]
-        assert self.exchange is not None
-        self.exchange.idle()
-        return None
-
-    def finish(self) -> None:
-        if isinstance(self.sink, BroadcastAnchor):
-            self.sink.finish()
-        if self.received is not None:
-            self.received.finish()
-
-
-def _candidates(plan: BlockPlan, host: int, round_index: int) -> int:
-    """Tokens host ``host`` may pass in round ``round_index``: its block of that round, without the anchor."""
-    blocks = plan.blocks_of(host)
-    if round_index >= len(blocks):
-        return 0
-    block = blocks[round_index]
-    return block.length - (plan.anchor_length if block.index == 0 else 0)
-
-
-def star_run(
-    model: nn.Module,
-    context_ids: Tensor,
-    plan: BlockPlan,
-    group: ContextGroup,
-    store: KVStore,
-    *,
-    anchor_source: AnchorSource,
-    kernels: KernelChoice,
-    query_ids: Tensor | None,
-    query_positions: QueryPositions,
-    passing: PassingSettings | None,
-) -> StarRun:
-    """Set up this host's Phase 1: the prefix, the passing exchange, the base step and the anchor's source."""
-    prefix = anchor_prefix(context_ids, plan, query_ids, query_positions)
-    exchange = None
-    if passing is not None and passing.tokens > 0 and group.size > 1 and plan.anchor_length:
-        dtype, root = model_dtype_and_device(model)
-        shape = (1, *kv_shape(model))  # [B, Hkv, D] of one token
-        exchange = PassingExchange(group, passing, num_layers(model), shape, dtype, root)
-    last = max(plan.context_length - 1, int(prefix.positions.max()) if prefix.length else 0)
-    base = ForwardStep(phase="block", group=group, kernels=kernels, store=store, last_position=last, passing=exchange)
-    run = StarRun(context_ids, plan, plan.blocks_of(group.rank), prefix, base, anchor_source, exchange)
-    if plan.anchor_length and anchor_source != "block":
-        _anchor_source(model, run, group)
-    return run
-
-
-def _anchor_source(model: nn.Module, run: StarRun, group: ContextGroup) -> None:
-    """``broadcast``: host 0 sends each layer's prefix K/V while it encodes the first block, the others receive it
-    (posted now, waited for layer by layer); ``host``: a host without the first block runs the prefix's forward once
-    and keeps its K/V."""
-    layers, prefix = num_layers(model), run.prefix
-    positions = prefix.positions[0]  # [P]
-    broadcast = run.anchor_source == "broadcast" and group.size > 1
-    if run.blocks and run.blocks[0].index == 0:
-        run.sink = (
-            BroadcastAnchor(layers, prefix.length, group, positions)
-            if broadcast
-            else KeptAnchor(layers, prefix.length, positions)
-        )
-    elif broadcast:
-        dtype, root = model_dtype_and_device(model)
-        heads, head_dim = kv_shape(model)
-        selection, selection_shape = run.selection, None
-        if selection is not None:
-            selection_shape = (1, heads * query_heads_per_key_head(model), selection[1] - selection[0], head_dim)
-        kv = (1, heads, prefix.length, head_dim)  # [B, Hkv, P, D]
-        run.received = ReceivedAnchor(group, layers, kv, dtype, root, positions, selection_shape)
-    else:
-        run.sink = KeptAnchor(layers, prefix.length, positions)
-        step = replace(run.base, keep_new=False, share_anchor=run.sink, rows=BlockRows(selection=run.selection))
-        forward(model, prefix.ids, prefix.positions, replace(step, passing=None))
 
 
 def block_forward(run: StarRun, block: Block) -> tuple[Tensor, Tensor, ForwardStep, int | None]:
@@ -213,7 +61,7 @@ def prefill_star(
 ) -> int:
     """Phase 1 on this host: encode its blocks, each after the anchor prefix; returns the bytes it sent.
 
-    ``anchor_source``: where the blocks get the prefix's K/V (:func:`_anchor_source`; ``block``: every non-first
+    ``anchor_source``: where the blocks get the prefix's K/V (:mod:`.star_setup`; ``block``: every non-first
     block is a forward of ``(prefix, block)``, the reference implementation's way, storing only the block's K/V).
     ``query_ids``: the request's query, appended to the anchor in every block's prefix at ``query_positions``; the
     first block's forward computes it too (as trailing rows that see only the anchor), and no host stores it.
