@@ -301,9 +301,9 @@ def test_a_full_disk_at_the_start_is_one_line_and_leaves_no_lock(
 
 def _change_after_the_checks(monkeypatch: pytest.MonkeyPatch, path: Path, text: str) -> None:
     """Replace ``path`` (a rename over it, as an editor saves) right after the checks, before the ranks read it."""
-    import star_lightning.predict_cli as predict_cli
+    import star_lightning.preflight as preflight
 
-    real = predict_cli.check_run
+    real = preflight.check_run
 
     def check_then_change(**kwargs: object) -> object:
         plan = real(**kwargs)  # type: ignore[arg-type]
@@ -311,7 +311,7 @@ def _change_after_the_checks(monkeypatch: pytest.MonkeyPatch, path: Path, text: 
         (path.parent / "new.tmp").rename(path)
         return plan
 
-    monkeypatch.setattr(predict_cli, "check_run", check_then_change)
+    monkeypatch.setattr(preflight, "check_run", check_then_change)  # predict imports it when its checks run
 
 
 @pytest.mark.parametrize("changed", ["requests", "contexts"])
