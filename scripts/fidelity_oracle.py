@@ -51,7 +51,7 @@ from star_lightning.tokens import context_ids, query_ids
 TASKS = ["niah_single_3", "niah_multikey_1", "niah_multikey_2"]
 # Item 3 of the issue: a cell becomes a star option when it keeps >= 95% of dense at L/8 on both Qwen models with
 # <= 50% extra Phase 1 time.
-QUALIFY_SHARE, QUALIFY_EXTRA = 0.95, 0.50
+QUALIFY_SHARE, QUALIFY_EXTRA, QUALIFY_N = 0.95, 0.50, 100
 
 
 def fail(message: str) -> None:
@@ -104,9 +104,12 @@ def score(task: str, prediction: str, references: list[str]) -> float:
     return (string_match_all if metric == "match_all" else string_match_part)(prediction, references)
 
 
-def summarize(done: dict, cells: list[Cell], tasks: list[str], scale_text: str, costs: dict) -> dict[str, Any]:
+def summarize(
+    done: dict, cells: list[Cell], tasks: list[str], scale_text: str, costs: dict, min_n: int = 30
+) -> dict[str, Any]:
     """Per cell: each task's score (95% interval), the share of dense (paired interval over the requests both
-    answered), the extra cost; then the Pareto frontier of share against extra Phase 1."""
+    answered), the extra cost; then the Pareto frontier of share against extra Phase 1 among the cells whose share
+    rests on at least ``min_n`` requests (a share of 2 requests would be on it by luck)."""
     by_cell: dict[str, dict[str, dict[int, float]]] = {}
     for (cell, task, index), row in done.items():
         by_cell.setdefault(cell, {}).setdefault(task, {})[index] = row["score"]
@@ -127,8 +130,20 @@ def summarize(done: dict, cells: list[Cell], tasks: list[str], scale_text: str, 
         if paired and any(sum(paired_dense[t]) for t in paired):
             share = share_of_dense({t: paired_star[t] for t in paired}, {t: paired_dense[t] for t in paired})
             row["share_of_dense"] = share.as_dict()
+            star = by_cell.get("star", {})
+            same = {t: [i for i in sorted(scores.get(t, {})) if i in dense.get(t, {}) and i in star.get(t, {})]
+                    for t in paired}  # fmt: skip
+            if all(same[t] for t in paired) and sum(dense[t][i] for t in paired for i in same[t]):
+                # Star's share over the same requests: a cell of few requests is read against it, not star's 100s.
+                row["star_on_same_requests"] = share_of_dense(
+                    {t: [star[t][i] for i in same[t]] for t in paired},
+                    {t: [dense[t][i] for i in same[t]] for t in paired},
+                ).as_dict()
         rows[cell.name] = row
-    shared = {name: r for name, r in rows.items() if "share_of_dense" in r and name != "dense"}
+    shared = {
+        name: r for name, r in rows.items()
+        if "share_of_dense" in r and name != "dense" and r["share_of_dense"]["n"] >= min_n
+    }  # fmt: skip
     frontier = [
         name for name, r in shared.items()
         if not any(o["share_of_dense"]["value"] >= r["share_of_dense"]["value"]
@@ -141,36 +156,42 @@ def summarize(done: dict, cells: list[Cell], tasks: list[str], scale_text: str, 
         name for name in frontier if shared[name]["cost"]["realizable"]
         and shared[name]["share_of_dense"]["value"] >= QUALIFY_SHARE
         and shared[name]["cost"]["extra_phase1"] <= QUALIFY_EXTRA
+        and min(task["n"] for task in shared[name]["tasks"].values()) >= QUALIFY_N
     ]  # fmt: skip
-    return {"cost_scale": scale_text, "cells": rows, "frontier": frontier, "qualifying_here": qualify}
+    return {"cost_scale": scale_text, "cells": rows, "frontier": frontier, "frontier_min_n": min_n,
+            "qualifying_here": qualify}  # fmt: skip
+
+
+def _share_text(share: dict[str, Any] | None) -> str:
+    return f"{100 * share['value']:.1f}% [{100 * share['low']:.1f}, {100 * share['high']:.1f}]" if share else "-"
 
 
 def markdown(summary: dict[str, Any], tasks: list[str], title: str) -> str:
-    head = ["cell", *tasks, "share of dense [95% CI]", "n / task", "extra Phase 1", "extra TFLOP / host",
-            "extra MB sent / host"]  # fmt: skip
+    head = ["cell", *tasks, "share of dense [95% CI]", "star on the same requests", "n / task", "extra Phase 1",
+            "extra TFLOP / host", "extra MB sent / host"]  # fmt: skip
     lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in summary["cells"].items():
-        cost, share = row["cost"], row.get("share_of_dense")
+        cost = row["cost"]
         task_cells = [f"{row['tasks'][t]['value']:.1f}" if t in row["tasks"] else "-" for t in tasks]
-        counts = sorted({row["tasks"][t]["n"] for t in row["tasks"]})
-        share_text = (
-            f"{100 * share['value']:.1f}% [{100 * share['low']:.1f}, {100 * share['high']:.1f}]" if share else "-"
-        )
+        counts = "/".join(map(str, sorted({row["tasks"][t]["n"] for t in row["tasks"]})))
         mark = " **(frontier)**" if name in summary["frontier"] else ""
         flag = "" if cost["realizable"] else " (oracle)"
-        lines.append("| " + " | ".join([f"{name}{mark}{flag}", *task_cells, share_text, "/".join(map(str, counts)),
-                     f"{100 * cost['extra_phase1']:+.1f}%", f"{cost['extra_flops'] / 1e12:.1f}",
-                     f"{cost['extra_bytes'] / 1e6:.0f}"]) + " |")  # fmt: skip
+        shares = [_share_text(row.get("share_of_dense")), _share_text(row.get("star_on_same_requests"))]
+        figures = [f"{100 * cost['extra_phase1']:+.1f}%", f"{cost['extra_flops'] / 1e12:.1f}",
+                   f"{cost['extra_bytes'] / 1e6:.0f}"]  # fmt: skip
+        lines.append("| " + " | ".join([f"{name}{mark}{flag}", *task_cells, *shares, counts, *figures]) + " |")
     lines += [
         "",
         f"Scores 0-100 (RULER's string match), 95% intervals in the JSON (Wilson; bootstrap for fractional scores). "
         f"Share of dense: paired task-stratified bootstrap over the requests both cells answered. Costs at "
         f"{summary['cost_scale']}: extra Phase 1 = the slowest host's Phase 1 FLOPs against star's. (oracle): the "
         "choice needs dense's K/V, which no mechanism has; its cost is that of recomputing the rows.",
-        f"Frontier (no cell keeps more of dense for less extra Phase 1): {', '.join(summary['frontier']) or '-'}.",
-        f"Decision rule (issue 29 item 3): a realizable cell on the frontier with share >= {QUALIFY_SHARE:.0%} and "
-        f"extra Phase 1 <= {QUALIFY_EXTRA:.0%} on both Qwen models at L/8 becomes `--model.exact_rule`; here: "
-        f"{', '.join(summary['qualifying_here']) or 'none'}.",
+        f"Frontier (among cells whose share rests on >= {summary['frontier_min_n']} requests, none keeps more of "
+        f"dense for less extra Phase 1): {', '.join(summary['frontier']) or '-'}. Shares of cells with different n "
+        "rest on different requests: compare cells at the same n.",
+        f"Decision rule (issue 29 item 3): a realizable cell on the frontier with share >= {QUALIFY_SHARE:.0%} on "
+        f">= {QUALIFY_N} requests a task and extra Phase 1 <= {QUALIFY_EXTRA:.0%}, on both Qwen models at L/8, "
+        f"becomes `--model.exact_rule`; here: {', '.join(summary['qualifying_here']) or 'none'}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -187,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", nargs="+", default=list(DEFAULT_CELLS))
     p.add_argument("--block-divisor", type=int, default=8, help="blocks of L / this")
     p.add_argument("--anchor-divisor", type=int, default=1, help="anchor = block / this")
+    p.add_argument("--frontier-min-n", type=int, default=30, help="requests a cell's share needs to enter the frontier")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reverse", action="store_true", help="take the requests last first (a second process's share)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the CPU run shares its cores)")
@@ -271,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     all_cells = [parse_cell(n) for n in dict.fromkeys([*DEFAULT_CELLS, *args.cells])]
     scale = llama_8b_scale()
     costs = {c.name: extra_cost(c, scale) for c in all_cells}
-    summary = summarize(done, all_cells, args.tasks, scale.describe(), costs)
+    summary = summarize(done, all_cells, args.tasks, scale.describe(), costs, args.frontier_min_n)
     summary.update(model=name, length=args.length, block=f"L/{args.block_divisor}",
                    anchor=f"block/{args.anchor_divisor}", dtype=dtype_name, device=args.device)  # fmt: skip
     title = (f"# Star's frontier: {name}, {args.length // 1024}K, blocks of L/{args.block_divisor}, anchor = "
