@@ -18,7 +18,10 @@ The shipped tiny model on CPU (2K, 3 tasks; dense and star on 100 requests a tas
     nice -n 10 python scripts/fidelity_oracle.py --length 2048 --num-samples 100 --cells dense star
     nice -n 10 python scripts/fidelity_oracle.py --length 2048 --num-samples 100 --requests 30
 
-A GGUF on one GPU: ``--model Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf --device cuda --length 16384``.
+A GGUF on one GPU (see benchmarks/frontier/README.md for the cells and the time per request):
+
+    python scripts/fidelity_oracle.py --model qwen2.5-coder-0.5b-instruct-q4_k_m.gguf --device cuda --length 16384 \
+        --threads 8 --time-limit 500 --work outputs/oracle/qwen05_16k --out benchmarks/frontier/qwen05_16384
 """
 
 from __future__ import annotations
@@ -39,11 +42,10 @@ from fidelity_table import MAX_NEW_TOKENS, essays_file, generate_argv, run_cli
 from star_lightning.assets import default_model_path
 from star_lightning.bench.intervals import score_interval, share_of_dense
 from star_lightning.bench.metrics import string_match_all, string_match_part
-from star_lightning.bench.oracle import register_oracle_attention
+from star_lightning.bench.oracle import GenerationSettings, register_oracle_attention
 from star_lightning.bench.oracle_cells import DEFAULT_CELLS, Cell, Request, parse_cell, run_request
 from star_lightning.bench.oracle_costs import extra_cost, llama_8b_scale
 from star_lightning.bench.scoring import metric_for
-from star_lightning.generation import GenerationSettings
 from star_lightning.models import load_model, load_tokenizer, model_fingerprint, resolve_dtype
 from star_lightning.partition import plan_blocks
 from star_lightning.tokens import context_ids, query_ids

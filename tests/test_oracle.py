@@ -101,7 +101,6 @@ def test_oracle_star_and_dense_match_the_engine(model32, engine32, tokenizer):
     assert max(float((s[0] - d[0]).abs().max()) for s, d in zip(star_kv, dense_kv, strict=True)) > 1e-3
 
 
-@pytest.mark.slow
 def test_every_cell_at_its_limit_equals_its_reference(model64, tokenizer):
     """float64: every token replaced (any chooser) and Delta with gamma = 1 give dense's K/V and answer; nothing
     replaced and a wider context of 0 tokens give star's K/V to the bit."""

@@ -30,12 +30,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
-# --- The engine: every import of it in one place (the engine's modules may move; only these lines follow) ---------
+# --- The engine: every import of it in one place (the engine's modules may move; only these lines follow); the
+# frontier's other modules and script take GenerationSettings from here too. --------------------------------------
 from star_lightning.attention.star import star_attention_forward
 from star_lightning.cache import KVStore
 from star_lightning.generation import EncodedContext, GenerationSettings, StarSettings, answer, num_layers
 from star_lightning.parallel.group import SingleHostGroup
 from star_lightning.partition import BlockPlan
+
+__all__ = [
+    "ORACLE_ATTENTION", "GenerationSettings", "OracleStep", "answer_over", "causal_mask", "kv_deviation",
+    "masked_forward", "oracle_attention_forward", "register_oracle_attention", "star_mask",
+]  # fmt: skip
 
 ORACLE_ATTENTION = "star_lightning_oracle"
 

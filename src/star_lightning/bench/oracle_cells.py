@@ -21,8 +21,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from star_lightning.bench.oracle import OracleStep, answer_over, causal_mask, kv_deviation, masked_forward, star_mask
-from star_lightning.generation import GenerationSettings
+from star_lightning.bench.oracle import (
+    GenerationSettings,
+    OracleStep,
+    answer_over,
+    causal_mask,
+    kv_deviation,
+    masked_forward,
+    star_mask,
+)
 from star_lightning.partition import BlockPlan
 
 KV = list[tuple[Tensor, Tensor]]
