@@ -172,7 +172,11 @@ def markdown(summary: dict[str, Any], tasks: list[str], title: str) -> str:
     head = ["cell", *tasks, "share of dense [95% CI]", "star on the same requests", "n / task", "extra Phase 1",
             "extra TFLOP / host", "extra MB sent / host"]  # fmt: skip
     lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    few = []
     for name, row in summary["cells"].items():
+        if row.get("share_of_dense", {}).get("n", 0) < summary["frontier_min_n"]:
+            few.append(f"{name} ({row.get('share_of_dense', {}).get('n', 0)})")
+            continue
         cost = row["cost"]
         task_cells = [f"{row['tasks'][t]['value']:.1f}" if t in row["tasks"] else "-" for t in tasks]
         counts = "/".join(map(str, sorted({row["tasks"][t]["n"] for t in row["tasks"]})))
@@ -184,6 +188,7 @@ def markdown(summary: dict[str, Any], tasks: list[str], title: str) -> str:
         lines.append("| " + " | ".join([f"{name}{mark}{flag}", *task_cells, *shares, counts, *figures]) + " |")
     lines += [
         "",
+        f"Cells on fewer than {summary['frontier_min_n']} requests (in the JSON only): {', '.join(few) or 'none'}.",
         f"Scores 0-100 (RULER's string match), 95% intervals in the JSON (Wilson; bootstrap for fractional scores). "
         f"Share of dense: paired task-stratified bootstrap over the requests both cells answered. Costs at "
         f"{summary['cost_scale']}: extra Phase 1 = the slowest host's Phase 1 FLOPs against star's. (oracle): the "
