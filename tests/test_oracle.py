@@ -15,7 +15,10 @@ from star_lightning.assets import default_model_path
 from star_lightning.bench.oracle import register_oracle_attention, star_mask
 from star_lightning.bench.oracle_cells import Request, encode_cells, parse_cell, run_request
 from star_lightning.bench.oracle_costs import extra_cost, llama_8b_scale
-from star_lightning.generation import GenerationSettings, StarSettings, answer, encode_context, num_layers
+from star_lightning.engine.encode import encode_context
+from star_lightning.engine.forward import num_layers
+from star_lightning.engine.request import answer
+from star_lightning.engine.settings import GenerationSettings, StarSettings
 from star_lightning.models import load_model, load_tokenizer
 from star_lightning.parallel.group import SingleHostGroup
 from star_lightning.partition import plan_blocks

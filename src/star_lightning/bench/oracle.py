@@ -34,7 +34,10 @@ from transformers import AttentionInterface
 # frontier's other modules and script take GenerationSettings from here too. --------------------------------------
 from star_lightning.attention.star import star_attention_forward
 from star_lightning.cache import KVStore
-from star_lightning.generation import EncodedContext, GenerationSettings, StarSettings, answer, num_layers
+from star_lightning.engine.context import ContextKey, EncodedContext
+from star_lightning.engine.forward import num_layers
+from star_lightning.engine.request import answer
+from star_lightning.engine.settings import GenerationSettings, StarSettings
 from star_lightning.parallel.group import SingleHostGroup
 from star_lightning.partition import BlockPlan
 
@@ -212,7 +215,8 @@ def answer_over(
     positions = torch.arange(context, device=query_ids.device)  # [T]
     for layer, (keys, values) in enumerate(kv):
         store.append(layer, keys, values, positions)
-    encoded = EncodedContext("oracle", context, context, store=store)
+    key = ContextKey(query_ids.new_zeros(1, context), None, ("oracle", context))  # answered once, never matched
+    encoded = EncodedContext(key, context, context, store=store)
     star = StarSettings(attention="star", decode="eager")
     with torch.inference_mode():
         tokens, _ = answer(model, encoded, query_ids, SingleHostGroup(), star, settings)
