@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from star_lightning.errors import ConfigurationError
 from star_lightning.parallel.context import ContextInfo
-from star_lightning.parallel.group import ContextGroup, is_query_host
+from star_lightning.parallel.group import ContextGroup
 from star_lightning.parallel.layout import AXES, ParallelLayout, host_gpu_indices, make_layout
 from star_lightning.parallel.torch_group import DistributedContextGroup
 
@@ -224,30 +224,12 @@ class ContextParallelMixin:
         return self._context_group
 
     @property
-    def is_query_host(self) -> bool:
-        return is_query_host(self.context_group)
-
-    @property
-    def data_parallel_rank(self) -> int:
-        return self.layout.data_parallel_rank(self.global_rank)
-
-    @property
-    def context_parallel_rank(self) -> int:
-        return self.layout.context_parallel_rank(self.global_rank)
-
-    @property
-    def tensor_parallel_rank(self) -> int:
-        return self.layout.tensor_parallel_rank(self.global_rank)
-
-    @property
-    def writes_predictions(self) -> bool:
-        """The one rank of a request's ranks that writes its prediction: the query host's first tensor shard."""
-        return self.is_query_host and self.tensor_parallel_rank == 0
-
-    @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         """All ranks of a context-parallel group get the same requests; the data-parallel groups split them."""
-        return {"num_replicas": self.layout.data_parallel_size, "rank": self.data_parallel_rank}
+        return {
+            "num_replicas": self.layout.data_parallel_size,
+            "rank": self.layout.data_parallel_rank(self.global_rank),
+        }
 
     def gather_in_context_group(self, obj: Any) -> list[Any]:
         """Every host's ``obj``, in host order (from each host's first tensor shard). Safe per request: these ranks
