@@ -51,6 +51,19 @@ def _parser_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     yield
 
 
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with 3 requests and the finished output of a run over them (with its run record)."""
+    from slurm_cluster import predict_args, write_requests
+    from star_lightning.cli import main
+
+    folder = tmp_path_factory.mktemp("finished")
+    requests = write_requests(folder / "requests.jsonl", 3, filler=2)
+    args = predict_args(tiny_model_dir, requests, folder / "out.jsonl", "--trainer.devices", "1")
+    assert main([*args, "--trainer.logger", "false"]) == 0
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local model folder (Llama, 2 layers, width 64, safetensors) with a tokenizer, as a user would have."""

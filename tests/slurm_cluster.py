@@ -65,6 +65,13 @@ def predict_args(model_dir: Path, data: Path, output: Path, *extra: str) -> list
 _LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
 
 
+def copy_finished(finished: Path, folder: Path) -> tuple[Path, Path]:
+    """A copy of the ``finished`` fixture's run (requests, output, run record) in ``folder``: (requests, output)."""
+    for name in ("requests.jsonl", "out.jsonl", "out.jsonl.run.json"):
+        shutil.copy(finished / name, folder / name)
+    return folder / "requests.jsonl", folder / "out.jsonl"
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for a CLI subprocess: one thread per rank (CI has 2 cores), no SLURM or launch variables
     leaking in."""

@@ -14,25 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import predict_args, write_requests
+from slurm_cluster import copy_finished, predict_args, write_requests
 from star_lightning.cli import main
 from star_lightning.data.output_lock import OutputLock
-
-
-@pytest.fixture(scope="module")
-def finished(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with 3 requests and the finished output of a run over them (with its run record)."""
-    folder = tmp_path_factory.mktemp("identity")
-    requests = write_requests(folder / "requests.jsonl", 3, filler=2)
-    args = predict_args(tiny_model_dir, requests, folder / "out.jsonl", "--trainer.devices", "1")
-    assert main([*args, "--trainer.logger", "false"]) == 0
-    return folder
-
-
-def _copy(finished: Path, tmp_path: Path) -> tuple[Path, Path]:
-    for name in ("requests.jsonl", "out.jsonl", "out.jsonl.run.json"):
-        shutil.copy(finished / name, tmp_path / name)
-    return tmp_path / "requests.jsonl", tmp_path / "out.jsonl"
 
 
 def _predict(model: Path, requests: Path, output: Path, *extra: str) -> int:
@@ -99,7 +83,7 @@ def _ends_with_one_line(capsys: pytest.CaptureFixture[str], *words: str) -> str:
 def test_a_link_to_an_output_being_written_finds_its_lock(
     tiny_model_dir: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    requests, output = _copy(finished, tmp_path)
+    requests, output = copy_finished(finished, tmp_path)
     link = tmp_path / "link.jsonl"
     link.symlink_to(output)
     linked_folder = tmp_path / "same_folder"
@@ -115,7 +99,7 @@ def test_a_link_to_an_output_being_written_finds_its_lock(
 def test_a_link_to_an_output_resumes_under_its_run_record(
     tiny_model_dir: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    requests, output = _copy(finished, tmp_path)
+    requests, output = copy_finished(finished, tmp_path)
     link = tmp_path / "link.jsonl"
     link.symlink_to(output)
     before = output.read_bytes()
@@ -128,7 +112,7 @@ def test_a_link_to_an_output_resumes_under_its_run_record(
 def test_an_output_with_a_second_hard_link_is_refused(
     tiny_model_dir: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    requests, output = _copy(finished, tmp_path)
+    requests, output = copy_finished(finished, tmp_path)
     os.link(output, tmp_path / "other_name.jsonl")
     assert _predict(tiny_model_dir, requests, output) == 2
     _one_line(capsys, "star-lightning predict: error: ", "2 names (hard links)", "choose another --output")
@@ -163,7 +147,7 @@ def _generate(model: Path, output: Path, *extra: str) -> int:
 def test_generate_refuses_to_replace_predictions_unless_told(
     tiny_model_dir: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, output = _copy(finished, tmp_path)
+    _, output = copy_finished(finished, tmp_path)
     before = output.read_bytes()
     assert _generate(tiny_model_dir, output) == 2
     _one_line(capsys, "star-lightning generate: error: ", "run record beside it", "--overwrite")
@@ -184,7 +168,7 @@ def test_generate_onto_a_folder_is_one_line(tiny_model_dir: Path, tmp_path: Path
 def test_predict_counts_only_predictions_as_done(
     tiny_model_dir: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    requests, output = _copy(finished, tmp_path)
+    requests, output = copy_finished(finished, tmp_path)
     shutil.copy(requests, output)  # the request lines (no 'pred') where the predictions were, under the run record
     before = output.read_bytes()
     assert _predict(tiny_model_dir, requests, output) == 2
@@ -198,7 +182,7 @@ def test_predict_counts_only_predictions_as_done(
 def test_resume_refuses_an_output_holding_an_index_twice(
     tiny_model_dir: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    requests, output = _copy(finished, tmp_path)
+    requests, output = copy_finished(finished, tmp_path)
     lines = output.read_text().splitlines(keepends=True)
     output.write_text(lines[0] + lines[1] + lines[1])
     before = output.read_bytes()
@@ -381,7 +365,7 @@ SCORE = ("--task", "niah_single_1")
 def test_score_beside_a_damaged_run_record_is_one_line_with_scores_way_out(
     finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict | None, why: str
 ) -> None:
-    _, output = _copy(finished, tmp_path)
+    _, output = copy_finished(finished, tmp_path)
     record = tmp_path / "out.jsonl.run.json"
     if change is None:
         record.write_text("{ not json")
@@ -395,10 +379,10 @@ def test_score_beside_a_damaged_run_record_is_one_line_with_scores_way_out(
 def test_score_refuses_two_runs_of_one_request_file(
     finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, output = _copy(finished, tmp_path)
+    _, output = copy_finished(finished, tmp_path)
     other = tmp_path / "other"
     other.mkdir()
-    _copy(finished, other)
+    copy_finished(finished, other)
     assert main(["score", str(output), str(other / "out.jsonl"), *SCORE]) == 2
     _one_line(capsys, "star-lightning score: error: ", "two runs over the same requests", "both hold index 0")
 

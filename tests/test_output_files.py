@@ -4,32 +4,15 @@ rank starts, with the way out; ``score`` counts each request of one run once and
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from slurm_cluster import predict_args, read_indices, write_requests
+from slurm_cluster import copy_finished, predict_args, read_indices
 from star_lightning.cli import main
 
 SCORE = ("--task", "niah_single_1")
-
-
-@pytest.fixture(scope="module")
-def finished(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with 3 requests and the finished output of a run over them (with its run record)."""
-    folder = tmp_path_factory.mktemp("finished")
-    requests = write_requests(folder / "requests.jsonl", 3, filler=2)
-    args = predict_args(tiny_model_dir, requests, folder / "out.jsonl", "--trainer.devices", "1")
-    assert main([*args, "--trainer.logger", "false"]) == 0
-    return folder
-
-
-def _copy(finished: Path, tmp_path: Path) -> tuple[Path, Path]:
-    for name in ("requests.jsonl", "out.jsonl", "out.jsonl.run.json"):
-        shutil.copy(finished / name, tmp_path / name)
-    return tmp_path / "requests.jsonl", tmp_path / "out.jsonl"
 
 
 def _resume(tiny_model_dir: Path, requests: Path, output: Path) -> int:
@@ -49,7 +32,7 @@ def _one_line(capsys: pytest.CaptureFixture[str], prefix: str, *words: str) -> s
 def test_a_torn_line_in_the_middle_names_the_output_and_the_way_out(
     tiny_model_dir: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    requests, output = _copy(finished, tmp_path)
+    requests, output = copy_finished(finished, tmp_path)
     lines = output.read_text().splitlines(keepends=True)
     output.write_text(lines[0] + lines[1][: len(lines[1]) // 2] + "\n" + lines[2])
     before = output.read_bytes()
@@ -61,7 +44,7 @@ def test_a_torn_line_in_the_middle_names_the_output_and_the_way_out(
 def test_an_output_holding_a_foreign_index_is_refused_on_resume_and_by_score(
     tiny_model_dir: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    requests, output = _copy(finished, tmp_path)
+    requests, output = copy_finished(finished, tmp_path)
     with output.open("a") as handle:
         handle.write(json.dumps({"index": 99, "outputs": ["99"], "pred": "99"}) + "\n")
     assert _resume(tiny_model_dir, requests, output) == 2
@@ -73,7 +56,7 @@ def test_an_output_holding_a_foreign_index_is_refused_on_resume_and_by_score(
 def test_a_torn_last_line_of_an_append_only_output_is_named_before_the_ranks_start(
     tiny_model_dir: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    requests, output = _copy(finished, tmp_path)
+    requests, output = copy_finished(finished, tmp_path)
     lines = output.read_text().splitlines(keepends=True)
     output.write_text(lines[0] + lines[1][:10])  # the job was killed while writing the second line
     torn = output.read_bytes()
@@ -92,7 +75,7 @@ def test_a_torn_last_line_of_an_append_only_output_is_named_before_the_ranks_sta
 def test_score_warns_of_a_torn_last_line_and_leaves_it_out(
     finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, output = _copy(finished, tmp_path)
+    _, output = copy_finished(finished, tmp_path)
     assert main(["score", str(output), *SCORE]) == 0
     whole = json.loads(capsys.readouterr().out)
     with output.open("a") as handle:
@@ -107,7 +90,7 @@ def test_score_warns_of_a_torn_last_line_and_leaves_it_out(
 def test_score_refuses_one_file_given_twice_and_names_a_folder(
     finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, output = _copy(finished, tmp_path)
+    _, output = copy_finished(finished, tmp_path)
     link = tmp_path / "link.jsonl"
     link.symlink_to(output)
     for second in (output, link):
