@@ -44,6 +44,12 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
     ({"tensor_parallel_size": 0}, "tensor_parallel_size (0) and gpus_per_host (1) must be positive numbers of GPUs"),
     ({"simulated_hosts": 2, "hosts": 2}, "--model.simulate_hosts 2 plays every host in one process, but the"),
     ({"attention": "dense", "hosts": 2}, "dense attention runs each request in one process, but the"),
+    ({"prefill": "always"}, "--model.prefill always: expected one of auto, eager, graph"),
+    ({"attention": "ring", "prefill": "graph"}, "--model.prefill graph replays star's Phase 1 blocks on one GPU"),
+    ({"prefill": "graph", "hosts": 2}, "--model.prefill graph replays star's Phase 1 blocks on one GPU holding them"),
+    ({"prefill": "graph", "anchor_query": True}, "--model.prefill graph replays star's Phase 1 blocks on one GPU"),
+    ({"prefill": "graph", "passing_tokens": 4}, "--model.prefill graph replays star's Phase 1 blocks on one GPU"),
+    ({"prefill": "graph", "simulated_hosts": 2}, "--model.prefill graph replays star's Phase 1 blocks on one GPU"),
 ]
 _OPTION = {"use_anchor": "anchor", "simulated_hosts": "simulate_hosts", "stop_strings": "stop_strings"}
 _LAYOUT = ("hosts", "tensor_parallel_size", "gpus_per_host")

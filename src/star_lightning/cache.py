@@ -10,9 +10,17 @@ mask by distance, and a host's keys are not at positions ``0..n-1`` (its blocks,
 
 Rolling back (:meth:`KVStore.truncate`) to the context's length makes the encoded context answer another query:
 what the last query and its generated tokens added is forgotten, the context's KV is kept.
+
+A :class:`StorePool` (one per engine) hands a new store the buffers of the last store that died, where their capacity
+(rounded up to a bucket) is the same: the request after it then writes into the same memory, so the CUDA graphs
+captured over those buffers (a block's Phase 1 forward, the decode step; kept in :attr:`StoreBuffers.graphs`) replay
+for it instead of being captured again. A store never shares buffers with a living one.
 """
 
 from __future__ import annotations
+
+import weakref
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,13 +50,69 @@ class _LayerBuffer:
         self.keys, self.values, self.positions = keys, values, positions
 
 
-class KVStore:
-    """Per-layer KV buffers of ``capacity`` positions, created on the layer's device at its first append."""
+class StoreBuffers:
+    """One store's per-layer buffers, and the CUDA graphs captured over them (which bake their addresses in): handed
+    from a store that died to the next one by a :class:`StorePool`."""
 
     def __init__(self, num_layers: int, capacity: int) -> None:
-        self.num_layers = num_layers
         self.capacity = capacity
-        self._layers: list[_LayerBuffer | None] = [None] * num_layers
+        self.layers: list[_LayerBuffer | None] = [None] * num_layers
+        self.graphs: dict[Any, Any] = {}
+        """Captured steps over these buffers, by what they were captured for; emptied when a buffer changes."""
+
+    def reset(self) -> None:
+        """A new store begins: nothing is filled (what the buffers hold is the dead store's, never read)."""
+        for buffer in self.layers:
+            if buffer is not None:
+                buffer.length = 0
+
+
+class StorePool:
+    """The buffers of the last store that died, for the next store of the same layers and capacity.
+
+    Capacities are rounded up to ``bucket`` positions, so requests of nearly the same length get the same buffers.
+    At most one set is kept: a store of another capacity frees it (and the graphs captured over it) before it
+    allocates its own."""
+
+    def __init__(self, bucket: int = 1024) -> None:
+        if bucket <= 0:
+            raise ValueError(f"bucket must be positive, got {bucket}")
+        self.bucket = bucket
+        self.free: StoreBuffers | None = None
+        self.reused = 0
+        """How many stores got the buffers of one that died."""
+
+    def capacity(self, requested: int) -> int:
+        return -(-requested // self.bucket) * self.bucket
+
+    def take(self, num_layers: int, capacity: int) -> StoreBuffers:
+        """Buffers for a store of ``capacity`` positions (rounded up to the bucket): the free set where it fits."""
+        capacity = self.capacity(capacity)
+        free, self.free = self.free, None
+        if free is not None and free.capacity == capacity and len(free.layers) == num_layers:
+            free.reset()
+            self.reused += 1
+            return free
+        return StoreBuffers(num_layers, capacity)
+
+    def give_back(self, buffers: StoreBuffers) -> None:
+        self.free = buffers
+
+
+class KVStore:
+    """Per-layer KV buffers of ``capacity`` positions, created on the layer's device at its first append.
+
+    ``pool``: where the buffers come from and go back to when the store dies (the capacity is then the pool's
+    bucket at or above ``capacity``)."""
+
+    def __init__(self, num_layers: int, capacity: int, pool: StorePool | None = None) -> None:
+        self.num_layers = num_layers
+        self.capacity = capacity if pool is None else pool.capacity(capacity)
+        self.allocation = StoreBuffers(num_layers, self.capacity) if pool is None else pool.take(num_layers, capacity)
+        """The buffers this store holds, with the graphs captured over them."""
+        self._layers = self.allocation.layers
+        if pool is not None:
+            weakref.finalize(self, pool.give_back, self.allocation)
 
     def _layer(self, layer: int) -> _LayerBuffer:
         buffer = self._layers[layer]
@@ -60,6 +124,9 @@ class KVStore:
         """Store ``keys``/``values`` ``[B, Hkv, n, D]`` and their true ``positions`` ``[n]`` after what the layer
         holds."""
         buffer = self._layers[layer]
+        if buffer is not None and buffer.length == 0 and not _fits(buffer, keys, values):
+            buffer = self._layers[layer] = None  # a pooled buffer of another shape, dtype or device
+            self.allocation.graphs.clear()
         if buffer is None:
             b, h, _, d = keys.shape
             # Zeroed, not empty: a kernel that attends over the whole buffer with a valid length (FlexAttention in a
@@ -114,6 +181,11 @@ class KVStore:
                 )
             buffer.length += count
 
+    def layer_length(self, layer: int) -> int:
+        """Positions held in ``layer`` (inside a forward, the layers before it are ahead of those after it)."""
+        buffer = self._layers[layer]
+        return 0 if buffer is None else buffer.length
+
     @property
     def length(self) -> int:
         """Positions held (the same in every layer between forwards)."""
@@ -132,7 +204,8 @@ class KVStore:
         """Room for ``capacity`` positions (a kept context answering a longer query grows its buffers once)."""
         if capacity <= self.capacity:
             return
-        self.capacity = capacity
+        self.capacity = self.allocation.capacity = capacity
+        self.allocation.graphs.clear()  # captured over the old buffers
         for buffer in self._layers:
             if buffer is not None:
                 buffer.grow(capacity)
@@ -149,3 +222,10 @@ class KVStore:
     @property
     def device(self) -> torch.device:
         return self._layer(0).keys.device
+
+
+def _fits(buffer: _LayerBuffer, keys: Tensor, values: Tensor) -> bool:
+    """Whether a pooled buffer takes this layer's keys and values (the same heads, head size, dtype and device)."""
+    same = buffer.keys.shape[:2] == keys.shape[:2] and buffer.keys.shape[3] == keys.shape[3]
+    same = same and buffer.values.shape[3] == values.shape[3] and buffer.keys.dtype == keys.dtype
+    return same and buffer.keys.device == keys.device and buffer.values.dtype == values.dtype

@@ -20,6 +20,7 @@ from star_lightning.engine.settings import (
     Backend,
     DecodeMode,
     GenerationSettings,
+    PrefillMode,
     QueryPositions,
     RingLayout,
     Selection,
@@ -83,6 +84,9 @@ class StarAttentionLM(LightningModule):
             forward per token), static (static shapes, no graph), graph (the static step captured as one CUDA graph
             and replayed per token) or compile (graph of the torch.compile'd step: the model's norms, rotary and
             activations fused).
+        prefill: star's Phase 1 blocks on one GPU: auto (graph where it applies: one GPU holding every block, no
+            anchor_query, no passing tokens), eager (one forward per block) or graph (each block's forward captured as
+            a CUDA graph the second time its shape comes, then replayed; the last block padded to a full one).
         trust_remote_code: allow model code from the hub (off: only transformers' own architectures).
     """
 
@@ -111,6 +115,7 @@ class StarAttentionLM(LightningModule):
         dtype: DTypeName = "auto",
         backend: Backend = "auto",
         decode: DecodeMode = "auto",
+        prefill: PrefillMode = "auto",
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()

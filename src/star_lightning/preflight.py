@@ -254,6 +254,13 @@ def _check_layout(trainer: pl.Trainer, settings: StarSettings) -> StarSettings:
     """The request settings on the strategy's layout, checked as the ranks would otherwise check them (the same
     settings type ``plan`` builds: what one refuses, the other refuses)."""
     layout, gpus_per_host = planned_layout(trainer.strategy, trainer.num_nodes * trainer.num_devices)
+    if trainer.strategy.root_device.type != "cuda":
+        for option, value in (("decode", settings.decode), ("prefill", settings.prefill)):
+            if value in ("graph", "compile"):
+                raise ConfigurationError(
+                    f"--model.{option} {value} captures CUDA graphs, but this run's accelerator is "
+                    f"{trainer.strategy.root_device.type}; use --model.{option} auto (or --trainer.accelerator gpu)"
+                )
     return settings.with_hosts(layout.context_parallel_size, layout.tensor_parallel_size, gpus_per_host)
 
 

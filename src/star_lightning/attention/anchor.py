@@ -10,6 +10,10 @@ block and every host. Three ways to have them (``--model.anchor_source``):
   overlaps with their compute and they never run the anchor's forward;
 - ``block``: no prefix object at all; every block is a forward of ``(anchor, block)`` (the reference way).
 
+A host that encodes the first block itself, with no query in the prefix and no passing tokens (one host holding
+every block, as on one GPU), keeps nothing apart: the anchor is the first positions of its own store
+(:class:`StoredAnchor`), so every block's forward reads fixed buffers and can be replayed as a CUDA graph.
+
 The prefix is the anchor followed, with ``--model.anchor_query true``, by the request's query tokens (their K/V
 depend on the anchor and the query only: the same for every host too). Its ``positions`` are the true positions of
 the anchor and the positions the query is given in it. With passing tokens
@@ -27,12 +31,17 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from star_lightning.cache import KVStore
 from star_lightning.parallel.group import ContextGroup, Transfer
 
 
 class AnchorPrefix(Protocol):
     length: int
-    positions: Tensor  # [P] long: the prefix tokens' positions
+
+    @property
+    def positions(self) -> Tensor:
+        """``[P]`` long: the prefix tokens' positions."""
+        ...
 
     def kv(self, layer: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """The prefix's keys and values of ``layer`` on the device of ``like`` (the layer's own keys)."""
@@ -75,6 +84,29 @@ class KeptAnchor:
 
     def selection(self, layer: int, like: Tensor) -> Tensor | None:
         return self._selection[layer]
+
+
+class StoredAnchor:
+    """The anchor as the first ``length`` positions of this host's own store (written by its first block's forward,
+    which begins with the anchor): views of the store's buffers, no copy and nothing kept apart."""
+
+    def __init__(self, store: KVStore, length: int) -> None:
+        self.length = length
+        self._store = store
+
+    @property
+    def positions(self) -> Tensor:
+        """The anchor's positions ``[P]``: the store's (a view of its layer-0 positions)."""
+        return self._store.buffers(0)[2][: self.length]
+
+    def kv(self, layer: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        if self._store.layer_length(layer) < self.length:
+            raise RuntimeError(f"the anchor's K/V of layer {layer} were not stored before a block needed them")
+        keys, values, _ = self._store.buffers(layer)  # [B, Hkv, C, D]
+        return keys[:, :, : self.length], values[:, :, : self.length]
+
+    def selection(self, layer: int, like: Tensor) -> Tensor | None:
+        return None
 
 
 class BroadcastAnchor(KeptAnchor):

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from star_lightning.attention import flex
+from star_lightning.cache import StorePool
 from star_lightning.engine.settings import BACKENDS
 
 PREFILL_KERNELS: tuple[str, ...] = ("sdpa", "cudnn")
@@ -50,12 +51,21 @@ class KernelChoice:
     """FlexAttention's compiled function on this engine, or why it failed."""
     graph_failure: str | None = None
     """Why capturing a decode step as a CUDA graph failed on this engine (its decoders then run uncaptured)."""
+    prefill_failure: str | None = None
+    """Why capturing a Phase 1 block as a CUDA graph failed on this engine (its blocks then run uncaptured)."""
+    prefill_captures: int = 0
+    prefill_replays: int = 0
+    prefill_capture_s: float = 0.0
+    """Phase 1 block graphs captured and replayed on this engine, and the seconds the captures took."""
     compiled: WeakKeyDictionary[Any, Callable[..., Any]] = field(default_factory=WeakKeyDictionary)
     r"""The ``torch.compile``\ d forward of each model decoded with ``--model.decode compile`` (compiled once)."""
     chosen: dict[Any, AttentionCall] = field(default_factory=dict, repr=False)
     """The backend chosen for each shape class of call (:class:`~star_lightning.attention.selector.ShapeClass`)."""
     selections: int = 0
     """How many times a backend was chosen (once per shape class, again after :meth:`forget`)."""
+    stores: StorePool = field(default_factory=StorePool, repr=False)
+    """The engine's KV store buffers, handed from a request's store to the next one's with the graphs captured over
+    them (:mod:`star_lightning.cache`)."""
 
     def compiled_forward(self, model: Any) -> Callable[..., Any]:
         """``model.forward`` under ``torch.compile`` (static shapes: a decode step's are the same every token): the

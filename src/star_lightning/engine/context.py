@@ -14,7 +14,6 @@ from transformers import DynamicCache
 
 from star_lightning.cache import KVStore
 from star_lightning.engine.settings import StarSettings
-from star_lightning.engine.static_decoder import StaticDecoder
 from star_lightning.parallel.group import ContextGroup
 from star_lightning.rope import rope_length_key
 
@@ -74,8 +73,6 @@ class EncodedContext:
     cache: DynamicCache | None = None
     phase1_s: float = 0.0
     phase1_bytes: int = 0
-    decoder: StaticDecoder | None = None
-    """The static decode step captured for this context's store: the next query over it replays the same graph."""
 
     def rollback(self) -> None:
         """Forget what the last query and its generated tokens added; keep the context."""

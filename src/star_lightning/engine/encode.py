@@ -29,6 +29,7 @@ from star_lightning.engine.forward import (
     uses_star_attention,
 )
 from star_lightning.engine.prefill import prefill_dense, prefill_ring, prefill_star
+from star_lightning.engine.prefill_graph import resolve_prefill_mode
 from star_lightning.engine.settings import StarSettings
 from star_lightning.parallel.group import ContextGroup
 from star_lightning.parallel.simulated_group import AnchorBoard, SimulatedHostGroup
@@ -82,8 +83,12 @@ def encode_on_host(
     kernels: KernelChoice,
     query_ids: Tensor | None,
     key: ContextKey | None = None,
+    *,
+    pooled: bool = True,
 ) -> EncodedContext:
-    """This host's Phase 1 share, timed (a length-dependent rope already pinned by the caller)."""
+    """This host's Phase 1 share, timed (a length-dependent rope already pinned by the caller). ``pooled``: the store
+    takes the engine's pooled buffers (:class:`~star_lightning.cache.StorePool`); played hosts' stores, alive together
+    and of other sizes, do not."""
     devices, context_length = model_devices(model), context_ids.shape[1]
     key = key if key is not None else context_key(model, context_ids, context_ids[:, :0], star, group)
     t0 = time.perf_counter()
@@ -93,23 +98,24 @@ def encode_on_host(
             dense_forward(model, context_ids, position_ids(0, context_length, context_ids.device), cache)
         synchronize(devices)
         return EncodedContext(key, context_length, context_length, cache=cache, phase1_s=time.perf_counter() - t0)
-    local, sent = context_length, 0
+    local, sent, pool = context_length, 0, kernels.stores if pooled else None
     if star.attention == "dense":
-        store = KVStore(num_layers(model), context_length + extra_capacity)
+        store = KVStore(num_layers(model), context_length + extra_capacity, pool)
         prefill_dense(model, context_ids, store, kernels=kernels)
     elif star.attention == "ring":
         ring = plan_ring(context_length, group.size, star.ring_layout)
         local = ring.local_context_length(group.rank)
-        store = KVStore(num_layers(model), local + extra_capacity)
+        store = KVStore(num_layers(model), local + extra_capacity, pool)
         sent = prefill_ring(model, context_ids, ring, group, store, kernels=kernels)
     else:
         plan = plan_blocks(context_length, star.block_size, group.size, star.anchor_block_size, star.use_anchor)
         local = plan.local_context_length(group.rank)
-        store = KVStore(num_layers(model), local + extra_capacity)
+        store = KVStore(num_layers(model), local + extra_capacity, pool)
         sent = prefill_star(
             model, context_ids, plan, group, store, anchor_source=star.anchor_source, kernels=kernels,
             query_ids=query_ids if star.anchor_query else None, query_positions=star.anchor_query_positions,
             passing=star.passing if star.passing_tokens else None,
+            graphs=resolve_prefill_mode(star, devices) == "graph",
         )  # fmt: skip
     synchronize(devices)
     return EncodedContext(key, context_length, local, store=store, phase1_s=time.perf_counter() - t0, phase1_bytes=sent)
@@ -149,7 +155,9 @@ def play_hosts(
             if before_host is not None:
                 before_host(host)
             group = SimulatedHostGroup(host, hosts, board)
-            share = encode_on_host(model, context_ids, group, star, extra_capacity(host), kernels, query_ids)
+            share = encode_on_host(
+                model, context_ids, group, star, extra_capacity(host), kernels, query_ids, pooled=False
+            )
             yield PlayedHost(host, group, share, board)
             del share  # a played host's share is the caller's to keep or free before the next host runs
     finally:
@@ -169,7 +177,7 @@ def _encode_played(
     context_length, layers = context_ids.shape[1], num_layers(model)
     hosts = star.simulated_hosts or -(-context_length // star.block_size)  # 0: one host per block
     shares = [one.context for one in play_hosts(model, context_ids, hosts, star, kernels, query_ids)]
-    store = KVStore(layers, context_length + extra_capacity)
+    store = KVStore(layers, context_length + extra_capacity, kernels.stores)
     for layer in range(layers):
         for share in shares:
             assert share.store is not None

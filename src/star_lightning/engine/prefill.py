@@ -17,6 +17,7 @@ from star_lightning.attention.passing import PassingSettings
 from star_lightning.attention.step import BlockRows, ForwardStep
 from star_lightning.cache import KVStore
 from star_lightning.engine.forward import forward, position_ids
+from star_lightning.engine.prefill_graph import graphs_apply, replay_block
 from star_lightning.engine.settings import AnchorSource, QueryPositions
 from star_lightning.engine.star_setup import StarRun, star_run
 from star_lightning.parallel.group import ContextGroup
@@ -58,6 +59,7 @@ def prefill_star(
     query_ids: Tensor | None = None,
     query_positions: QueryPositions = "after_anchor",
     passing: PassingSettings | None = None,
+    graphs: bool = False,
 ) -> int:
     """Phase 1 on this host: encode its blocks, each after the anchor prefix; returns the bytes it sent.
 
@@ -67,6 +69,8 @@ def prefill_star(
     first block's forward computes it too (as trailing rows that see only the anchor), and no host stores it.
     ``passing``: every host passes ``passing.tokens`` of its block's tokens per layer to the hosts after it
     (:mod:`star_lightning.attention.passing`), the hosts encoding their blocks in rounds, in step.
+    ``graphs``: replay the blocks' forwards as CUDA graphs where they read only fixed buffers
+    (:mod:`.prefill_graph`).
     """
     kernels = KernelChoice() if kernels is None else kernels
     bytes_before = group.bytes_moved
@@ -74,11 +78,15 @@ def prefill_star(
         model, context_ids, plan, group, store, anchor_source=anchor_source, kernels=kernels,
         query_ids=query_ids, query_positions=query_positions, passing=passing,
     )  # fmt: skip
+    replay = graphs and graphs_apply(run)
     for round_index in range(run.rounds):
         block = run.begin_round(round_index)
         if block is not None:
             ids, positions, step, start = block_forward(run, block)
-            forward(model, ids, positions, step, start=start)
+            if replay:
+                replay_block(model, run, block, ids, positions, step, start, kernels)
+            else:
+                forward(model, ids, positions, step, start=start)
     run.finish()
     return group.bytes_moved - bytes_before
 

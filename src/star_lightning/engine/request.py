@@ -168,21 +168,17 @@ def _decoder(
     kernels: KernelChoice,
     devices: list[torch.device],
 ) -> tuple[str, StaticDecoder | None]:
-    """The decode mode, and the static step over the context's store (the kept one where it still serves it)."""
+    """The decode mode, and the static step over the context's store (the one kept with its buffers where there is
+    one: a kept context's next query, or a request whose store got the pool's buffers)."""
     store = context.store
     assert store is not None
     mode = resolve_decode_mode(star.decode, devices, bool(length_dependent_rotary_modules(model)))
     if mode == "eager" or settings.max_new_tokens <= 1:
         return mode, None
-    decoder = context.decoder
-    if decoder is None or not decoder.serves(store, group, mode):
-        # The largest position any token over this store can have: a window check made for it holds for every
-        # later query the captured step replays for (the store's capacity is fixed while it serves).
-        last = context.context_length + store.capacity - context.local_length - 1
-        graph, compiled = mode in ("graph", "compile"), mode == "compile"
-        decoder = context.decoder = StaticDecoder(model, store, group, kernels, last, graph=graph, compile=compiled)
-    decoder.begin_request()
-    return mode, decoder
+    # The largest position any token over this store can have: a window check made for it holds for every later query
+    # the captured step replays for (the store's capacity is fixed while it serves).
+    last = context.context_length + store.capacity - context.local_length - 1
+    return mode, StaticDecoder.over(model, store, group, kernels, last, mode)
 
 
 def _store_step(

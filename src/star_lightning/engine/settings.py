@@ -25,6 +25,7 @@ RingLayout = Literal["zigzag", "contiguous"]
 QueryPositions = Literal["after_anchor", "phase2"]
 Selection = Literal["shared", "per_head"]
 DecodeMode = Literal["auto", "eager", "static", "graph", "compile"]
+PrefillMode = Literal["auto", "eager", "graph"]
 Backend = Literal["auto", "math", "triton", "sdpa", "cudnn", "flash_attn", "flex"]
 
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
@@ -33,6 +34,7 @@ RING_LAYOUTS: tuple[str, ...] = get_args(RingLayout)
 QUERY_POSITIONS: tuple[str, ...] = get_args(QueryPositions)
 SELECTIONS: tuple[str, ...] = get_args(Selection)
 DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
+PREFILL_MODES: tuple[str, ...] = get_args(PrefillMode)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
@@ -97,6 +99,11 @@ class StarSettings:
     once as a CUDA graph and replayed per token: no Python or launch overhead), ``compile`` (``graph`` of the
     ``torch.compile``\ d step: the model's norms, rotary and activations fused); ``auto`` is ``compile`` on one GPU,
     ``eager`` else."""
+    prefill: PrefillMode = "auto"
+    """Star's Phase 1 blocks on one host: ``eager`` (one forward per block), ``graph`` (each block's forward captured
+    as a CUDA graph the second time its shape comes and replayed from then on, the last block padded to a full one:
+    :mod:`star_lightning.engine.prefill_graph`); ``auto`` is ``graph`` where it applies (one GPU holding every block,
+    no query in the anchor, no passing tokens), ``eager`` else."""
     max_new_tokens: int = 32
     """The module's budget of generated tokens (a request's own budget may lower it: :class:`GenerationSettings`)."""
     stop_strings: tuple[str, ...] = ()
@@ -133,6 +140,7 @@ class StarSettings:
             ("anchor_query_positions", self.anchor_query_positions, QUERY_POSITIONS),
             ("passing_selection", self.passing_selection, SELECTIONS),
             ("decode", self.decode, DECODE_MODES),
+            ("prefill", self.prefill, PREFILL_MODES),
         ):
             if value not in choices:
                 raise _bad(f"model.{option}", value, f"one of {', '.join(choices)}")
@@ -196,6 +204,11 @@ class StarSettings:
                 f"tensor_parallel_size ({t}) and gpus_per_host ({g}) must be positive numbers of GPUs; set "
                 "--trainer.strategy.tensor_parallel_size / --trainer.strategy.gpus_per_host to 1 or more"
             )
+        if self.prefill == "graph" and self.prefill_graph_blocker() is not None:
+            raise ConfigurationError(
+                f"--model.prefill graph replays star's Phase 1 blocks on one GPU holding them all, but "
+                f"{self.prefill_graph_blocker()}; drop --model.prefill (auto captures where it applies)"
+            )
         if self.simulated_hosts != 1 and self.hosts != 1:
             raise ConfigurationError(
                 f"--model.simulate_hosts {self.simulated_hosts} plays every host in one process, but the "
@@ -208,6 +221,20 @@ class StarSettings:
                 "hosts; set --trainer.strategy.context_parallel_size 1 (the devices then split the requests) or use "
                 "--model.attention star/ring"
             )
+
+    def prefill_graph_blocker(self) -> str | None:
+        """Why star's Phase 1 blocks cannot be replayed as CUDA graphs with these settings (None: they can, on a GPU):
+        a graph replays fixed buffers, which a block reads only where its host holds every block and the anchor is its
+        own first rows."""
+        reasons = (
+            (self.attention != "star", f"--model.attention is {self.attention} (one forward, no blocks)"),
+            (self.hosts != 1, f"the context-parallel group has {self.hosts} hosts (the anchor comes from host 0)"),
+            (self.simulated_hosts != 1, f"--model.simulate_hosts {self.simulated_hosts} plays several hosts"),
+            (self.anchor_query, "--model.anchor_query true puts each request's query in the anchor"),
+            (self.passing_tokens > 0, "--model.passing_tokens exchanges tokens between hosts"),
+            (self.tensor_parallel_size * self.gpus_per_host > 1, "the model is spread over several GPUs"),
+        )
+        return next((reason for blocked, reason in reasons if blocked), None)
 
     def with_hosts(self, hosts: int, tensor_parallel_size: int = 1, gpus_per_host: int = 1) -> StarSettings:
         """The same settings on a group of ``hosts`` hosts (validated: dense and played hosts need one)."""
@@ -236,7 +263,7 @@ _RENAMED = {"anchor": "use_anchor", "simulate_hosts": "simulated_hosts"}
 _FIELDS = (
     "attention", "block_size", "anchor_block_size", "anchor", "anchor_source", "ring_layout", "anchor_query",
     "anchor_query_positions", "passing_tokens", "passing_selection", "passing_pool_kernel", "simulate_hosts",
-    "backend", "decode", "max_new_tokens",
+    "backend", "decode", "prefill", "max_new_tokens",
 )  # fmt: skip
 
 

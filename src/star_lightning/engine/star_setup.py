@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from star_lightning.attention.anchor import AnchorPrefix, BroadcastAnchor, KeptAnchor, ReceivedAnchor
+from star_lightning.attention.anchor import AnchorPrefix, BroadcastAnchor, KeptAnchor, ReceivedAnchor, StoredAnchor
 from star_lightning.attention.kernels import KernelChoice
 from star_lightning.attention.passing import SELECTION_WINDOW, PassingExchange, PassingSettings
 from star_lightning.attention.step import BlockRows, ForwardStep
@@ -65,7 +65,7 @@ def anchor_prefix(
 class StarRun:
     """One host's Phase 1 set-up: its blocks, the anchor prefix, the step every block's forward starts from, and
     where its blocks get the prefix's K/V (``sink``: the forward computing them hands them here; ``received``: from
-    host 0's broadcast)."""
+    host 0's broadcast; ``stored``: the first positions of this host's own store)."""
 
     context_ids: Tensor
     plan: BlockPlan
@@ -76,6 +76,7 @@ class StarRun:
     exchange: PassingExchange | None = None
     sink: KeptAnchor | None = None
     received: ReceivedAnchor | None = None
+    stored: StoredAnchor | None = None
 
     @property
     def selection(self) -> tuple[int, int] | None:
@@ -83,6 +84,8 @@ class StarRun:
 
     @property
     def anchor(self) -> AnchorPrefix | None:
+        if self.stored is not None:
+            return self.stored
         return self.received if self.received is not None else self.sink
 
     @property
@@ -153,7 +156,10 @@ def _anchor_source(model: nn.Module, run: StarRun, group: ContextGroup) -> None:
     layers, prefix = num_layers(model), run.prefix
     positions = prefix.positions[0]  # [P]
     broadcast = run.anchor_source == "broadcast" and group.size > 1
-    if run.blocks and run.blocks[0].index == 0:
+    if run.blocks and run.blocks[0].index == 0 and not broadcast and not prefix.query and run.exchange is None:
+        assert run.base.store is not None
+        run.stored = StoredAnchor(run.base.store, prefix.length)  # the first block's own rows: nothing kept apart
+    elif run.blocks and run.blocks[0].index == 0:
         run.sink = (
             BroadcastAnchor(layers, prefix.length, group, positions)
             if broadcast

@@ -1,9 +1,17 @@
-"""Phase 2 decoding with static shapes, captured once as a CUDA graph (or compiled) and replayed per token."""
+"""Phase 2 decoding with static shapes, captured once as a CUDA graph (or compiled) and replayed per token.
+
+A step is captured over a store's buffers and kept with them (:attr:`star_lightning.cache.StoreBuffers.graphs`): the
+next request whose store gets the same buffers from the engine's pool (:class:`star_lightning.cache.StorePool`), or
+the next query over a kept context, replays it without a capture.
+"""
 
 from __future__ import annotations
 
 import time
 import warnings
+import weakref
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +29,9 @@ class StaticDecoder:
     The token, its position, the cache slot and the valid length live in device tensors that are set before each
     step, so the step can be captured once as a CUDA graph (collectives included) and replayed per token. The
     capture's warm-up runs the first real step (its cache write is idempotent: same token, same slot).
+
+    The decoder holds the store it serves weakly (:meth:`begin_request` points it at the request's store): it is kept
+    with the store's buffers, which outlive the store in the engine's pool, and must not keep the store alive.
     """
 
     def __init__(
@@ -34,7 +45,8 @@ class StaticDecoder:
         compile: bool = False,
     ) -> None:
         self.kernels = kernels
-        self.model, self.store, self.group = model, store, group
+        self.model, self.group = model, group
+        self.store: KVStore = weakref.proxy(store)
         self.use_graph = graph and kernels.graph_failure is None  # this engine's captures failed before: none
         self.forward = kernels.compiled_forward(model) if compile else model
         device = store.device
@@ -49,7 +61,7 @@ class StaticDecoder:
             phase="query",
             group=group,
             kernels=kernels,
-            store=store,
+            store=self.store,
             keep_new=self.keep_new,
             static=self.slot,
             last_position=last_position,
@@ -62,15 +74,38 @@ class StaticDecoder:
         self.requested = ("compile" if compile else "graph") if graph else "static"
         self.mode = self.requested if self.use_graph or not graph else "static"
         """The mode it decodes in: ``static`` where a graph was asked for but cannot be captured."""
-        self.capacity = store.capacity  # the buffers the graph was captured on: valid while the store keeps them
 
-    def serves(self, store: KVStore, group: ContextGroup, mode: str) -> bool:
-        """Whether this step, as captured, is right for a request over ``store`` (a kept context's next query)."""
-        same = store is self.store and group is self.group and mode == self.requested
-        return same and store.capacity == self.capacity
+    @staticmethod
+    def key(group: ContextGroup, mode: str, last_position: int) -> tuple[Any, ...]:
+        """What a step kept with a store's buffers was captured for, besides the buffers."""
+        return ("decode", id(group), mode, last_position)
 
-    def begin_request(self) -> None:
-        """Per-request figures start at zero; a graph captured for an earlier request is replayed as it is."""
+    @classmethod
+    def over(
+        cls,
+        model: nn.Module,
+        store: KVStore,
+        group: ContextGroup,
+        kernels: KernelChoice,
+        last_position: int,
+        mode: str,
+    ) -> StaticDecoder:
+        """The step kept with ``store``'s buffers for this group, mode and last position, else a new one kept there;
+        pointed at ``store`` for this request."""
+        key = cls.key(group, mode, last_position)
+        decoder = store.allocation.graphs.get(key)
+        if not isinstance(decoder, StaticDecoder) or decoder.group is not group or decoder.model is not model:
+            graph, compiled = mode in ("graph", "compile"), mode == "compile"
+            decoder = cls(model, store, group, kernels, last_position, graph=graph, compile=compiled)
+            store.allocation.graphs[key] = decoder
+        decoder.begin_request(store)
+        return decoder
+
+    def begin_request(self, store: KVStore) -> None:
+        """Serve ``store`` (whose buffers the step was made over); per-request figures start at zero; a graph captured
+        for an earlier request is replayed as it is."""
+        self.store = weakref.proxy(store)
+        self.step = replace(self.step, store=self.store)
         self.setup_s = 0.0
         self.replays = 0
 
