@@ -20,6 +20,7 @@ generated tokens of ``scripts/benchmark.py``'s records, to compare with them).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens (default: the task's)")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     p.add_argument("--predict-args", default="", help="more predict options, one string (e.g. '--model.decode graph')")
+    p.add_argument("--variant", action="append", default=[], help="LABEL='predict options': run every model, "
+                   "length and attention once more with these options (repeat; the records say which)")  # fmt: skip
     p.add_argument("--work-dir", default="cli_throughput_runs", help="request files, predictions, logs")
     p.add_argument("--out", default="benchmarks/cli_throughput.json")
     p.add_argument("--append", action="store_true", help="keep the records already in --out (others replaced)")
@@ -50,6 +53,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--make-llama-8b", default=None, help="write the random-weight 8B model into this folder, then exit")
     p.add_argument("--tokenizer", default=None, help="with --make-llama-8b: whose tokenizer the model gets")
     return p.parse_args(argv)
+
+
+def _key(record: dict[str, Any]) -> tuple[Any, ...]:
+    return record["model"], record["attention"], record["seq_len"], record.get("variant", "")
+
+
+def _variant(spec: str) -> tuple[str, str]:
+    label, equals, options = spec.partition("=")
+    if not equals or not label or not label.replace("-", "").replace("_", "").isalnum():
+        raise SystemExit(f"--variant {spec!r}: expected LABEL='predict options', e.g. eager='--model.prefill eager'")
+    return label, options
 
 
 def _cli(*args: str) -> list[str]:
@@ -82,8 +96,10 @@ def _generate(path: str, length: int, args: argparse.Namespace, folder: Path) ->
     return data
 
 
-def _predict(path: str, attention: str, length: int, data: Path, args: argparse.Namespace, folder: Path) -> tuple:
-    run = folder / f"{attention}_{length}"
+def _predict(
+    path: str, attention: str, length: int, data: Path, args: argparse.Namespace, folder: Path, variant: tuple[str, str]
+) -> tuple:
+    run = folder / "_".join(part for part in (attention, str(length), variant[0]) if part)
     run.mkdir(parents=True, exist_ok=True)
     options = ["--model.attention", attention, "--model.block_size", str(max(1, length // 4))]
     if path:
@@ -93,7 +109,7 @@ def _predict(path: str, attention: str, length: int, data: Path, args: argparse.
     devices = ["--trainer.accelerator", args.device, "--trainer.devices", "1"]
     command = _cli("predict", *options, *devices, "--data.path", str(data), "--data.on_too_long", "skip", "--output",
                    str(run / "predictions.jsonl"), "--overwrite", "true", "--trainer.enable_progress_bar", "false",
-                   *args.predict_args.split())  # fmt: skip
+                   *args.predict_args.split(), *variant[1].split())  # fmt: skip
     code, launched, ended = _run(command, run / "predict.log", args.timeout, run)
     logs = sorted((run / "lightning_logs" / "predict").glob("version_*"))
     requests = throughput.read_requests(logs[-1]) if logs else []
@@ -129,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     old = json.loads(out.read_text())["records"] if args.append and out.is_file() else []
     records: list[dict[str, Any]] = list(old)
     gpu = throughput.device_gpu(args.device)
+    variants = [_variant(spec) for spec in args.variant] or [("", "")]
     for spec in args.model:
         name, _, path = spec.partition("=")
         config = throughput.model_config(path)
@@ -140,18 +157,20 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(args.work_dir).resolve() / name
             folder.mkdir(parents=True, exist_ok=True)
             data = _generate(path, length, args, folder)
-            for attention in args.attention:
-                code, summary, requests = _predict(path, attention, length, data, args, folder)
-                floor = None
+            for attention, variant in itertools.product(args.attention, variants):
+                code, summary, requests = _predict(path, attention, length, data, args, folder, variant)
+                floors: tuple[float | None, float | None] = (None, None)
                 if requests:
                     context, new = throughput.median_request(requests)
-                    floor = throughput.compute_floor_s(config, attention, context, new, max(1, length // 4), gpu)
-                record = throughput.record(name, attention, length, summary, floor, gpu.name)
-                key = (name, attention, length)
-                records = [r for r in records if (r["model"], r["attention"], r["seq_len"]) != key]
+                    block = max(1, length // 4)
+                    floors = (throughput.compute_floor_s(config, attention, context, new, block, gpu),
+                              throughput.phase1_floor_s(config, attention, context, block, gpu))  # fmt: skip
+                record = throughput.record(name, attention, length, summary, floors, gpu.name, variant)
+                key = (name, attention, length, variant[0])
+                records = [r for r in records if _key(r) != key]
                 records.append(record)
                 _write(out, records, args)
-                status = "" if code == 0 else f" (exit {code}: see {folder / f'{attention}_{length}' / 'predict.log'})"
+                status = "" if code == 0 else f" (exit {code}: see the predict.log under {folder})"
                 print(json.dumps(record) + status, flush=True)
     return 0
 

@@ -25,7 +25,7 @@ def test_the_script_writes_one_record_per_run_with_exactly_the_fields(tmp_path: 
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, str(REPO / "scripts" / "cli_throughput.py"), "--model", "tiny=", "--device", "cpu",
                "--lengths", "1024", "40000000", "--requests", "2", "--max-new-tokens", "4", "--work-dir",
-               str(tmp_path / "runs"), "--out", str(out)]  # fmt: skip
+               str(tmp_path / "runs"), "--out", str(out), "--variant", "eager=--model.prefill eager"]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "beyond what it can place" in result.stdout  # 40M tokens: more than the shipped model places
@@ -38,6 +38,8 @@ def test_the_script_writes_one_record_per_run_with_exactly_the_fields(tmp_path: 
     for record in records:
         assert tuple(record) == throughput.RECORD_FIELDS
         assert record["requests"] == 2 and record["gpu"] and record["compute_floor_s"] is None  # no rates on CPU
+        assert record["phase1_floor_s"] is None and record["new_tokens"] > 0 and record["query_s"] > 0
+        assert (record["variant"], record["predict_args"]) == ("eager", "--model.prefill eager")
         assert 0 < record["startup_s"] < record["wall_s"]
         assert 0 < record["phase1_s"] <= record["per_request_s"] < record["wall_s"]
         assert record["decode_ms_per_token"] > 0
@@ -56,6 +58,7 @@ def test_the_summary_reads_the_scalars_as_the_run_wrote_them() -> None:
     assert summary["startup_s"] == pytest.approx(10.0 - 1.0)
     assert summary["per_request_s"] == pytest.approx(1.5)
     assert summary["phase1_s"] == pytest.approx(0.5) and summary["decode_ms_per_token"] == pytest.approx(30.0)
+    assert summary["decode_setup_s"] == pytest.approx(0.15) and summary["query_s"] == pytest.approx(0.1)
 
 
 def test_the_floor_counts_windows_within_their_reach() -> None:
@@ -74,3 +77,4 @@ def test_the_floor_counts_windows_within_their_reach() -> None:
     star = throughput.compute_floor_s(plain, "star", 8192, 1, 2048, gpu)
     assert star is not None and star < full  # blocks after an anchor see less than the whole causal context
     assert throughput.compute_floor_s(plain, "dense", 8192, 9, 2048, gpu) > full  # decode steps add their bytes
+    assert throughput.phase1_floor_s(plain, "dense", 8192, 2048, gpu) == pytest.approx(full)  # one token: no step

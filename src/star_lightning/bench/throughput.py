@@ -9,10 +9,12 @@ with TensorBoard's own reader. What the process costs as a whole is its wall tim
   ends; its own phases, ``phase1_s + query_s + decode_setup_s + decode_s``, are taken off);
 - ``per_request_s``: the median time between two requests' scalars: everything a request costs in steady state
   (tokenization, the phases, writing its prediction);
-- ``phase1_s``, ``decode_ms_per_token``: the medians of the requests' own figures;
+- ``phase1_s``, ``query_s``, ``decode_setup_s``, ``decode_ms_per_token``, ``new_tokens``: the medians of the
+  requests' own figures;
 - ``compute_floor_s``: one median request's FLOPs over the measured matmul rate plus its decode bytes over the copy
   rate (:mod:`star_lightning.plan`'s shapes, forwards, costs and rates), counting a sliding-window layer's keys
-  only within its window (None without rates: on a CPU);
+  only within its window (None without rates: on a CPU); ``phase1_floor_s``: its Phase 1 part;
+- ``variant``: the label of the run's extra ``predict`` options (``predict_args``), "" for none;
 - ``gpu``: the device's name.
 """
 
@@ -33,14 +35,20 @@ from star_lightning.plan.hosts import assign
 RECORD_FIELDS = (
     "model",
     "attention",
+    "variant",
+    "predict_args",
     "seq_len",
     "requests",
     "wall_s",
     "startup_s",
     "per_request_s",
     "phase1_s",
+    "query_s",
+    "decode_setup_s",
     "decode_ms_per_token",
+    "new_tokens",
     "compute_floor_s",
+    "phase1_floor_s",
     "gpu",
 )
 
@@ -87,7 +95,7 @@ def summarize(requests: list[RequestScalars], launched_at: float, ended_at: floa
     launched at ``launched_at`` and ended at ``ended_at`` (seconds since the epoch)."""
     summary: dict[str, Any] = {"requests": len(requests), "wall_s": ended_at - launched_at}
     if not requests:
-        return {**summary, "startup_s": None, "per_request_s": None, "phase1_s": None, "decode_ms_per_token": None}
+        return summary
     first = requests[0]
     intervals = [b.wall_time - a.wall_time for a, b in itertools.pairwise(requests)]
     decode = [1000.0 / r.values["decode_tokens_per_s"] for r in requests if r.values.get("decode_tokens_per_s", 0) > 0]
@@ -96,7 +104,10 @@ def summarize(requests: list[RequestScalars], launched_at: float, ended_at: floa
         "startup_s": first.wall_time - launched_at - _engine_seconds(first),
         "per_request_s": _median(intervals) if intervals else _engine_seconds(first),
         "phase1_s": _median([r.values.get("phase1_s", 0.0) for r in requests]),
+        "query_s": _median([r.values.get("query_s", 0.0) for r in requests]),
+        "decode_setup_s": _median([r.values.get("decode_setup_s", 0.0) for r in requests]),
         "decode_ms_per_token": _median(decode),
+        "new_tokens": _median([r.values.get("new_tokens", 0.0) for r in requests]),
     }
 
 
@@ -135,10 +146,25 @@ def compute_floor_s(
     gpu: GpuSpec,
     dtype: str = "bfloat16",
 ) -> float | None:
-    """One request's floor on ``gpu``: Phase 1's FLOPs (the forwards the plan assigns one host) over the matmul rate,
-    plus each decode step's bytes (the weights, the keys in reach) over the copy rate. A sliding-window layer's pairs
-    are counted within each forward's own tokens and its window (so the floor stays a lower bound)."""
-    if gpu.matmul_flops is None or gpu.copy_bytes_per_s is None:
+    """One request's floor on ``gpu``: Phase 1's FLOPs (the forwards the plan assigns one host) over the matmul rate
+    (:func:`phase1_floor_s`), plus each decode step's bytes (the weights, the keys in reach) over the copy rate."""
+    phase1 = phase1_floor_s(config, attention, context_tokens, block_size, gpu, dtype)
+    if phase1 is None or gpu.copy_bytes_per_s is None:
+        return None
+    shape = ModelShape.from_config(config, dtype)
+    windowed, window = window_layers(config)
+    reach = (shape.layers - windowed) * context_tokens + windowed * min(context_tokens, window or context_tokens)
+    step_bytes = shape.decode_weight_bytes + shape.kv_bytes_per_token_layer * reach
+    return phase1 + max(0, new_tokens - 1) * step_bytes / gpu.copy_bytes_per_s
+
+
+def phase1_floor_s(
+    config: Any, attention: str, context_tokens: int, block_size: int, gpu: GpuSpec, dtype: str = "bfloat16"
+) -> float | None:
+    """Phase 1's floor on ``gpu``: the FLOPs of the forwards the plan assigns one host over the matmul rate. A
+    sliding-window layer's pairs are counted within each forward's own tokens and its window (so the floor stays a
+    lower bound)."""
+    if gpu.matmul_flops is None:
         return None
     shape = ModelShape.from_config(config, dtype)
     windowed, window = window_layers(config)
@@ -151,17 +177,22 @@ def compute_floor_s(
         window_pairs = _windowed_pairs(forward.tokens, window) if window else 0
         flops += linear_flops(shape, forward.tokens)
         flops += attention_flops(shape, global_layers * forward.pairs + windowed * window_pairs) / shape.layers
-    reach = global_layers * context_tokens + windowed * min(context_tokens, window or context_tokens)
-    step_bytes = shape.decode_weight_bytes + shape.kv_bytes_per_token_layer * reach
-    return flops / gpu.matmul_flops + max(0, new_tokens - 1) * step_bytes / gpu.copy_bytes_per_s
+    return flops / gpu.matmul_flops
 
 
 def record(
-    model: str, attention: str, seq_len: int, summary: dict[str, Any], floor: float | None, gpu: str
+    model: str,
+    attention: str,
+    seq_len: int,
+    summary: dict[str, Any],
+    floors: tuple[float | None, float | None],
+    gpu: str,
+    variant: tuple[str, str] = ("", ""),
 ) -> dict[str, Any]:
-    """One record with exactly :data:`RECORD_FIELDS`."""
-    values = {"model": model, "attention": attention, "seq_len": seq_len, **summary, "compute_floor_s": floor}
-    values["gpu"] = gpu
+    """One record with exactly :data:`RECORD_FIELDS`; ``floors``: the request's and its Phase 1's; ``variant``: the
+    label and the extra ``predict`` options."""
+    values = {"model": model, "attention": attention, "seq_len": seq_len, **summary, "gpu": gpu}
+    values.update(compute_floor_s=floors[0], phase1_floor_s=floors[1], variant=variant[0], predict_args=variant[1])
     return {name: values.get(name) for name in RECORD_FIELDS}
 
 
