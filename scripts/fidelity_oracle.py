@@ -46,7 +46,8 @@ from star_lightning.bench.oracle import GenerationSettings, register_oracle_atte
 from star_lightning.bench.oracle_cells import DEFAULT_CELLS, Cell, Request, parse_cell, run_request
 from star_lightning.bench.oracle_costs import extra_cost, llama_8b_scale
 from star_lightning.bench.scoring import metric_for
-from star_lightning.models import load_model, load_tokenizer, model_fingerprint, resolve_dtype
+from star_lightning.bench.throughput import window_layers
+from star_lightning.models import load_config, load_model, load_tokenizer, model_fingerprint, resolve_dtype
 from star_lightning.partition import plan_blocks
 from star_lightning.tokens import context_ids, query_ids
 
@@ -59,6 +60,17 @@ QUALIFY_SHARE, QUALIFY_EXTRA, QUALIFY_N = 0.95, 0.50, 100
 def fail(message: str) -> None:
     print(f"fidelity_oracle: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def masked_attention(config: Any) -> str | None:
+    """What of the model's attention the oracle cannot replay (sliding windows, soft-capped logits), or None."""
+    windowed, window = window_layers(config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if windowed:
+        return f"sliding-window attention ({windowed} layers of window {window})"
+    if getattr(text, "attn_logit_softcapping", None):
+        return f"soft-capped attention logits ({text.attn_logit_softcapping})"
+    return None
 
 
 def sha256(path: Path) -> str:
@@ -233,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.length < 2 * args.block_divisor:
         fail(f"--length {args.length} is too short for blocks of L/{args.block_divisor}")
     model_path = args.model or default_model_path()
+    masked = masked_attention(load_config(str(model_path)))
+    if masked:
+        fail(f"{model_path} has {masked}, which the oracle's masked forward does not model; run it on a model with "
+             "global attention only (Qwen2.5, Llama, SmolLM2)")  # fmt: skip
     name = "tiny_lm" if args.model is None else model_path.stem
     work = args.work or Path("outputs/oracle") / f"{name}_{args.length}"
     out = args.out or Path("benchmarks/frontier") / f"{name}_{args.length}"

@@ -205,3 +205,24 @@ def test_the_script_resumes_without_redoing_cells(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as stopped:
         script.main([*common, "--block-divisor", "4"])
     assert stopped.value.code == 2
+
+
+def test_a_model_with_windows_or_soft_caps_is_refused_before_its_weights(tmp_path, capsys):
+    """The oracle's masked forward models global attention only: a Gemma-like model is one line, exit 2, before any
+    request file or weights (a folder holding only its config)."""
+    from model_zoo import tiny_config
+
+    script = _script()
+    for family, overrides, named in (
+        ("gemma3", {"sliding_window": 16}, "sliding-window attention (1 layers of"),
+        ("gemma2", {"sliding_window": None}, "soft-capped attention logits (5.0)"),
+    ):
+        folder = tmp_path / family
+        tiny_config(family, **overrides).save_pretrained(folder)
+        with pytest.raises(SystemExit) as stopped:
+            script.main(["--model", str(folder), "--length", "1024", "--work", str(tmp_path / "w"), "--out",
+                         str(tmp_path / "f")])  # fmt: skip
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and named in err[0], err
+    assert not (tmp_path / "w").exists()

@@ -116,6 +116,8 @@ def test_auto_replays_only_where_every_block_is_on_one_gpu() -> None:
     cpu, gpu = [torch.device("cpu")], [torch.device("cuda", 0)]
     assert resolve_prefill_mode(StarSettings(), cpu) == "eager"
     assert resolve_prefill_mode(StarSettings(), gpu) == "graph"
+    assert resolve_prefill_mode(StarSettings(block_size=32768), gpu) == "eager"  # compute-bound: nothing to win
+    assert resolve_prefill_mode(StarSettings(block_size=32768, prefill="graph"), gpu) == "graph"
     assert resolve_prefill_mode(StarSettings(anchor_query=True), gpu) == "eager"
     assert resolve_prefill_mode(StarSettings(simulated_hosts=2), gpu) == "eager"
     assert resolve_prefill_mode(StarSettings(prefill="eager"), gpu) == "eager"
@@ -139,7 +141,7 @@ def test_a_replayed_phase1_equals_the_uncaptured_one(family: str) -> None:
             query = random_tokens(5, seed=20 + seed).cuda()
             runs = []
             for kernels, prefill in ((graphed, "graph"), (eager, "eager")):
-                star = StarSettings(block_size=64, prefill=prefill)
+                star = StarSettings(block_size=64, prefill=prefill, decode="graph")
                 runs.append(generate(model, context, query, SingleHostGroup(), star, settings, kernels=kernels))
             assert runs[0].token_ids == runs[1].token_ids
             for layer in range(model.config.num_hidden_layers):

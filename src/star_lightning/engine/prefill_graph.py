@@ -46,14 +46,20 @@ class BlockGraph:
     stored: int
 
 
+AUTO_MAX_BLOCK = 8192
+"""``auto`` replays blocks up to this many tokens: beyond, a block's forward is compute-bound (nothing to win), and a
+captured windowed call, which takes ``math`` (FlexAttention is not captured), would hold its whole mask."""
+
+
 def resolve_prefill_mode(star: StarSettings, devices: list[torch.device]) -> str:
-    """``auto``: ``graph`` on one GPU where the settings allow it (:meth:`StarSettings.prefill_graph_blocker`),
-    ``eager`` else; ``graph`` needs one GPU."""
+    """``auto``: ``graph`` on one GPU where the settings allow it (:meth:`StarSettings.prefill_graph_blocker`) and
+    blocks are at most :data:`AUTO_MAX_BLOCK` tokens, ``eager`` else; ``graph`` needs one GPU."""
     on_one_gpu = len(devices) == 1 and devices[0].type == "cuda"
     if star.prefill == "graph" and not on_one_gpu:
         raise ValueError("--model.prefill graph captures CUDA graphs on one GPU; use --model.prefill auto or eager")
     if star.prefill == "auto":
-        return "graph" if on_one_gpu and star.prefill_graph_blocker() is None else "eager"
+        small = star.block_size <= AUTO_MAX_BLOCK
+        return "graph" if on_one_gpu and small and star.prefill_graph_blocker() is None else "eager"
     return star.prefill
 
 
