@@ -12,7 +12,7 @@ line in one list, and cannot be forgotten. Resolved before they are recorded: ``
 is bfloat16 on GPUs, float32 on CPUs). Deciding settings from elsewhere: ``--trainer.precision`` and the request
 file's bytes (``requests``). Never deciding: devices,
 nodes, hosts (``context_parallel_size``, exact for a fixed block size), ``gpus_per_host``, timeouts, kernels,
-decode modes, logging, the profiler, ``--data.limit`` and ``--data.on_too_long`` (they choose which requests run,
+decode and prefill modes, logging, the profiler, ``--data.limit`` and ``--data.on_too_long`` (they choose which requests run,
 not what a request predicts). Hosts decide once tokens pass between them (``passing_tokens``): then ``hosts`` is
 recorded (the context-parallel size, or the hosts ``simulate_hosts`` plays in one process).
 
@@ -66,6 +66,7 @@ MODEL_OPTIONS_THAT_DO_NOT = (
     "reuse_context",  # a kept context answers exactly as a re-encoded one
     "backend",
     "decode",
+    "prefill",  # Phase 1 blocks replayed as CUDA graphs: the same kernels on the same inputs
 )
 # ``anchor_query_form``: with ``anchor_query``, which text follows the anchor (``question``, ``input_query_stripped``
 # or both for a file that mixes them, :mod:`star_lightning.anchor_text`); older runs put the whole ``input_query``
