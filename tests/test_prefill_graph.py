@@ -8,6 +8,7 @@ import gc
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model_zoo import random_tokens, tiny_model
 from star_lightning.attention.kernels import KernelChoice
@@ -184,3 +185,30 @@ def test_encode_context_on_cpu_runs_blocks_eagerly() -> None:
         encode_context(model, random_tokens(200, seed=0), SingleHostGroup(), StarSettings(block_size=64),
                        extra_capacity=8, kernels=kernels)  # fmt: skip
     assert kernels.prefill_captures == kernels.prefill_replays == 0
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Counts the ops that bring a device value to the host (a sync on a GPU: ``.item()``, ``nonzero``, ...)."""
+
+    SYNCS = ("aten._local_scalar_dense", "aten.nonzero", "aten.equal", "aten.is_nonzero", "aten.item")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if str(func).startswith(self.SYNCS):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("attention", ["star", "dense"])
+def test_phase1_brings_nothing_back_to_the_host(attention: str) -> None:
+    """No host sync anywhere in a one-host Phase 1 (a captured block cannot have one, and an eager one would drain the
+    launch queue at every layer): counted as the ops that would sync on a GPU."""
+    model = _model("llama", dtype=torch.float32)
+    star = StarSettings(attention=attention, block_size=64 if attention == "star" else 300)
+    context = random_tokens(300, seed=0)
+    with torch.no_grad(), _HostSyncs() as syncs:
+        encode_context(model, context, SingleHostGroup(), star, extra_capacity=8)
+    assert syncs.seen == []

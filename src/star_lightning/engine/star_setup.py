@@ -38,6 +38,8 @@ class AnchorPrefixTokens:
     anchor: int
     query: int
     selection: tuple[int, int]
+    last: int
+    """The largest of ``positions`` (known on the host: no device sync)."""
 
     @property
     def length(self) -> int:
@@ -53,12 +55,13 @@ def anchor_prefix(
     if query_ids is None or not anchor:
         window = min(SELECTION_WINDOW, anchor)
         ids, positions = context_ids[:, :anchor], position_ids(0, anchor, device)  # [1, a]
-        return AnchorPrefixTokens(ids, positions, anchor, 0, (anchor - window, anchor))
+        return AnchorPrefixTokens(ids, positions, anchor, 0, (anchor - window, anchor), anchor - 1)
     query = query_ids.shape[1]
     start = anchor if query_positions == "after_anchor" else plan.context_length
     ids = torch.cat([context_ids[:, :anchor], query_ids], dim=1)  # [1, a + q]
     positions = torch.cat([position_ids(0, anchor, device), position_ids(start, start + query, device)], dim=1)
-    return AnchorPrefixTokens(ids, positions, anchor, query, (anchor, anchor + query))
+    last = max(anchor - 1, start + query - 1)
+    return AnchorPrefixTokens(ids, positions, anchor, query, (anchor, anchor + query), last)
 
 
 @dataclass
@@ -141,7 +144,7 @@ def star_run(
         dtype, root = model_dtype_and_device(model)
         shape = (1, *kv_shape(model))  # [B, Hkv, D] of one token
         exchange = PassingExchange(group, passing, num_layers(model), shape, dtype, root)
-    last = max(plan.context_length - 1, int(prefix.positions.max()) if prefix.length else 0)
+    last = max(plan.context_length - 1, prefix.last)
     base = ForwardStep(phase="block", group=group, kernels=kernels, store=store, last_position=last, passing=exchange)
     run = StarRun(context_ids, plan, plan.blocks_of(group.rank), prefix, base, anchor_source, exchange)
     if plan.anchor_length and anchor_source != "block":
