@@ -122,6 +122,9 @@ def test_auto_replays_only_where_every_block_is_on_one_gpu() -> None:
     assert resolve_prefill_mode(StarSettings(anchor_query=True), gpu) == "eager"
     assert resolve_prefill_mode(StarSettings(simulated_hosts=2), gpu) == "eager"
     assert resolve_prefill_mode(StarSettings(prefill="eager"), gpu) == "eager"
+    assert resolve_prefill_mode(StarSettings(), gpu, length_dependent_rope=True) == "eager"
+    with pytest.raises(ValueError, match=r"cannot capture this model's rope"):
+        resolve_prefill_mode(StarSettings(prefill="graph"), gpu, length_dependent_rope=True)
     with pytest.raises(ValueError, match=r"--model\.prefill graph captures CUDA graphs on one GPU"):
         resolve_prefill_mode(StarSettings(prefill="graph"), cpu)
 

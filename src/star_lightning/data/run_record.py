@@ -10,11 +10,11 @@ and :data:`MODEL_OPTIONS_THAT_DO_NOT` (a test holds the lists to the module's si
 line in one list, and cannot be forgotten. Resolved before they are recorded: ``pretrained`` as the model's files
 (``model``, a fingerprint: :func:`star_lightning.models.model_fingerprint`) and ``dtype`` for the device (``auto``
 is bfloat16 on GPUs, float32 on CPUs). Deciding settings from elsewhere: ``--trainer.precision`` and the request
-file's bytes (``requests``). Never deciding: devices,
-nodes, hosts (``context_parallel_size``, exact for a fixed block size), ``gpus_per_host``, timeouts, kernels,
-decode and prefill modes, logging, the profiler, ``--data.limit`` and ``--data.on_too_long`` (they choose which requests run,
-not what a request predicts). Hosts decide once tokens pass between them (``passing_tokens``): then ``hosts`` is
-recorded (the context-parallel size, or the hosts ``simulate_hosts`` plays in one process).
+file's bytes (``requests``). Never deciding: devices, nodes, hosts (``context_parallel_size``, exact for a fixed
+block size), ``gpus_per_host``, timeouts, kernels, decode and prefill modes, logging, the profiler, ``--data.limit``
+and ``--data.on_too_long`` (they choose which requests run, not what a request predicts). Hosts decide once tokens
+pass between them (``passing_tokens``): then ``hosts`` is recorded (the context-parallel size, or the hosts
+``simulate_hosts`` plays in one process).
 
 Settings that cannot matter for the chosen method are recorded as null, so changing them resumes: the block sizes
 and the anchor for ``ring``/``dense`` (exact attention), ``anchor_block_size`` without the anchor, ``top_p`` and

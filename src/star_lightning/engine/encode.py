@@ -34,7 +34,7 @@ from star_lightning.engine.settings import StarSettings
 from star_lightning.parallel.group import ContextGroup
 from star_lightning.parallel.simulated_group import AnchorBoard, SimulatedHostGroup
 from star_lightning.partition import plan_blocks, plan_ring
-from star_lightning.rope import pinned_rope_length
+from star_lightning.rope import length_dependent_rotary_modules, pinned_rope_length
 
 
 def encode_context(
@@ -115,7 +115,7 @@ def encode_on_host(
             model, context_ids, plan, group, store, anchor_source=star.anchor_source, kernels=kernels,
             query_ids=query_ids if star.anchor_query else None, query_positions=star.anchor_query_positions,
             passing=star.passing if star.passing_tokens else None,
-            graphs=resolve_prefill_mode(star, devices) == "graph",
+            graphs=resolve_prefill_mode(star, devices, bool(length_dependent_rotary_modules(model))) == "graph",
         )  # fmt: skip
     synchronize(devices)
     return EncodedContext(key, context_length, local, store=store, phase1_s=time.perf_counter() - t0, phase1_bytes=sent)

@@ -51,14 +51,20 @@ AUTO_MAX_BLOCK = 8192
 captured windowed call, which takes ``math`` (FlexAttention is not captured), would hold its whole mask."""
 
 
-def resolve_prefill_mode(star: StarSettings, devices: list[torch.device]) -> str:
-    """``auto``: ``graph`` on one GPU where the settings allow it (:meth:`StarSettings.prefill_graph_blocker`) and
-    blocks are at most :data:`AUTO_MAX_BLOCK` tokens, ``eager`` else; ``graph`` needs one GPU."""
+def resolve_prefill_mode(star: StarSettings, devices: list[torch.device], length_dependent_rope: bool = False) -> str:
+    """``auto``: ``graph`` on one GPU where the settings allow it (:meth:`StarSettings.prefill_graph_blocker`), blocks
+    are at most :data:`AUTO_MAX_BLOCK` tokens and the rope is static, ``eager`` else; ``graph`` needs one GPU and a
+    static rope (a rope whose frequencies follow the prompt's length recomputes them on the host at every forward)."""
     on_one_gpu = len(devices) == 1 and devices[0].type == "cuda"
     if star.prefill == "graph" and not on_one_gpu:
         raise ValueError("--model.prefill graph captures CUDA graphs on one GPU; use --model.prefill auto or eager")
+    if star.prefill == "graph" and length_dependent_rope:
+        raise ValueError(
+            "--model.prefill graph cannot capture this model's rope (dynamic or longrope scaling recomputes its "
+            "frequencies for every prompt length); use --model.prefill auto or eager"
+        )
     if star.prefill == "auto":
-        small = star.block_size <= AUTO_MAX_BLOCK
+        small = star.block_size <= AUTO_MAX_BLOCK and not length_dependent_rope
         return "graph" if on_one_gpu and small and star.prefill_graph_blocker() is None else "eager"
     return star.prefill
 
