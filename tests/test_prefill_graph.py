@@ -113,7 +113,10 @@ def test_padding_a_block_changes_nothing_before_it(family: str) -> None:
         torch.testing.assert_close(kept[25][layer], kept[0][layer], rtol=1e-12, atol=1e-12)
 
 
-def test_auto_replays_only_where_every_block_is_on_one_gpu() -> None:
+def test_auto_replays_only_where_every_block_is_on_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from star_lightning.engine import prefill_graph
+
+    monkeypatch.setattr(prefill_graph, "AUTO_CAPTURES", True)  # the rule auto follows once it captures
     cpu, gpu = [torch.device("cpu")], [torch.device("cuda", 0)]
     assert resolve_prefill_mode(StarSettings(), cpu) == "eager"
     assert resolve_prefill_mode(StarSettings(), gpu) == "graph"
@@ -127,6 +130,8 @@ def test_auto_replays_only_where_every_block_is_on_one_gpu() -> None:
         resolve_prefill_mode(StarSettings(prefill="graph"), gpu, length_dependent_rope=True)
     with pytest.raises(ValueError, match=r"--model\.prefill graph captures CUDA graphs on one GPU"):
         resolve_prefill_mode(StarSettings(prefill="graph"), cpu)
+    monkeypatch.setattr(prefill_graph, "AUTO_CAPTURES", False)
+    assert resolve_prefill_mode(StarSettings(), gpu) == "eager"
 
 
 @needs_cuda
