@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,7 @@ def run_variant(model: Any, args: argparse.Namespace, star: StarSettings, label:
         profiled = index == args.requests
         profiler = _profiler(device) if profiled else None
         t0 = time.perf_counter()
-        with torch.inference_mode(), profiler if profiler is not None else _nothing():
+        with torch.inference_mode(), profiler if profiler is not None else nullcontext():
             result = generate(model, context, query, SingleHostGroup(), star, settings, kernels=kernels)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -126,14 +127,6 @@ def run_variant(model: Any, args: argparse.Namespace, star: StarSettings, label:
         "capture_s": kernels.prefill_capture_s, "capture_failure": kernels.prefill_failure,
         "stores_reused": kernels.stores.reused,
     }  # fmt: skip
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _profiler(device: torch.device) -> Any:

@@ -107,12 +107,16 @@ class KVStore:
 
     def __init__(self, num_layers: int, capacity: int, pool: StorePool | None = None) -> None:
         self.num_layers = num_layers
-        self.capacity = capacity if pool is None else pool.capacity(capacity)
-        self.allocation = StoreBuffers(num_layers, self.capacity) if pool is None else pool.take(num_layers, capacity)
+        self.allocation = StoreBuffers(num_layers, capacity) if pool is None else pool.take(num_layers, capacity)
         """The buffers this store holds, with the graphs captured over them."""
         self._layers = self.allocation.layers
         if pool is not None:
             weakref.finalize(self, pool.give_back, self.allocation)
+
+    @property
+    def capacity(self) -> int:
+        """Positions each layer's buffers hold (the pool's bucket at or above the capacity asked for)."""
+        return self.allocation.capacity
 
     def _layer(self, layer: int) -> _LayerBuffer:
         buffer = self._layers[layer]
@@ -204,7 +208,7 @@ class KVStore:
         """Room for ``capacity`` positions (a kept context answering a longer query grows its buffers once)."""
         if capacity <= self.capacity:
             return
-        self.capacity = self.allocation.capacity = capacity
+        self.allocation.capacity = capacity
         self.allocation.graphs.clear()  # captured over the old buffers
         for buffer in self._layers:
             if buffer is not None:
