@@ -282,6 +282,9 @@ def load_model(
     if Path(pretrained).is_dir():
         check_weight_files(pretrained)
     source, kwargs = pretrained_source(pretrained)
+    cached = _cached_gguf_weights(pretrained, dtype) if "gguf_file" in kwargs else None
+    if cached is not None:
+        source, kwargs = str(cached), {}
     if "gguf_file" not in kwargs:
         kwargs["use_safetensors"] = True
     kwargs.update(dtype=dtype, trust_remote_code=trust_remote_code)
@@ -293,6 +296,12 @@ def load_model(
         )  # the config read above: a GGUF's metadata is parsed once less (3 s for a 135M model)
     except (OSError, ValueError, SafetensorError) as error:
         raise ConfigurationError(f"could not load model weights from {pretrained!r}: {error}") from None
+    if cached is not None:
+        model.config._name_or_path = pretrained_source(pretrained)[0]  # the GGUF's folder, as load_config says
+    if "gguf_file" in kwargs and len(devices) == 1:  # dequantized on the CPU by transformers: kept for the next load
+        from star_lightning.gguf_cache import save_weights
+
+        save_weights(pretrained, model, _dtype_name(dtype))
     if tensor_parallel is not None:
         from star_lightning.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -302,6 +311,18 @@ def load_model(
     model.eval()
     set_attention(model, attention)
     return model
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _cached_gguf_weights(pretrained: str, dtype: torch.dtype) -> Path | None:
+    """The folder an earlier load saved this GGUF file's weights to, dequantized to ``dtype``
+    (:func:`star_lightning.gguf_cache.save_weights`), or None."""
+    from star_lightning.gguf_cache import weights_folder
+
+    return weights_folder(pretrained, _dtype_name(dtype))
 
 
 def build_model(
