@@ -116,10 +116,15 @@ QWEN = Path(os.environ.get("STAR_LIGHTNING_QWEN_GGUF", "/work/models/qwen2.5-cod
 @pytest.mark.slow
 @pytest.mark.skipif(not QWEN.is_file(), reason=f"no assembled Qwen2.5-Coder-0.5B GGUF at {QWEN} (set "
                     "STAR_LIGHTNING_QWEN_GGUF; scripts/assemble_model.py qwen2.5-coder-0.5b makes it)")  # fmt: skip
-def test_the_assembled_qwen_answers_a_ruler_request_through_predict(tmp_path: Path) -> None:
+def test_the_assembled_qwen_answers_a_ruler_request_through_predict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A 32K-context chat model assembled from its parts: generate with its tokenizer, predict one ~1K-token request
-    with star and the question in the anchor on CPU, and find the needle."""
+    with star and the question in the anchor on CPU, and find the needle. (Loaded once: its dequantized weights, 2.4
+    GB in float32, are not cached; test_gguf_cache tests that cache.)"""
     from star_lightning.cli import main
+
+    monkeypatch.setenv("STAR_LIGHTNING_GGUF_WEIGHTS_CACHE", "0")
 
     requests, out = tmp_path / "req.jsonl", tmp_path / "pred.jsonl"
     assert main(["generate", "--benchmark", "ruler", "--task", "niah_single_1", "--tokenizer", str(QWEN), "--length",
