@@ -113,10 +113,7 @@ def test_padding_a_block_changes_nothing_before_it(family: str) -> None:
         torch.testing.assert_close(kept[25][layer], kept[0][layer], rtol=1e-12, atol=1e-12)
 
 
-def test_auto_replays_only_where_every_block_is_on_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from star_lightning.engine import prefill_graph
-
-    monkeypatch.setattr(prefill_graph, "AUTO_CAPTURES", True)  # the rule auto follows once it captures
+def test_auto_replays_only_where_every_block_is_on_one_gpu() -> None:
     cpu, gpu = [torch.device("cpu")], [torch.device("cuda", 0)]
     assert resolve_prefill_mode(StarSettings(), cpu) == "eager"
     assert resolve_prefill_mode(StarSettings(), gpu) == "graph"
@@ -130,8 +127,6 @@ def test_auto_replays_only_where_every_block_is_on_one_gpu(monkeypatch: pytest.M
         resolve_prefill_mode(StarSettings(prefill="graph"), gpu, length_dependent_rope=True)
     with pytest.raises(ValueError, match=r"--model\.prefill graph captures CUDA graphs on one GPU"):
         resolve_prefill_mode(StarSettings(prefill="graph"), cpu)
-    monkeypatch.setattr(prefill_graph, "AUTO_CAPTURES", False)
-    assert resolve_prefill_mode(StarSettings(), gpu) == "eager"
 
 
 @needs_cuda
@@ -159,7 +154,7 @@ def test_a_replayed_phase1_equals_the_uncaptured_one(family: str) -> None:
                 torch.testing.assert_close(a.view(layer)[0], b.view(layer)[0], rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(a.view(layer)[1], b.view(layer)[1], rtol=1e-5, atol=1e-5)
                 assert torch.equal(a.positions(layer), b.positions(layer))
-            del runs
+            del runs, a, b  # a store kept alive keeps its buffers from the next request
             gc.collect()
     assert graphed.prefill_failure is None
     assert graphed.prefill_captures == 5  # five blocks of 64 (the last padded), captured at the second request
@@ -172,12 +167,12 @@ def test_the_decode_step_captured_for_one_request_replays_for_the_next() -> None
     """The next request's store gets the last one's buffers, and with them its captured decode step: no capture."""
     model = _model("llama", dtype=torch.float32, device="cuda")
     star, settings = StarSettings(block_size=64, decode="graph"), GenerationSettings(max_new_tokens=8)
-    kernels = KernelChoice()
+    kernels, group = KernelChoice(), SingleHostGroup()  # one engine, one group: as a predict process serves
     setups = []
     with torch.no_grad():
         for seed in range(3):
             context, query = random_tokens(200, seed=seed).cuda(), random_tokens(5, seed=30 + seed).cuda()
-            result = generate(model, context, query, SingleHostGroup(), star, settings, kernels=kernels)
+            result = generate(model, context, query, group, star, settings, kernels=kernels)
             fresh = generate(model, context, query, SingleHostGroup(), star, settings)
             assert result.token_ids == fresh.token_ids
             setups.append(result.stats.decode_setup_s)

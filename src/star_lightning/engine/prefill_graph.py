@@ -46,11 +46,6 @@ class BlockGraph:
     stored: int
 
 
-AUTO_CAPTURES = False
-"""Whether ``auto`` captures at all. Off until the GPU tests of a captured Phase 1 (``tests/test_prefill_graph.py``:
-replayed K/V and answers against the uncaptured engine's, four families, windows included) have passed on an H100
-or H200: they were written in a session no GPU machine came to. ``--model.prefill graph`` captures meanwhile."""
-
 AUTO_MAX_BLOCK = 8192
 """``auto`` replays blocks up to this many tokens: beyond, a block's forward is compute-bound (nothing to win), and a
 captured windowed call, which takes ``math`` (FlexAttention is not captured), would hold its whole mask."""
@@ -69,7 +64,7 @@ def resolve_prefill_mode(star: StarSettings, devices: list[torch.device], length
             "frequencies for every prompt length); use --model.prefill auto or eager"
         )
     if star.prefill == "auto":
-        small = AUTO_CAPTURES and star.block_size <= AUTO_MAX_BLOCK and not length_dependent_rope
+        small = star.block_size <= AUTO_MAX_BLOCK and not length_dependent_rope
         return "graph" if on_one_gpu and small and star.prefill_graph_blocker() is None else "eager"
     return star.prefill
 

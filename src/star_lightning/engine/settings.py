@@ -102,9 +102,8 @@ class StarSettings:
     prefill: PrefillMode = "auto"
     """Star's Phase 1 blocks on one host: ``eager`` (one forward per block), ``graph`` (each block's forward captured
     as a CUDA graph the second time its shape comes and replayed from then on, the last block padded to a full one:
-    :mod:`star_lightning.engine.prefill_graph`); ``auto`` is ``eager`` until the captured Phase 1 is measured on a GPU
-    (:data:`~star_lightning.engine.prefill_graph.AUTO_CAPTURES`), then ``graph`` where it applies (one GPU holding
-    every block, no query in the anchor, no passing tokens, a static rope) for blocks of up to 8K tokens."""
+    :mod:`star_lightning.engine.prefill_graph`); ``auto`` is ``graph`` where it applies (one GPU holding every block, no
+    query in the anchor, no passing tokens, a static rope) for blocks of up to 8K tokens, ``eager`` else."""
     max_new_tokens: int = 32
     """The module's budget of generated tokens (a request's own budget may lower it: :class:`GenerationSettings`)."""
     stop_strings: tuple[str, ...] = ()
