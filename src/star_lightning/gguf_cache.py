@@ -152,6 +152,8 @@ def save_weights(path: str | os.PathLike[str], model: Any, dtype_name: str) -> P
     if not all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == dtype for t in tensors):
         return None  # weights kept quantized, or mixed dtypes: nothing to gain, or not the same model on reload
     folder = _weights_folder(Path(path), dtype_name)
+    if weights_folder(path, dtype_name) is not None:
+        return folder  # saved by another process while this one read the file
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging."))
@@ -165,8 +167,10 @@ def save_weights(path: str | os.PathLike[str], model: Any, dtype_name: str) -> P
         save_model(model, str(staging / _WEIGHTS))  # tied weights saved once, as transformers saves them
         manifest = {"config.json": _sha256(staging / "config.json"), _WEIGHTS: (staging / _WEIGHTS).stat().st_size}
         (staging / _COMPLETE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        if weights_folder(path, dtype_name) is not None:
+            return folder  # another process (a rank of the same host) saved them meanwhile: the same tensors
         if folder.exists():
-            shutil.rmtree(folder)  # not whole (the caller found none): replaced
+            shutil.rmtree(folder)  # not whole: cut short on disk, replaced
         os.replace(staging, folder)
     except Exception as error:  # a full disk, a race with another writer: the run goes on, from the file next time
         if not weights_folder(path, dtype_name):
