@@ -5,21 +5,16 @@ assembled model loads through ``predict`` (skipped, with the reason, where the f
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("assemble_model", ROOT / "scripts" / "assemble_model.py")
-assert spec is not None and spec.loader is not None
-assemble_model = importlib.util.module_from_spec(spec)
-sys.modules["assemble_model"] = assemble_model
-spec.loader.exec_module(assemble_model)
+from script_loader import load_script
+
+assemble_model = load_script("assemble_model")
 
 
 def _wheels(directory: Path, parts: list[bytes], name: str = "demo_model") -> list[Path]:

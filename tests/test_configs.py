@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from script_loader import load_script
 from star_lightning.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,12 +15,7 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
 def _make_configs():
-    spec = importlib.util.spec_from_file_location("make_configs", REPO / "scripts" / "make_configs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_configs")
 
 
 def _print_config(capsys: pytest.CaptureFixture[str], *args: str) -> dict:

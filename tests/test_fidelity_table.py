@@ -4,13 +4,12 @@ scorer, intervals and the paired share of dense, the hardest tasks dense can do,
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from script_loader import load_script
 from star_lightning.bench.fidelity import (
     WorkManifest,
     hardest_tasks,
@@ -22,12 +21,7 @@ from star_lightning.bench.fidelity import (
 from star_lightning.bench.intervals import wilson
 from star_lightning.errors import ConfigurationError
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("fidelity_table", ROOT / "scripts" / "fidelity_table.py")
-assert spec is not None and spec.loader is not None
-fidelity_table = importlib.util.module_from_spec(spec)
-sys.modules["fidelity_table"] = fidelity_table
-spec.loader.exec_module(fidelity_table)
+fidelity_table = load_script("fidelity_table")
 
 
 def _predictions(path: Path, rows: list[tuple[str, int, list[str], str]]) -> Path:

@@ -3,14 +3,12 @@ cell at its limit against its reference, the cost model's extras, and the script
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from script_loader import load_script
 from star_lightning.assets import default_model_path
 from star_lightning.bench.oracle import register_oracle_attention, star_mask
 from star_lightning.bench.oracle_cells import Request, encode_cells, parse_cell, run_request
@@ -24,7 +22,6 @@ from star_lightning.parallel.group import SingleHostGroup
 from star_lightning.partition import plan_blocks
 from star_lightning.tokens import context_ids, query_ids
 
-ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 40
 TEXT = (
     "The grass is green. The sky is blue. One of the special magic numbers for quiet-river is: 4817263. "
@@ -167,11 +164,7 @@ def test_bad_cell_names_are_refused():
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("fidelity_oracle", ROOT / "scripts" / "fidelity_oracle.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fidelity_oracle"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fidelity_oracle")
 
 
 def test_the_script_resumes_without_redoing_cells(tmp_path, monkeypatch):

@@ -3,22 +3,16 @@ profiler's table written beside the JSON. Times on CPU mean nothing; the records
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from script_loader import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("profile_request", ROOT / "scripts" / "profile_request.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["profile_request"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("profile_request")
 
 
 def test_the_script_writes_a_record_and_a_table_per_variant(tmp_path: Path) -> None:

@@ -282,9 +282,15 @@ def load_model(
     if Path(pretrained).is_dir():
         check_weight_files(pretrained)
     source, kwargs = pretrained_source(pretrained)
-    cached = _cached_gguf_weights(pretrained, dtype) if "gguf_file" in kwargs else None
+    gguf_dtype = cached = None
+    if "gguf_file" in kwargs:  # dequantized once by an earlier load: read from its safetensors (gguf_cache)
+        from star_lightning.gguf_cache import weights_folder
+        from star_lightning.plan.shape import dtype_name
+
+        gguf_dtype = dtype_name(dtype)
+        cached = weights_folder(pretrained, gguf_dtype)
     if cached is not None:
-        source, kwargs = str(cached), {}
+        gguf_folder, source, kwargs = source, str(cached), {}
     if "gguf_file" not in kwargs:
         kwargs["use_safetensors"] = True
     kwargs.update(dtype=dtype, trust_remote_code=trust_remote_code)
@@ -297,11 +303,11 @@ def load_model(
     except (OSError, ValueError, SafetensorError) as error:
         raise ConfigurationError(f"could not load model weights from {pretrained!r}: {error}") from None
     if cached is not None:
-        model.config._name_or_path = pretrained_source(pretrained)[0]  # the GGUF's folder, as load_config says
-    if "gguf_file" in kwargs and len(devices) == 1:  # dequantized on the CPU by transformers: kept for the next load
+        model.config._name_or_path = gguf_folder  # the GGUF's folder, as load_config says
+    if gguf_dtype is not None and cached is None and len(devices) == 1:  # dequantized from the file: kept
         from star_lightning.gguf_cache import save_weights
 
-        save_weights(pretrained, model, _dtype_name(dtype))
+        save_weights(pretrained, model, gguf_dtype)
     if tensor_parallel is not None:
         from star_lightning.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -311,18 +317,6 @@ def load_model(
     model.eval()
     set_attention(model, attention)
     return model
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _cached_gguf_weights(pretrained: str, dtype: torch.dtype) -> Path | None:
-    """The folder an earlier load saved this GGUF file's weights to, dequantized to ``dtype``
-    (:func:`star_lightning.gguf_cache.save_weights`), or None."""
-    from star_lightning.gguf_cache import weights_folder
-
-    return weights_folder(pretrained, _dtype_name(dtype))
 
 
 def build_model(

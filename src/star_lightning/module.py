@@ -84,10 +84,10 @@ class StarAttentionLM(LightningModule):
             forward per token), static (static shapes, no graph), graph (the static step captured as one CUDA graph
             and replayed per token) or compile (graph of the torch.compile'd step: the model's norms, rotary and
             activations fused).
-        prefill: star's Phase 1 blocks on one GPU: auto (eager until the captured Phase 1 is measured on a GPU;
-            then graph where it applies: one GPU holding every block, no anchor_query, no passing tokens, blocks of up
-            to 8K tokens, a static rope), eager (one forward per block) or graph (each block's forward captured as a
-            CUDA graph the second time its shape comes, then replayed; the last block padded to a full one).
+        prefill: star's Phase 1 blocks on one GPU: auto (graph where it applies: one GPU holding every block, no
+            anchor_query, no passing tokens, blocks of up to 8K tokens, a static rope; eager else), eager (one
+            forward per block) or graph (each block's forward captured as a CUDA graph the second time its shape
+            comes, then replayed; the last block padded to a full one).
         trust_remote_code: allow model code from the hub (off: only transformers' own architectures).
     """
 
