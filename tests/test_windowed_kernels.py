@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from star_lightning.attention import flex, kernels, selector
+from star_lightning.attention.backends import sdpa_masked
 from star_lightning.attention.kernels import KernelChoice, SlidingWindow, attention_with_lse
 
 WINDOW = 24
@@ -238,6 +239,136 @@ def test_compiled_flex_soft_capping_on_cuda_against_float64(cuda_choice) -> None
     ref_out, ref_lse = _explicit(q.cpu(), k.cpu(), v.cpu(), 0.3, torch.arange(100, 300), torch.arange(300), None, 5.0)
     torch.testing.assert_close(out.cpu().double(), ref_out, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(("name", "query_positions", "key_positions", "causal", "valid"), CALLS)
+def test_the_bias_of_the_masked_sdpa_kernel_hides_exactly_what_the_window_rule_hides(
+    name, query_positions, key_positions, causal, valid
+) -> None:
+    """``sdpa_masked`` builds its bias from ``math``'s rules; every pair it hides is one the positional rule (and the
+    valid length) hides, and no other, in any chunk of rows."""
+    q_len, k_len = query_positions.shape[0], key_positions.shape[0]
+    window = SlidingWindow(WINDOW, query_positions, key_positions)
+    valid_length = None if valid is None else torch.tensor([valid], dtype=torch.int32)
+    qp, kp = query_positions[:, None], key_positions[None, :]
+    expected = (kp > qp) | (kp <= qp - WINDOW)
+    if valid is not None:
+        expected |= torch.arange(k_len)[None, :] >= valid
+    whole = sdpa_masked.hidden_pairs(slice(None), q_len, k_len, causal, valid_length, window, torch.device("cpu"))
+    assert torch.equal(whole, expected)
+    cut = q_len // 2
+    halves = [
+        sdpa_masked.hidden_pairs(rows, q_len, k_len, causal, valid_length, window, torch.device("cpu"))
+        for rows in (slice(0, cut), slice(cut, q_len))
+    ]
+    assert torch.equal(torch.cat(halves), expected)
+
+
+def test_a_failing_masked_sdpa_kernel_gives_way_to_math_once() -> None:
+    """A kernel refusal (here: the kernel has no CPU build) warns once, records why on the engine, answers this call
+    exactly on ``math`` and keeps the selector from choosing the kernel again."""
+    query_positions, key_positions = _span(300, 340), torch.cat([_span(0, 48), _span(300, 340)])
+    q, k, v = _qkv(40, 88, dtype=torch.float32, seed=3)
+    window = SlidingWindow(WINDOW, query_positions, key_positions)
+    choice = KernelChoice()
+    choice.chosen["stale"] = sdpa_masked.attention
+    with pytest.warns(UserWarning, match="memory-efficient SDPA kernel failed"):
+        out, lse = sdpa_masked.attention(q, k, v, scale=0.3, causal=False, window=window, kernels=choice)
+    assert choice.masked_sdpa_failure is not None and not choice.chosen
+    ref_out, ref_lse = _explicit(q, k, v, 0.3, query_positions, key_positions, WINDOW)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError):  # without an engine to record it on, the failure is raised
+        sdpa_masked.attention(q, k, v, scale=0.3, causal=False, window=window)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("max_bias", [None, 4096])
+@pytest.mark.parametrize(("name", "query_positions", "key_positions", "causal", "valid"), CALLS)
+def test_masked_sdpa_kernel_on_cuda_against_float64(
+    name, query_positions, key_positions, causal, valid, max_bias, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory-efficient kernel with the mask as a bias, bf16, against float64: rows that see no key give out 0
+    and lse -inf; rows in chunks (a small bias budget) give the same."""
+    if max_bias is not None:
+        monkeypatch.setattr(sdpa_masked, "MAX_BIAS_ELEMENTS", max_bias)
+    q_len, k_len = query_positions.shape[0], key_positions.shape[0]
+    q, k, v = _qkv(q_len, k_len, dtype=torch.bfloat16, seed=len(name), device="cuda")
+    if valid is not None:  # unfilled slots hold finite garbage (the store zeroes its buffers; a bias weighs 0)
+        k[:, :, valid:] = 1e3
+        v[:, :, valid:] = 1e3
+    window = SlidingWindow(WINDOW, query_positions.cuda(), key_positions.cuda())
+    valid_length = None if valid is None else torch.tensor([valid], dtype=torch.int32, device="cuda")
+    out, lse = sdpa_masked.attention(q, k, v, scale=0.3, causal=causal, valid_length=valid_length, window=window)
+    ref_out, ref_lse = _explicit(q.cpu(), k.cpu(), v.cpu(), 0.3, query_positions, key_positions, WINDOW, valid=valid)
+    torch.testing.assert_close(out.cpu().double(), ref_out, rtol=2e-2, atol=2e-2)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    torch.testing.assert_close(lse.cpu().double()[finite], ref_lse[finite], rtol=1e-4, atol=1e-3)
+
+
+SHORT_CALLS = [call for call in CALLS if call[1].shape[0] <= 16] + [
+    ("question in three tiles", _span(660, 700), torch.cat([_span(100, 700), _span(0, 20)]), True, 600),
+    ("no key in reach", _span(1000, 1002), _span(0, 300), False, None),
+]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(("name", "query_positions", "key_positions", "causal", "valid"), SHORT_CALLS)
+def test_windowed_short_queries_take_the_split_kv_kernel_against_float64(
+    name, query_positions, key_positions, causal, valid
+) -> None:
+    """A windowed decode token or short question on CUDA takes the split-KV kernel (the window read by positions on
+    the device), bf16 against float64; a row that sees no key gets out 0 and lse -inf."""
+    q_len, k_len = query_positions.shape[0], key_positions.shape[0]
+    q, k, v = _qkv(q_len, k_len, dtype=torch.bfloat16, seed=len(name), device="cuda")
+    if valid is not None:
+        k[:, :, valid:] = float("nan")  # unwritten slots: the kernel never reads past the valid length
+        v[:, :, valid:] = float("nan")
+    window = SlidingWindow(WINDOW, query_positions.cuda(), key_positions.cuda())
+    valid_length = None if valid is None else torch.tensor([valid], dtype=torch.int32, device="cuda")
+    choice = KernelChoice()
+    assert kernels.resolve_masked_backend(choice, q, window, valid_length, None, k, v) == "triton"
+    out, lse = attention_with_lse(
+        q, k, v, scale=0.3, causal=causal, kernels=choice, valid_length=valid_length, window=window
+    )
+    ref_out, ref_lse = _explicit(q.cpu(), k.cpu(), v.cpu(), 0.3, query_positions, key_positions, WINDOW, valid=valid)
+    torch.testing.assert_close(out.cpu().double(), ref_out, rtol=2e-2, atol=2e-2)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    torch.testing.assert_close(lse.cpu().double()[finite], ref_lse[finite], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_captured_windowed_forward_takes_the_masked_sdpa_kernel_and_replays_new_positions() -> None:
+    """Inside a CUDA graph capture ``auto`` takes ``sdpa_masked`` for a long windowed query (FlexAttention cannot be
+    captured); the graph replayed with other positions and inputs equals ``math`` on them."""
+    q_len, k_len = 300, 348
+    q, k, v = (t.contiguous() for t in _qkv(q_len, k_len, dtype=torch.bfloat16, seed=1, device="cuda"))
+    query_positions = _span(300, 600).cuda()
+    key_positions = torch.cat([_span(0, 48), _span(300, 600)]).cuda()
+    choice = KernelChoice()
+    with torch.no_grad():
+        window = SlidingWindow(WINDOW, query_positions, key_positions)
+        attention_with_lse(q, k, v, scale=0.3, causal=False, kernels=choice, window=window)  # warm-up, uncaptured
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            assert kernels.resolve_masked_backend(choice, q, window) == "sdpa_masked"
+            out, lse = attention_with_lse(q, k, v, scale=0.3, causal=False, kernels=choice, window=window)
+        new_q, new_k, new_v = _qkv(q_len, k_len, dtype=torch.bfloat16, seed=2, device="cuda")
+        q.copy_(new_q), k.copy_(new_k), v.copy_(new_v)
+        query_positions.copy_(_span(40, 340).cuda())  # now partly in reach of the first 48 keys
+        key_positions.copy_(torch.cat([_span(0, 48), _span(40, 340)]).cuda())
+        graph.replay()
+        ref_out, ref_lse = attention_with_lse(
+            q, k, v, scale=0.3, causal=False, kernels=KernelChoice("math"),
+            window=SlidingWindow(WINDOW, query_positions.clone(), key_positions.clone()),
+        )  # fmt: skip
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-3, atol=1e-3)
 
 
 def test_a_block_whose_windows_reach_no_anchor_key_skips_the_anchor_call(monkeypatch: pytest.MonkeyPatch) -> None:

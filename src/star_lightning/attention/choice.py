@@ -49,6 +49,8 @@ class KernelChoice:
     """Whether the flash-attn package is installed (looked up once per engine)."""
     flex: flex.FlexState = field(default_factory=flex.FlexState)
     """FlexAttention's compiled function on this engine, or why it failed."""
+    masked_sdpa_failure: str | None = None
+    """Why the memory-efficient SDPA kernel with a bias failed on this engine (its masked calls then take ``math``)."""
     graph_failure: str | None = None
     """Why capturing a decode step as a CUDA graph failed on this engine (its decoders then run uncaptured)."""
     prefill_failure: str | None = None

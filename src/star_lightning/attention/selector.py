@@ -12,8 +12,9 @@ when it learns something that changes them it forgets them, and the next call of
 The rules (``auto``): on CPU ``sdpa`` (the CPU flash kernel), ``math`` for soft-capped calls, tiles of ``math``
 (``banded``) for windowed ones. On CUDA (fp16/bf16, head dim <= 256): the split-KV kernel for what fits its tiles,
 ``math`` up to 16 query tokens, else flash-attn where installed, else ``prefill`` (cuDNN, falling back to flash);
-windowed and soft-capped calls flash-attn's ``window_size`` where installed and the call allows it, else
-FlexAttention (not while a CUDA graph is captured), else ``math``.
+windowed and soft-capped calls flash-attn's ``window_size`` where installed and the call allows it, else the
+split-KV kernel for windowed short queries, else FlexAttention (not while a CUDA graph is captured), else the
+memory-efficient SDPA kernel with the mask as a bias for long queries without soft-capping, else ``math``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from star_lightning.attention import flex, triton_decode
-from star_lightning.attention.backends import banded, sdpa
+from star_lightning.attention.backends import banded, sdpa, sdpa_masked
 from star_lightning.attention.backends import flash as flash_backend
 from star_lightning.attention.backends import flex as flex_backend
 from star_lightning.attention.backends import math as math_backend
@@ -89,7 +90,7 @@ def shape_class(
     q_len, head_dim, groups = shape[2], shape[3], shape[1] // key.shape[1]
     tiles = groups <= MAX_ROWS and q_len <= MAX_CHUNKS * (MAX_ROWS // groups)
     layout = None
-    if tiles and not masked:
+    if tiles:
         dtype = query.dtype
         layout = (
             key.dtype == dtype == value.dtype
@@ -135,10 +136,12 @@ def _choose(
 ) -> AttentionCall:
     """The rules, applied to the first call of a class; a forced backend that cannot take it is refused by name."""
     if shape.masked:
-        masked = resolve_masked_backend(kernels, query, window, valid_length)
+        masked = resolve_masked_backend(kernels, query, window, valid_length, softcap, key, value)
         masked_backends: dict[str, AttentionCall] = {
             "flash_attn": flash_backend.attention,
+            "triton": split_kv_backend.attention,
             "flex": flex_backend.attention,
+            "sdpa_masked": sdpa_masked.attention,
             "banded": banded.attention,
         }
         return masked_backends.get(masked, math_backend.attention)
@@ -189,22 +192,39 @@ def resolve_backend(
 
 
 def resolve_masked_backend(
-    kernels: KernelChoice, query: Tensor, window: SlidingWindow | None, valid_length: Tensor | None = None
+    kernels: KernelChoice,
+    query: Tensor,
+    window: SlidingWindow | None,
+    valid_length: Tensor | None = None,
+    softcap: float | None = None,
+    key: Tensor | None = None,
+    value: Tensor | None = None,
 ) -> str:
     """The kernel of a windowed or soft-capped call: ``flash_attn`` (its ``window_size``) where installed and the call
-    is a forward attending to itself, ``flex`` on CUDA, tiles of ``math`` (``banded``) for CPU windows, else
-    ``math``. A forced ``math`` or ``flex`` is kept; a forced fused kernel that cannot mask takes ``auto``'s choice."""
+    is a forward attending to itself; the split-KV kernel (``triton``, the window read by positions on the device)
+    for a windowed short query it takes (a decode token, a short question; ``key``/``value`` given); ``flex`` on
+    CUDA; the memory-efficient SDPA kernel with the mask as a bias (``sdpa_masked``) for long queries without
+    soft-capping where FlexAttention cannot run (a CUDA graph being captured, or it failed); tiles of ``math``
+    (``banded``) for CPU windows; else ``math``. A forced ``math`` or ``flex`` is kept; a forced fused kernel that
+    cannot mask takes ``auto``'s choice."""
     if kernels.backend in ("math", "flex"):
         return kernels.backend
     cuda_ok = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
     if cuda_ok and kernels.backend in ("auto", "flash_attn") and kernels.flash_attn and valid_length is None:
         if query.dtype != torch.float32 and query.shape[-1] <= 256 and (window is None or window.aligned):
             return "flash_attn"
+    short_ok = kernels.backend in ("auto", "triton") and kernels.decode == "triton" and softcap is None
+    if short_ok and window is not None and key is not None and value is not None:
+        if triton_decode.supports(query, key, value):
+            return "triton"
     # A CUDA graph cannot capture FlexAttention's call as torch 2.11 builds it (a host-to-device copy; seen on an
-    # H200): a captured decode step's masked calls take ``math`` (one token: one pass over the cache).
+    # H200): a captured forward's long masked calls take ``sdpa_masked``, the rest ``math``.
     capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
     if cuda_ok and flex.available() and kernels.flex.failure is None and not capturing:
         return "flex"
+    long_ok = query.shape[2] > sdpa.SHORT_QUERY and kernels.masked_sdpa_failure is None
+    if long_ok and sdpa_masked.supports(query, softcap):
+        return "sdpa_masked"
     if window is not None and query.device.type == "cpu":
         return "banded"
     return "math"

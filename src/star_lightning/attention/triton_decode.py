@@ -24,6 +24,8 @@ import math
 import torch
 from torch import Tensor
 
+from star_lightning.attention.window import SlidingWindow
+
 _TRITON = importlib.util.find_spec("triton") is not None
 
 if _TRITON:
@@ -31,12 +33,14 @@ if _TRITON:
     import triton.language as tl
 
     # Lengths and counts are not specialised on (a new query length must not compile a new kernel: ~1 s each)
-    @triton.jit(do_not_specialize=["q_len", "rows", "num_splits", "key_shift"])
+    @triton.jit(do_not_specialize=["q_len", "rows", "num_splits", "key_shift", "window"])
     def _split_kv_kernel(
         q_ptr,
         k_ptr,
         v_ptr,
         valid_ptr,
+        qpos_ptr,
+        kpos_ptr,
         out_ptr,
         lse_ptr,
         stride_qb,
@@ -54,8 +58,10 @@ if _TRITON:
         split_len,
         num_splits,
         key_shift,
+        window,
         scale_log2,
         CAUSAL: tl.constexpr,
+        WINDOWED: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -82,6 +88,8 @@ if _TRITON:
             last = valid - q_len + qpos  # last visible key of each row (bottom-right aligned)
         else:
             last = tl.zeros([BLOCK_M], dtype=tl.int32) + valid - 1
+        if WINDOWED:  # a sliding window by true positions: the query at p sees keys at k with p - window < k <= p
+            q_at = tl.load(qpos_ptr + qpos, mask=row_ok, other=0)  # [M]
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -98,6 +106,9 @@ if _TRITON:
             )  # [N, D]
             s = tl.dot(q, tl.trans(k)) * scale_log2  # [M, N], base-2 logits
             visible = (offs_n[None, :] <= last[:, None]) & n_ok[None, :]
+            if WINDOWED:
+                k_at = tl.load(kpos_ptr + offs_n, mask=n_ok, other=0)  # [N]
+                visible = visible & (k_at[None, :] <= q_at[:, None]) & (k_at[None, :] > q_at[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -205,11 +216,20 @@ def num_splits(batch: int, kv_heads: int, capacity: int, device: torch.device) -
 
 
 def split_kv_attention(
-    query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool, valid_length: Tensor | None = None
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    valid_length: Tensor | None = None,
+    window: SlidingWindow | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``query`` ``[B, Hq, Lq, D]`` over the first ``valid_length`` keys of ``key``/``value`` ``[B, Hkv, Lk, D]``.
 
-    ``valid_length`` is a one-element integer tensor on the GPU (no host sync; default: all ``Lk`` keys).
+    ``valid_length`` is a one-element integer tensor on the GPU (no host sync; default: all ``Lk`` keys). With
+    ``window`` a sliding window applies too, by the query's and keys' true positions (read on the device, so a
+    captured step replays new positions); a row that sees no key gets ``out = 0``, ``lse = -inf``.
     Returns ``out`` ``[B, Hq, Lq, D]`` in the query's dtype and ``lse`` ``[B, Hq, Lq]`` float32 (natural log).
     A query of more than one tile of rows runs tile by tile, each chunk of positions seeing its causal prefix.
     """
@@ -221,13 +241,16 @@ def split_kv_attention(
         q_len = query.shape[2]
         chunk = max(1, MAX_ROWS // (query.shape[1] // key.shape[1]))
         if q_len <= chunk:
-            return _split_kv_attention(query, key, value, scale=scale, causal=causal, valid_length=valid_length)
+            return _split_kv_attention(
+                query, key, value, scale=scale, causal=causal, valid_length=valid_length, window=window
+            )
         outs, lses = [], []
         for start in range(0, q_len, chunk):
             stop = min(q_len, start + chunk)
+            part = None if window is None else window.part(slice(start, stop))  # the chunk's query positions
             out, lse = _split_kv_attention(
                 query[:, :, start:stop], key, value, scale=scale, causal=causal, valid_length=valid_length,
-                key_shift=q_len - stop if causal else 0,
+                key_shift=q_len - stop if causal else 0, window=part,
             )  # fmt: skip
             outs.append(out)
             lses.append(lse)
@@ -243,6 +266,7 @@ def _split_kv_attention(
     causal: bool,
     valid_length: Tensor,
     key_shift: int = 0,
+    window: SlidingWindow | None = None,
 ) -> tuple[Tensor, Tensor]:
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, capacity = key.shape[1], key.shape[2]
@@ -258,6 +282,8 @@ def _split_kv_attention(
         key,
         value,
         valid_length,
+        valid_length if window is None else window.query_positions.contiguous(),  # read only when WINDOWED
+        valid_length if window is None else window.key_positions.contiguous(),
         part_out,
         part_lse,
         query.stride(0),
@@ -275,8 +301,10 @@ def _split_kv_attention(
         split_len,
         splits,
         key_shift,
+        0 if window is None else window.size,
         scale * 1.4426950408889634,
         CAUSAL=causal,
+        WINDOWED=window is not None,
         BLOCK_M=block_m,
         BLOCK_N=_BLOCK_N,
         BLOCK_D=block_d,
