@@ -20,6 +20,7 @@ from star_lightning.engine.prefill_graph import resolve_prefill_mode
 from star_lightning.engine.request import generate
 from star_lightning.engine.settings import GenerationSettings, StarSettings
 from star_lightning.engine.star_setup import star_run
+from star_lightning.engine.static_decoder import StaticDecoder
 from star_lightning.models import use_star_attention
 from star_lightning.parallel.group import SingleHostGroup
 from star_lightning.partition import plan_blocks
@@ -162,16 +163,35 @@ def test_a_replayed_phase1_equals_the_uncaptured_one(family: str) -> None:
     assert eager.prefill_captures == eager.prefill_replays == 0
 
 
+def test_a_kept_decode_step_is_keyed_by_what_the_window_decides_not_by_the_exact_length() -> None:
+    """Requests of other lengths replay the step kept with the buffers; only whether a sliding window can cut
+    something (the last position against the window) tells steps apart."""
+    group = SingleHostGroup()
+    plain, windowed = tiny_model("llama"), tiny_model("mistral", sliding_window=8)
+    assert StaticDecoder.key(plain, group, "graph", 300) == StaticDecoder.key(plain, group, "graph", 5)
+    assert StaticDecoder.key(windowed, group, "graph", 300) == StaticDecoder.key(windowed, group, "graph", 250)
+    assert StaticDecoder.key(windowed, group, "graph", 7) != StaticDecoder.key(windowed, group, "graph", 8)
+    assert StaticDecoder.key(plain, group, "graph", 300) != StaticDecoder.key(plain, SingleHostGroup(), "graph", 300)
+    assert StaticDecoder.key(plain, group, "graph", 300) != StaticDecoder.key(plain, group, "compile", 300)
+
+
 @needs_cuda
-def test_the_decode_step_captured_for_one_request_replays_for_the_next() -> None:
-    """The next request's store gets the last one's buffers, and with them its captured decode step: no capture."""
-    model = _model("llama", dtype=torch.float32, device="cuda")
+@pytest.mark.parametrize(
+    ("family", "dtype"), [("llama", torch.float32), ("mistral", torch.float32), ("mistral", torch.bfloat16)]
+)
+def test_the_decode_step_captured_for_one_request_replays_for_the_next(family: str, dtype: torch.dtype) -> None:
+    """The next request's store gets the last one's buffers, and with them its captured decode step: no capture,
+    for contexts of other lengths too, and with a sliding window (mistral, window 8; in bf16 its windowed calls take
+    the split-KV kernel and, in a captured block, sdpa_masked) the same tokens."""
+    model = tiny_model(family, dtype=dtype, **({"sliding_window": 8} if family == "mistral" else {}))
+    use_star_attention(model)
+    model = model.cuda()
     star, settings = StarSettings(block_size=64, decode="graph"), GenerationSettings(max_new_tokens=8)
     kernels, group = KernelChoice(), SingleHostGroup()  # one engine, one group: as a predict process serves
     setups = []
     with torch.no_grad():
-        for seed in range(3):
-            context, query = random_tokens(200, seed=seed).cuda(), random_tokens(5, seed=30 + seed).cuda()
+        for seed, length in enumerate((200, 190, 180)):
+            context, query = random_tokens(length, seed=seed).cuda(), random_tokens(5, seed=30 + seed).cuda()
             result = generate(model, context, query, group, star, settings, kernels=kernels)
             fresh = generate(model, context, query, SingleHostGroup(), star, settings)
             assert result.token_ids == fresh.token_ids
