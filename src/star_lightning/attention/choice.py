@@ -53,6 +53,8 @@ class KernelChoice:
     """Why the memory-efficient SDPA kernel with a bias failed on this engine (its masked calls then take ``math``)."""
     graph_failure: str | None = None
     """Why capturing a decode step as a CUDA graph failed on this engine (its decoders then run uncaptured)."""
+    query_graph_failure: str | None = None
+    """Why capturing a Phase 2 query forward failed on this engine (its queries then run uncaptured)."""
     prefill_failure: str | None = None
     """Why capturing a Phase 1 block as a CUDA graph failed on this engine (its blocks then run uncaptured)."""
     prefill_captures: int = 0

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from star_lightning.attention.kernels import KernelChoice
+from star_lightning.cache import KVStore
 from star_lightning.engine.context import EncodedContext, context_key
 from star_lightning.engine.decode import StopCheck, decode_step, encode_query, resolve_decode_mode, sample_loop
 from star_lightning.engine.encode import encode_context
@@ -33,6 +34,7 @@ from star_lightning.engine.forward import (
 )
 from star_lightning.engine.settings import GenerationSettings, StarSettings
 from star_lightning.engine.static_decoder import StaticDecoder
+from star_lightning.engine.static_query import StaticQuery, padded_rows
 from star_lightning.parallel.group import ContextGroup, is_query_host
 from star_lightning.rope import length_dependent_rotary_modules, pinned_rope_length
 
@@ -118,13 +120,17 @@ def _answer(
         context_tokens=context.context_length, local_context_tokens=context.local_length, query_tokens=query_length
     )
     bytes_before, t0 = group.bytes_moved, time.perf_counter()
+    mode = "eager"
+    if context.store is not None:
+        mode = resolve_decode_mode(star.decode, devices, bool(length_dependent_rotary_modules(model)))
+    captured = mode in ("graph", "compile")
     with phase(PHASE2_QUERY, on_phase):
-        first_logits = _query(model, context, query_ids, group, settings, kernels)
+        first_logits = _query(model, context, query_ids, group, settings, kernels, captured=captured)
         synchronize(devices)
     decoder: StaticDecoder | None = None
     start = context.context_length + query_length
     if context.store is not None:
-        stats.decode_mode, decoder = _decoder(model, context, group, star, settings, kernels, devices)
+        stats.decode_mode, decoder = _decoder(model, context, group, mode, settings, kernels)
         next_logits = _store_step(model, context, group, kernels, decoder, start, query_ids.device)
     else:
         next_logits = _cache_step(model, context, start, query_ids.device)
@@ -147,38 +153,46 @@ def _query(
     group: ContextGroup,
     settings: GenerationSettings,
     kernels: KernelChoice,
+    captured: bool = False,
 ) -> Tensor:
-    """The query over the context: every host's store and the merge (star, ring, dense), or dense's own cache."""
+    """The query over the context: every host's store and the merge (star, ring, dense), or dense's own cache.
+    ``captured``: where the decode step is captured, the query forward is too (padded, :mod:`.static_query`)."""
     if context.store is None:
         assert context.cache is not None
         stop = context.context_length + query_ids.shape[1]
         positions = position_ids(context.context_length, stop, query_ids.device)  # [1, q]
         return dense_forward(model, query_ids, positions, context.cache)
+    store, query_length = context.store, query_ids.shape[1]
+    rows = padded_rows(query_length) if captured else None
     if is_query_host(group):
-        context.store.ensure_capacity(context.local_length + query_ids.shape[1] + settings.max_new_tokens)
-    return encode_query(model, context.store, query_ids, context.context_length, group, kernels)
+        store.ensure_capacity(context.local_length + max(query_length + settings.max_new_tokens, rows or 0))
+    if rows is None:
+        return encode_query(model, store, query_ids, context.context_length, group, kernels)
+    last = _last_position(context, store)
+    return StaticQuery.over(model, store, group, kernels, rows, last, graph=True)(query_ids, context.context_length)
+
+
+def _last_position(context: EncodedContext, store: KVStore) -> int:
+    """The largest position any token over this store can have: a window check made for it holds for every later
+    query a captured step replays for (the store's capacity is fixed while it serves)."""
+    return context.context_length + store.capacity - context.local_length - 1
 
 
 def _decoder(
     model: nn.Module,
     context: EncodedContext,
     group: ContextGroup,
-    star: StarSettings,
+    mode: str,
     settings: GenerationSettings,
     kernels: KernelChoice,
-    devices: list[torch.device],
 ) -> tuple[str, StaticDecoder | None]:
     """The decode mode, and the static step over the context's store (the one kept with its buffers where there is
     one: a kept context's next query, or a request whose store got the pool's buffers)."""
     store = context.store
     assert store is not None
-    mode = resolve_decode_mode(star.decode, devices, bool(length_dependent_rotary_modules(model)))
     if mode == "eager" or settings.max_new_tokens <= 1:
         return mode, None
-    # The largest position any token over this store can have: a window check made for it holds for every later query
-    # the captured step replays for (the store's capacity is fixed while it serves).
-    last = context.context_length + store.capacity - context.local_length - 1
-    return mode, StaticDecoder.over(model, store, group, kernels, last, mode)
+    return mode, StaticDecoder.over(model, store, group, kernels, _last_position(context, store), mode)
 
 
 def _store_step(
