@@ -11,9 +11,9 @@ import torch
 
 from model_zoo import random_tokens, tiny_model
 from star_lightning.attention.kernels import KernelChoice
-from star_lightning.engine.decode import decode_step, encode_query
+from star_lightning.engine.decode import decode_step, encode_query, query_logits
 from star_lightning.engine.encode import encode_context
-from star_lightning.engine.request import _query, generate
+from star_lightning.engine.request import generate
 from star_lightning.engine.settings import GenerationSettings, StarSettings
 from star_lightning.engine.static_query import MAX_ROWS, ROWS, StaticQuery, padded_rows
 from star_lightning.models import use_star_attention
@@ -94,13 +94,13 @@ def test_a_query_that_cannot_be_captured_runs_uncaptured_with_one_warning(monkey
         )  # fmt: skip
         encoded = encode_context(model, context, SingleHostGroup(), star, extra_capacity=64)
         with pytest.warns(UserWarning, match="capturing the query forward as a CUDA graph failed"):
-            logits = _query(model, encoded, query, SingleHostGroup(), settings, kernels, captured=True)
+            logits = query_logits(model, encoded, query, SingleHostGroup(), settings, kernels, captured=True)
         assert kernels.query_graph_failure is not None
         torch.testing.assert_close(logits, reference, rtol=1e-10, atol=1e-10)
         again = encode_context(model, context, SingleHostGroup(), star, extra_capacity=64)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # said once: this engine does not try again
-            _query(model, again, query, SingleHostGroup(), settings, kernels, captured=True)
+            query_logits(model, again, query, SingleHostGroup(), settings, kernels, captured=True)
 
 
 @pytest.mark.gpu

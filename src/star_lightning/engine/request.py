@@ -8,33 +8,35 @@ back to the context, so nothing of the last query remains).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from star_lightning.attention.kernels import KernelChoice
-from star_lightning.cache import KVStore
 from star_lightning.engine.context import EncodedContext, context_key
-from star_lightning.engine.decode import StopCheck, decode_step, encode_query, resolve_decode_mode, sample_loop
+from star_lightning.engine.decode import (
+    StopCheck,
+    cache_step,
+    query_logits,
+    resolve_decode_mode,
+    sample_loop,
+    static_decoder_for,
+    store_step,
+)
 from star_lightning.engine.encode import encode_context
 from star_lightning.engine.forward import (
     PHASE1,
     PHASE2_DECODE,
     PHASE2_QUERY,
     PhaseListener,
-    dense_forward,
     model_devices,
     peak_memory_bytes,
     phase,
-    position_ids,
     reset_peak_memory,
     synchronize,
 )
 from star_lightning.engine.settings import GenerationSettings, StarSettings
 from star_lightning.engine.static_decoder import StaticDecoder
-from star_lightning.engine.static_query import StaticQuery, padded_rows
 from star_lightning.parallel.group import ContextGroup, is_query_host
 from star_lightning.rope import length_dependent_rotary_modules, pinned_rope_length
 
@@ -97,10 +99,6 @@ def answer(
         return _answer(model, context, query_ids, group, star, settings, kernels, stop_check, on_phase)
 
 
-NextLogits = Callable[[int, int], Tensor]
-"""The logits after generated token ``i`` (``token``)."""
-
-
 def _answer(
     model: nn.Module,
     context: EncodedContext,
@@ -125,15 +123,15 @@ def _answer(
         mode = resolve_decode_mode(star.decode, devices, bool(length_dependent_rotary_modules(model)))
     captured = mode in ("graph", "compile")
     with phase(PHASE2_QUERY, on_phase):
-        first_logits = _query(model, context, query_ids, group, settings, kernels, captured=captured)
+        first_logits = query_logits(model, context, query_ids, group, settings, kernels, captured=captured)
         synchronize(devices)
     decoder: StaticDecoder | None = None
     start = context.context_length + query_length
     if context.store is not None:
-        stats.decode_mode, decoder = _decoder(model, context, group, mode, settings, kernels)
-        next_logits = _store_step(model, context, group, kernels, decoder, start, query_ids.device)
+        stats.decode_mode, decoder = static_decoder_for(model, context, group, mode, settings, kernels)
+        next_logits = store_step(model, context, group, kernels, decoder, start, query_ids.device)
     else:
-        next_logits = _cache_step(model, context, start, query_ids.device)
+        next_logits = cache_step(model, context, start, query_ids.device)
     t1 = time.perf_counter()
     with phase(PHASE2_DECODE, on_phase):
         tokens = sample_loop(first_logits, next_logits, group, settings, stop_check)
@@ -144,87 +142,6 @@ def _answer(
     stats.decode_s = time.perf_counter() - t1 - stats.decode_setup_s
     stats.phase2_bytes = group.bytes_moved - bytes_before + (decoder.replayed_bytes if decoder is not None else 0)
     return tokens, stats
-
-
-def _query(
-    model: nn.Module,
-    context: EncodedContext,
-    query_ids: Tensor,
-    group: ContextGroup,
-    settings: GenerationSettings,
-    kernels: KernelChoice,
-    captured: bool = False,
-) -> Tensor:
-    """The query over the context: every host's store and the merge (star, ring, dense), or dense's own cache.
-    ``captured``: where the decode step is captured, the query forward is too (padded, :mod:`.static_query`)."""
-    if context.store is None:
-        assert context.cache is not None
-        stop = context.context_length + query_ids.shape[1]
-        positions = position_ids(context.context_length, stop, query_ids.device)  # [1, q]
-        return dense_forward(model, query_ids, positions, context.cache)
-    store, query_length = context.store, query_ids.shape[1]
-    rows = padded_rows(query_length) if captured else None
-    if is_query_host(group):
-        store.ensure_capacity(context.local_length + max(query_length + settings.max_new_tokens, rows or 0))
-    if rows is None:
-        return encode_query(model, store, query_ids, context.context_length, group, kernels)
-    last = _last_position(context, store)
-    return StaticQuery.over(model, store, group, kernels, rows, last, graph=True)(query_ids, context.context_length)
-
-
-def _last_position(context: EncodedContext, store: KVStore) -> int:
-    """The largest position any token over this store can have: a window check made for it holds for every later
-    query a captured step replays for (the store's capacity is fixed while it serves)."""
-    return context.context_length + store.capacity - context.local_length - 1
-
-
-def _decoder(
-    model: nn.Module,
-    context: EncodedContext,
-    group: ContextGroup,
-    mode: str,
-    settings: GenerationSettings,
-    kernels: KernelChoice,
-) -> tuple[str, StaticDecoder | None]:
-    """The decode mode, and the static step over the context's store (the one kept with its buffers where there is
-    one: a kept context's next query, or a request whose store got the pool's buffers)."""
-    store = context.store
-    assert store is not None
-    if mode == "eager" or settings.max_new_tokens <= 1:
-        return mode, None
-    return mode, StaticDecoder.over(model, store, group, kernels, _last_position(context, store), mode)
-
-
-def _store_step(
-    model: nn.Module,
-    context: EncodedContext,
-    group: ContextGroup,
-    kernels: KernelChoice,
-    decoder: StaticDecoder | None,
-    start: int,
-    device: torch.device,
-) -> NextLogits:
-    store = context.store
-    assert store is not None
-
-    def next_logits(token: int, i: int) -> Tensor:
-        if decoder is not None:
-            return decoder(token, start + i)
-        ids = torch.tensor([[token]], device=device)  # [1, 1]
-        return decode_step(model, store, ids, start + i, group, kernels)
-
-    return next_logits
-
-
-def _cache_step(model: nn.Module, context: EncodedContext, start: int, device: torch.device) -> NextLogits:
-    cache = context.cache
-    assert cache is not None
-
-    def next_logits(token: int, i: int) -> Tensor:
-        ids = torch.tensor([[token]], device=device)  # [1, 1]
-        return dense_forward(model, ids, position_ids(start + i, start + i + 1, device), cache)
-
-    return next_logits
 
 
 def generate(
