@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity_table import MAX_NEW_TOKENS, essays_file, generate_argv, run_cli
 from star_lightning.assets import default_model_path
+from star_lightning.bench.fidelity import table_paths
 from star_lightning.bench.intervals import score_interval, share_of_dense
 from star_lightning.bench.metrics import string_match_all, string_match_part
 from star_lightning.bench.oracle import GenerationSettings, register_oracle_attention
@@ -321,9 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                    anchor=f"block/{args.anchor_divisor}", dtype=dtype_name, device=args.device)  # fmt: skip
     title = (f"# Star's frontier: {name}, {args.length // 1024}K, blocks of L/{args.block_divisor}, anchor = "
              f"block/{args.anchor_divisor} ({args.device.upper()} {dtype_name}, greedy)")  # fmt: skip
-    write_atomic(out.with_suffix(".json"), json.dumps(summary, indent=1) + "\n")
-    write_atomic(out.with_suffix(".md"), markdown(summary, args.tasks, title))
-    print(out.with_suffix(".md").read_text())
+    json_path, md_path = table_paths(out)
+    write_atomic(json_path, json.dumps(summary, indent=1) + "\n")
+    write_atomic(md_path, markdown(summary, args.tasks, title))
+    print(md_path.read_text())
     return 0
 
 

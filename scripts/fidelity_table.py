@@ -51,6 +51,7 @@ from star_lightning.bench.fidelity import (
     per_request_scores,
     share,
     spec_digest,
+    table_paths,
     task_intervals,
 )
 from star_lightning.bench.tasks import BABILONG_TASKS
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     title = f"# Star vs dense accuracy of {'the shipped tiny_lm' if args.model is None else model.name}\n\n"
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
+    json_path, md_path = table_paths(args.out)
     meta = {"model": str(model), "device": args.device, "dtype": args.dtype, "num_samples": args.num_samples,
             "seed": args.seed, "dense_floor": args.dense_floor, "hardest": args.hardest, "tasks": tasks,
             "score_interval": SCORE_INTERVAL, "share_interval": PAIRING}  # fmt: skip

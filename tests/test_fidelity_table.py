@@ -16,6 +16,7 @@ from star_lightning.bench.fidelity import (
     per_request_scores,
     share,
     spec_digest,
+    table_paths,
     task_intervals,
 )
 from star_lightning.bench.intervals import wilson
@@ -110,3 +111,10 @@ def test_rerun_with_other_tasks_or_samples_over_the_same_work(tmp_path: Path, ca
     assert fidelity_table.main([*common, "--tasks", "niah_multikey_2", "--num-samples", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stale work file" in err[0] and stale in err[0], err
+
+
+def test_an_output_prefix_with_dots_keeps_its_name() -> None:
+    """``--out benchmarks/frontier/qwen2.5-coder-0.5b_16384`` writes ``..._16384.json``, not ``qwen2.5-coder-0.json``."""
+    prefix = Path("benchmarks/frontier/qwen2.5-coder-0.5b_16384")
+    assert table_paths(prefix) == (prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".md"))
+    assert table_paths(Path("out/table.json")) == (Path("out/table.json"), Path("out/table.md"))

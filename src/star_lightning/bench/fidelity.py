@@ -160,6 +160,13 @@ ASCII_FIXES = {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u20
                "\u2013": "-"}  # fmt: skip
 
 
+def table_paths(prefix: Path) -> tuple[Path, Path]:
+    """The JSON and Markdown files of an output prefix: ``qwen2.5-coder-0.5b_16384`` -> ``..._16384.json`` / ``.md``
+    (``Path.with_suffix`` would take ``.5b_16384`` for a suffix); a prefix given with ``.json`` or ``.md`` loses it."""
+    stem = prefix.name.removesuffix(".json").removesuffix(".md")
+    return prefix.with_name(stem + ".json"), prefix.with_name(stem + ".md")
+
+
 def essays_file(path: Path) -> Path:
     """Python's documentation text as the essay haystack (RULER's Paul Graham essays need a download), written once."""
     if not path.exists():
