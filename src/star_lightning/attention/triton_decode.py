@@ -153,29 +153,42 @@ if _TRITON:
 
         Row ``i`` is (group ``i // rows``, row ``i % rows``); partial ``s`` of it is at ``g * stride_og + s *
         stride_op + r * stride_or`` (``stride_l*`` for the lse), so one kernel reads the split-KV partials
-        ``[B * Hkv, S, rows, D]``, every host's stacked partials ``[N, R, D]`` and broadcast views (stride 0)."""
+        ``[B * Hkv, S, rows, D]``, every host's stacked partials ``[N, R, D]`` and broadcast views (stride 0).
+        Program (row, d) handles ``BLOCK_D`` of the row's dims and walks the partials ``BLOCK_S`` at a time: a
+        decode token's hundreds of splits are not held in one program's registers (they were, at ~22 us a call for
+        Gemma-3's 256-wide heads on an H100)."""
         row = tl.program_id(0)
         g = row // rows
         r = row % rows
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_d = tl.arange(0, BLOCK_D)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
-        s_ok = offs_s < num_parts
-        lse_s = tl.load(
-            part_lse_ptr + g * stride_lg + offs_s * stride_lp + r * stride_lr, mask=s_ok, other=float("-inf")
-        )
-        top = tl.max(lse_s, axis=0)
+        lse_base = part_lse_ptr + g * stride_lg + r * stride_lr
+        out_base = part_out_ptr + g * stride_og + r * stride_or
+        top_s = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for start in range(0, num_parts, BLOCK_S):
+            offs_s = start + tl.arange(0, BLOCK_S)
+            lse_s = tl.load(lse_base + offs_s * stride_lp, mask=offs_s < num_parts, other=float("-inf"))
+            top_s = tl.maximum(top_s, lse_s)
+        top = tl.max(top_s, axis=0)
         top_safe = tl.where(top == float("-inf"), 0.0, top)
-        w = tl.exp(lse_s - top_safe)  # [S]; empty partials weigh 0
-        total = tl.sum(w, axis=0)
-        out_offs = g * stride_og + offs_s[:, None] * stride_op + r * stride_or + offs_d[None, :]
-        parts = tl.load(part_out_ptr + out_offs, mask=s_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.sum(parts * w[:, None], axis=0)  # [D]
+        total_s = tl.zeros([BLOCK_S], tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for start in range(0, num_parts, BLOCK_S):
+            offs_s = start + tl.arange(0, BLOCK_S)
+            s_ok = offs_s < num_parts
+            lse_s = tl.load(lse_base + offs_s * stride_lp, mask=s_ok, other=float("-inf"))
+            w = tl.exp(lse_s - top_safe)  # [S]; empty partials weigh 0
+            total_s += w
+            parts = tl.load(
+                out_base + offs_s[:, None] * stride_op + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0
+            ).to(tl.float32)
+            acc += tl.sum(parts * w[:, None], axis=0)  # [D]
+        total = tl.sum(total_s, axis=0)
         has = total > 0.0
         out = tl.where(has, acc / tl.where(has, total, 1.0), 0.0)
         lse = tl.where(has, top_safe + tl.log(tl.where(has, total, 1.0)), float("-inf"))
         tl.store(out_ptr + row * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
-        tl.store(lse_ptr + row, lse)
+        tl.store(lse_ptr + row, lse, mask=tl.program_id(1) == 0)
 
 
 # Rows (query heads per KV head x query tokens) the kernel handles in one tile; a longer query runs as up to
@@ -183,7 +196,8 @@ if _TRITON:
 MAX_ROWS = 64
 MAX_CHUNKS = 4
 _BLOCK_N = 64
-_MAX_PARTS = 1024  # partials one combine program holds (hosts or splits)
+_MAX_PARTS = 1024  # partials one combine merges (hosts or splits)
+_COMBINE_S, _COMBINE_D = 16, 64  # a combine program's tile: partials at a time x dims
 
 
 def available() -> bool:
@@ -314,7 +328,7 @@ def _split_kv_attention(
     )
     out = torch.empty(batch, kv_heads, rows, head_dim, device=query.device, dtype=query.dtype)  # [B, Hkv, M, D]
     lse = torch.empty(batch, kv_heads, rows, device=query.device, dtype=torch.float32)  # [B, Hkv, M]
-    _combine_kernel[(batch * kv_heads * rows, 1)](
+    _combine_kernel[(batch * kv_heads * rows, triton.cdiv(head_dim, _COMBINE_D))](
         part_out,
         part_lse,
         out,
@@ -327,10 +341,10 @@ def _split_kv_attention(
         splits * rows,
         rows,
         1,
-        BLOCK_S=triton.next_power_of_2(splits),
-        BLOCK_D=block_d,
+        BLOCK_S=min(_COMBINE_S, triton.next_power_of_2(splits)),
+        BLOCK_D=min(_COMBINE_D, block_d),
         HEAD_DIM=head_dim,
-        num_warps=4,
+        num_warps=2,
     )
     # rows are (group, position), so the views are [B, Hq, Lq, D] and [B, Hq, Lq]
     return out.view(batch, q_heads, q_len, head_dim), lse.view(batch, q_heads, q_len)
@@ -371,7 +385,7 @@ def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
         rows = lses[0].numel()
         out = torch.empty(outs.shape[1:], device=outs.device, dtype=outs.dtype)  # [..., D]
         lse = torch.empty(lses.shape[1:], device=lses.device, dtype=torch.float32)  # [...]
-        _combine_kernel[(rows, 1)](
+        _combine_kernel[(rows, triton.cdiv(head_dim, _COMBINE_D))](
             outs,
             lses,
             out,
@@ -384,9 +398,9 @@ def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
             0,
             lses.stride(0),
             _row_stride(lses[0], 0),
-            BLOCK_S=max(2, triton.next_power_of_2(parts)),
-            BLOCK_D=triton.next_power_of_2(head_dim),
+            BLOCK_S=min(_COMBINE_S, max(2, triton.next_power_of_2(parts))),
+            BLOCK_D=min(_COMBINE_D, triton.next_power_of_2(head_dim)),
             HEAD_DIM=head_dim,
-            num_warps=4,
+            num_warps=2,
         )
         return out, lse
