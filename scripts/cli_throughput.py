@@ -20,6 +20,7 @@ generated tokens of ``scripts/benchmark.py``'s records, to compare with them).
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import os
@@ -116,13 +117,19 @@ def _predict(
     return code, throughput.summarize(requests, launched, ended), requests
 
 
-def _write(out: Path, records: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    payload = {"command": "python scripts/cli_throughput.py " + " ".join(sys.argv[1:]), "versions": _versions(),
-               "records": records}  # fmt: skip
+def _write(out: Path, records: list[dict[str, Any]], args: argparse.Namespace, earlier: list[dict[str, Any]]) -> None:
+    """The records with every run that wrote them: ``runs`` lists each command, its date and versions (with
+    ``--append`` the earlier runs' entries are kept beside this one's)."""
+    run = {"command": "python scripts/cli_throughput.py " + " ".join(sys.argv[1:]), "date": _TODAY,
+           "versions": _versions()}  # fmt: skip
+    payload = {"runs": [*earlier, run], "records": records}
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_suffix(".tmp")
     temporary.write_text(json.dumps(payload, indent=1) + "\n")
     temporary.replace(out)
+
+
+_TODAY = datetime.date.today().isoformat()
 
 
 def _versions() -> dict[str, str]:
@@ -142,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model:
         raise SystemExit("give at least one --model NAME=PATH")
     out = Path(args.out)
-    old = json.loads(out.read_text())["records"] if args.append and out.is_file() else []
-    records: list[dict[str, Any]] = list(old)
+    previous = json.loads(out.read_text()) if args.append and out.is_file() else {}
+    records: list[dict[str, Any]] = list(previous.get("records", []))
+    earlier: list[dict[str, Any]] = list(previous.get("runs", []))
     gpu = throughput.device_gpu(args.device)
     variants = [_variant(spec) for spec in args.variant] or [("", "")]
     for spec in args.model:
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 key = (name, attention, length, variant[0])
                 records = [r for r in records if _key(r) != key]
                 records.append(record)
-                _write(out, records, args)
+                _write(out, records, args, earlier)
                 status = "" if code == 0 else f" (exit {code}: see the predict.log under {folder})"
                 print(json.dumps(record) + status, flush=True)
     return 0

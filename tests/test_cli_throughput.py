@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from star_lightning.bench import throughput
 from star_lightning.plan import GpuSpec
@@ -31,6 +32,8 @@ def test_the_script_writes_one_record_per_run_with_exactly_the_fields(tmp_path: 
     assert "beyond what it can place" in result.stdout  # 40M tokens: more than the shipped model places
     payload = json.loads(out.read_text())
     records = payload["records"]
+    [run] = payload["runs"]  # the one command that wrote them, with its date and versions
+    assert "--variant" in run["command"] and len(run["date"]) == 10 and run["versions"]["torch"] == torch.__version__
     assert [(r["model"], r["attention"], r["seq_len"]) for r in records] == [
         ("tiny", "star", 1024),
         ("tiny", "dense", 1024),
