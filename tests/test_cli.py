@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from star_lightning.cli import main
+from star_lightning.data import datamodule
+from star_lightning.data.jsonl import TOKENS_FIELD
+from star_lightning.tokens import RequestEncoder, context_ids, query_ids
 
 CONTEXTS = [
     "The grass is green. The sky is blue. " * 12 + "The secret code is 4711.",
@@ -271,3 +274,43 @@ def test_a_request_budget_lowers_max_new_tokens_for_that_request(tiny_model_dir:
     assert len(full) == 8, "the random model ended early; pick another context"
     assert short == full[:3]
     assert capped == full  # --model.max_new_tokens stays the upper bound
+
+
+class _MarkedEncoder(RequestEncoder):
+    """Tokenizes as the real one does and marks the process that did it (copied into the prediction)."""
+
+    def __call__(self, request: dict) -> dict:
+        return {**super().__call__(request), "tokenized_in": os.getpid()}
+
+
+def test_requests_tokenized_in_a_worker_give_what_the_main_process_gives(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--data.num_workers 1`` (the default on a GPU): the worker's token ids reach predict_step and answer exactly
+    what tokenizing in the main process answers; the ids are never written out."""
+    data = _write_requests(tmp_path / "in.jsonl")
+    main_out, worker_out = tmp_path / "main.jsonl", tmp_path / "worker.jsonl"
+    common = ["--trainer.devices", "1", "--model.block_size", "64"]
+    assert main(_predict_args(tiny_model_dir, data, main_out, "--data.num_workers", "0", *common)) == 0
+    monkeypatch.setattr(datamodule, "RequestEncoder", _MarkedEncoder)
+    assert main(_predict_args(tiny_model_dir, data, worker_out, "--data.num_workers", "1", *common)) == 0
+    in_main, in_worker = _read(main_out), _read(worker_out)
+    assert sorted(in_worker) == sorted(in_main) == [0, 1, 2]
+    for index, row in in_worker.items():
+        assert row["tokenized_in"] != os.getpid()  # a worker process tokenized it
+        assert row["pred"] == in_main[index]["pred"]
+        assert TOKENS_FIELD not in row and TOKENS_FIELD not in in_main[index]
+
+
+def test_the_encoder_makes_the_ids_predict_step_makes_and_passes_on_what_it_cannot_tokenize(
+    tiny_model_dir: Path,
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    request = {"index": 4, "input_context": CONTEXTS[0], "input_query": " What is the number?"}
+    context, query = RequestEncoder(tokenizer)(request)[TOKENS_FIELD]
+    assert context.tolist() == [context_ids(tokenizer, CONTEXTS[0])] and context.dtype == torch.long
+    assert query.tolist() == [query_ids(tokenizer, " What is the number?")]
+    unreadable = {"index": 5, "input_context": None, "input_query": "?"}  # the main process reports it
+    assert RequestEncoder(tokenizer)(unreadable) is unreadable

@@ -114,7 +114,7 @@ def test_rerun_with_other_tasks_or_samples_over_the_same_work(tmp_path: Path, ca
 
 
 def test_an_output_prefix_with_dots_keeps_its_name() -> None:
-    """``--out benchmarks/frontier/qwen2.5-coder-0.5b_16384`` writes ``..._16384.json``, not ``qwen2.5-coder-0.json``."""
+    """``--out .../qwen2.5-coder-0.5b_16384`` writes ``..._16384.json``, not ``qwen2.5-coder-0.json``."""
     prefix = Path("benchmarks/frontier/qwen2.5-coder-0.5b_16384")
     assert table_paths(prefix) == (prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".md"))
     assert table_paths(Path("out/table.json")) == (Path("out/table.json"), Path("out/table.md"))

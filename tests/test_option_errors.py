@@ -28,6 +28,7 @@ from star_lightning.cli import main
         (["--trainer.accelerator", "gpuu"], "--trainer.accelerator gpuu: expected one of"),
         (["--data.limit", "-1"], "--data.limit -1: expected a positive number of requests"),
         (["--data.limit", "0"], "--data.limit 0: expected a positive number of requests"),
+        (["--data.num_workers", "-1"], "--data.num_workers -1: expected 0 (tokenize in the main process) or more"),
         (
             ["--model.passing_selection", "per_head"],
             "--model.passing_selection per_head chooses the tokens that pass between hosts, but none pass",
@@ -155,7 +156,7 @@ def test_predict_and_plan_help_say_how_to_set_the_hosts_without_training_text(
         assert "each request is spread over --trainer.strategy.context_parallel_size processes" in flat, flat[:600]
     assert "--model.temperature" in predict and "--model.temperature" not in plan
     assert "--model.stop_strings" not in plan and "--model.block_size" in plan
-    assert len(predict.splitlines()) < 320
+    assert len(predict.splitlines()) < 330
 
 
 def test_generate_help_says_the_tokenizer_may_be_a_gguf_file(capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from star_lightning.anchor_text import anchor_query_ids
 from star_lightning.attention.kernels import KernelChoice
-from star_lightning.data.jsonl import prediction_record
+from star_lightning.data.jsonl import TOKENS_FIELD, prediction_record
 from star_lightning.engine.context import EncodedContext
 from star_lightning.engine.request import GenerationResult, RequestStats, generate
 from star_lightning.engine.settings import (
@@ -223,18 +223,21 @@ class StarAttentionLM(LightningModule):
 
         A context that already begins with the BOS text (a chat-template prompt, the reference implementation's
         prepared files) is not given a second BOS."""
-        context = context_ids(self.tokenizer, request["input_context"])
-        query = query_ids(self.tokenizer, request["input_query"])
-        if not context:
-            raise ConfigurationError(f"request {request.get('index')}: the context encodes to no tokens")
-        if not query:
-            raise ConfigurationError(f"request {request.get('index')}: the query encodes to no tokens")
         # The embedding's device: the module's own, or the first GPU of a host the layers are spread over (the
         # module is not moved there as a whole).
         embedding = self.model.get_input_embeddings() if isinstance(self.model, PreTrainedModel) else None
         weight = getattr(embedding, "weight", None)
         device = weight.device if isinstance(weight, torch.Tensor) else self.device
-        return torch.tensor([context], device=device), torch.tensor([query], device=device)  # [1, T], [1, Lq]
+        tokens = request.get(TOKENS_FIELD)  # tokenized by the data loader's worker (RequestDataModule.num_workers)
+        if tokens is None:
+            tokens = (torch.tensor([context_ids(self.tokenizer, request["input_context"])]),
+                      torch.tensor([query_ids(self.tokenizer, request["input_query"])]))  # fmt: skip
+        context, query = tokens  # [1, T], [1, Lq]
+        if not context.numel():
+            raise ConfigurationError(f"request {request.get('index')}: the context encodes to no tokens")
+        if not query.numel():
+            raise ConfigurationError(f"request {request.get('index')}: the query encodes to no tokens")
+        return context.to(device, torch.long), query.to(device, torch.long)
 
     def run_request(self, request: dict[str, Any]) -> GenerationResult:
         if self.model is None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from star_lightning.data.jsonl import TOKENS_FIELD
+
 
 def without_second_bos(tokenizer: Any, text: str, ids: list[int]) -> list[int]:
     """``ids`` (the context tokenized with special tokens) without the BOS the tokenizer added in front of a text
@@ -26,6 +28,27 @@ def context_ids(tokenizer: Any, text: str) -> list[int]:
 
 def query_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+class RequestEncoder:
+    """Tokenizes a request in the data loader's worker, so the next request's context is tokenized while this one
+    runs on the GPU (an 8K context: ~10-20 ms a request for Qwen2.5's tokenizer, outside the phases). Adds
+    ``TOKENS_FIELD``: ``(context [1, T], query [1, Lq])`` int64 tensors, made by :func:`context_ids` and
+    :func:`query_ids` as ``predict_step`` would. A request that fails here is passed on as it came: the main
+    process tokenizes it again and reports the problem in its own one line."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        try:
+            context = torch.tensor([context_ids(self.tokenizer, request["input_context"])], dtype=torch.long)
+            query = torch.tensor([query_ids(self.tokenizer, request["input_query"])], dtype=torch.long)
+        except Exception:  # reported where the main process tokenizes it again, with the request's index
+            return request
+        return {**request, TOKENS_FIELD: (context, query)}
 
 
 def batch_lengths(tokenizer: Any, contexts: Sequence[str], queries: Sequence[str]) -> list[tuple[int, int]]:

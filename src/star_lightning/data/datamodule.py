@@ -18,8 +18,10 @@ from star_lightning.data.jsonl import CONTEXT_ID, completed_indices, read_input,
 from star_lightning.data.run_record import read_record, record_path
 from star_lightning.errors import ConfigurationError
 from star_lightning.options import bad_value
+from star_lightning.tokens import RequestEncoder
 
 # 0 would run nothing and a negative count is no count: both refused rather than read as Python's slice would.
+WORKERS_ACCEPTED = "0 (tokenize in the main process) or more worker processes; leave it unset for one on a GPU"
 LIMIT_ACCEPTED = "a positive number of requests (the file's first N); leave it unset to run every request"
 
 
@@ -85,6 +87,7 @@ class RequestDataModule(LightningDataModule):
             not written, and listed at the end). A resumed run checks such requests again.
         output: the predictions file (the command line links ``--output`` here); the requests it already holds are
             skipped, so a rerun resumes.
+        num_workers: processes that tokenize the next requests while one runs; unset = 1 on a GPU, 0 on a CPU.
     """
 
     def __init__(
@@ -95,8 +98,13 @@ class RequestDataModule(LightningDataModule):
         contexts: str | None = None,
         on_too_long: Literal["error", "skip"] = "error",
         output: str | None = None,
+        num_workers: int | None = None,
     ) -> None:
         super().__init__()
+        if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                        or num_workers < 0):  # fmt: skip
+            raise bad_value("data.num_workers", num_workers, WORKERS_ACCEPTED)
+        self.num_workers = num_workers
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
             raise bad_value("data.limit", limit, LIMIT_ACCEPTED)
         self.path = path
@@ -163,8 +171,18 @@ class RequestDataModule(LightningDataModule):
         trainer = self.trainer
         split = trainer.distributed_sampler_kwargs if trainer is not None else None
         replicas, rank = (split["num_replicas"], split["rank"]) if split else (1, 0)
+        encoder, workers = None, 0
         if trainer is not None:
             # A data-parallel group may have nothing to do (fewer contexts than groups, or a resume of the last
             # request): it waits for the others instead of failing the job (Lightning refuses an empty loader).
-            trainer.lightning_module.allow_zero_length_dataloader_with_multiple_devices = True
-        return DataLoader(dataset, batch_size=None, sampler=ContextShardSampler(dataset, replicas, rank))
+            module = trainer.lightning_module
+            module.allow_zero_length_dataloader_with_multiple_devices = True
+            on_gpu = trainer.strategy.root_device.type == "cuda"
+            workers = (1 if on_gpu else 0) if self.num_workers is None else self.num_workers
+            tokenizer = getattr(module, "tokenizer", None)
+            encoder = RequestEncoder(tokenizer) if workers > 0 and tokenizer is not None else None
+        sampler = ContextShardSampler(dataset, replicas, rank)
+        if encoder is None:
+            return DataLoader(dataset, batch_size=None, sampler=sampler)
+        # batch_size=None: collate_fn is applied to each request, not to a list of them
+        return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=encoder, num_workers=workers)  # type: ignore[arg-type]

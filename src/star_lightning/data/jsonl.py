@@ -38,8 +38,10 @@ from typing import IO, Any
 from star_lightning.errors import ConfigurationError
 
 REQUIRED_FIELDS = ("input_context", "input_query")
+# The key under which a data loader's worker hands a request's token ids to predict_step (star_lightning.tokens).
+TOKENS_FIELD = "_star_lightning_tokens"
 # Fields of a request that are inputs, not references: not copied into the prediction record.
-INPUT_FIELDS = REQUIRED_FIELDS
+INPUT_FIELDS = (*REQUIRED_FIELDS, TOKENS_FIELD)
 # Fields predict writes into each prediction record: a request may not bring its own (it would be overwritten).
 RESERVED_FIELDS = ("pred",)
 CONTEXT_ID = "context_id"
