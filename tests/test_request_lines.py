@@ -102,3 +102,11 @@ def test_any_integer_index_runs_and_tensorboard_steps_are_positions(
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
     assert sorted(event.step for event in accumulator.Scalars("request/new_tokens")) == [0, 1]
+    # Where the start-up went, logged once with the first request; the parts add up to the whole.
+    parts = ["imports", "parse", "checks", "model_load", "to_first_request", "interpreter"]
+    values = {}
+    for name in [*parts, "total"]:
+        (event,) = accumulator.Scalars(f"startup/{name}_s")
+        assert event.step == 0 and event.value >= 0, name
+        values[name] = event.value
+    assert sum(values[name] for name in parts) == pytest.approx(values["total"], abs=1e-3)

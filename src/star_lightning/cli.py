@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from star_lightning import __version__, parser_cache
+from star_lightning import __version__, parser_cache, startup
 from star_lightning.errors import ConfigurationError
 from star_lightning.parallel.lifetime import Stopped, job_lifetime, signal_name
 
@@ -91,6 +91,7 @@ def _run(name: str, rest: list[str]) -> int | None:
     if command.parser is not None:
         parser_cache.answer(name, rest, ranks=command.ranks)
     entry: Callable[[list[str]], int] = _load(command.entry)
+    startup.mark("imported")
     if command.parser is not None and parser_cache.load(name) is None and parser_cache.writable():
         parser_cache.store(name, _load(command.parser)())
         parser_cache.answer(name, rest, ranks=command.ranks)  # now kept: --help needs no second parser
@@ -99,6 +100,8 @@ def _run(name: str, rest: list[str]) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``star-lightning`` and ``python -m star_lightning``; user errors exit 2 with one message."""
+    startup.reset()
+    startup.mark("entry")
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)

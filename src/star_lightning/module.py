@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningModule
 from transformers import PreTrainedModel
 
+from star_lightning import startup
 from star_lightning.anchor_text import anchor_query_ids
 from star_lightning.attention.kernels import KernelChoice
 from star_lightning.data.jsonl import TOKENS_FIELD, prediction_record
@@ -184,6 +185,7 @@ class StarAttentionLM(LightningModule):
         )
         if self.tokenizer is None:  # the preflight's, where it loaded one from the same source
             self.tokenizer = load_tokenizer(source, trust_remote_code=self.trust_remote_code)
+        startup.mark("loaded")
 
     def context_group(self) -> ContextGroup:
         return self.context_info.group
@@ -277,6 +279,7 @@ class StarAttentionLM(LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any] | None:
         """One request (``batch`` is a request dict); the prediction record on the query host, None elsewhere."""
+        startup.mark("first_request")
         result = self.run_request(batch)
         self.last_stats = result.stats
         if not self.context_info.writes_predictions:

@@ -24,6 +24,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from star_lightning import startup
+
 # The callbacks are imported with the parser: its help lists the Callback classes known when it is built.
 from star_lightning.callbacks.prediction_writer import JsonlPredictionWriter
 from star_lightning.callbacks.profiling import PhaseProfiler
@@ -310,7 +312,9 @@ def run_predict(argv: list[str]) -> int:
     """
     try:
         cli = _build(StarLightningCLI, argv)
+        startup.mark("parsed")
         plan = cli.check()
+        startup.mark("checked")
     except ConfigurationError as error:
         if getattr(rank_zero_only, "rank", 0) != 0 and not isinstance(error, LaunchEnvironmentError):
             raise SystemExit(2) from None

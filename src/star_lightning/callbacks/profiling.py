@@ -14,7 +14,10 @@ any integer, far beyond TensorBoard's 64-bit steps):
   the anchor broadcast, the ring's K/V), ``phase2_bytes`` (bytes all hosts sent in Phase 2 collectives),
   ``peak_mem_gib`` (the largest host) and ``data_parallel_group`` (which group served it);
 - ``host{h}/*``: per host ``h`` of the context-parallel group -- ``phase1_s``, ``local_context_tokens``,
-  ``peak_mem_gib``, ``phase1_bytes`` and ``phase2_bytes``.
+  ``peak_mem_gib``, ``phase1_bytes`` and ``phase2_bytes``;
+- ``startup/*``: once, at step 0 with the first request -- where the process's start-up went
+  (:mod:`star_lightning.startup`: ``interpreter_s``, ``imports_s``, ``parse_s``, ``checks_s``, ``model_load_s``,
+  ``to_first_request_s``, ``total_s``), global rank 0's.
 
 Only rank 0 writes (Lightning's loggers are rank-zero only): its own group's scalars are logged and flushed after
 each request; the other data-parallel groups' are sent to rank 0 when the predict loop ends (a collective over the
@@ -31,6 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
+from star_lightning import startup
 from star_lightning.data.datamodule import RequestDataModule
 from star_lightning.engine.request import RequestStats
 from star_lightning.module import StarAttentionLM
@@ -85,6 +89,7 @@ class PhaseProfiler(Callback):
         self._context: ContextInfo = single_host()
         self._pending: list[tuple[int, dict[str, float]]] = []
         self._enabled = True
+        self._startup_logged = False
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -126,6 +131,9 @@ class PhaseProfiler(Callback):
         metrics = request_scalars(per_host, data_parallel_rank)
         step = _position(trainer, batch, batch_idx)
         if trainer.is_global_zero:
+            if not self._startup_logged:
+                self._startup_logged = True
+                self._log(trainer, 0, startup.scalars())
             self._log(trainer, step, metrics)
         else:
             self._pending.append((step, metrics))
