@@ -8,6 +8,7 @@ groups split the requests by context, never splitting one (:class:`ContextShardS
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from star_lightning.data.jsonl import CONTEXT_ID, completed_indices, read_input,
 from star_lightning.data.run_record import read_record, record_path
 from star_lightning.errors import ConfigurationError
 from star_lightning.options import bad_value
+from star_lightning.parallel.lifetime import STOP_SIGNALS
 from star_lightning.tokens import RequestEncoder
 
 # 0 would run nothing and a negative count is no count: both refused rather than read as Python's slice would.
@@ -71,6 +73,14 @@ class ContextShardSampler(DistributedSampler[int]):
 
     def __len__(self) -> int:
         return len(self.positions)
+
+
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A tokenizing worker ignores the stop signals (SLURM signals every process of a step, Ctrl-C the terminal's
+    process group): the main process stops after writing the current request and then ends its workers. A worker
+    killed by the signal would make the main process fail mid-request instead (torch reports a killed worker)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class RequestDataModule(LightningDataModule):
@@ -185,4 +195,11 @@ class RequestDataModule(LightningDataModule):
         if encoder is None:
             return DataLoader(dataset, batch_size=None, sampler=sampler)
         # batch_size=None: collate_fn is applied to each request, not to a list of them
-        return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=encoder, num_workers=workers)  # type: ignore[arg-type]
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=sampler,
+            collate_fn=encoder,  # type: ignore[arg-type]
+            num_workers=workers,
+            worker_init_fn=leave_stop_signals_to_the_main_process,
+        )
