@@ -264,6 +264,37 @@ def test_the_bias_of_the_masked_sdpa_kernel_hides_exactly_what_the_window_rule_h
     assert torch.equal(torch.cat(halves), expected)
 
 
+@pytest.mark.parametrize(("start", "length", "window", "max_bias"), [
+    (300, 300, WINDOW, None), (0, 1000, 512, None), (4096, 2048, 512, None), (10, 777, 100, 20000), (5, 10, 24, None),
+])  # fmt: skip
+def test_an_aligned_window_gives_each_chunk_only_the_keys_its_rows_reach(
+    start: int, length: int, window: int, max_bias: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward attending to itself (aligned): the chunks cover every row once, each chunk's keys hold every key a
+    row of it sees (nothing visible is cut off) and at most rows + window - 1 of them; the sub-masks are the whole
+    mask's. Any other call keeps all keys in every chunk."""
+    if max_bias is not None:
+        monkeypatch.setattr(sdpa_masked, "MAX_BIAS_ELEMENTS", max_bias)
+    positions = _span(start, start + length)
+    aligned = SlidingWindow(window, positions, positions, aligned=True)
+    whole = sdpa_masked.hidden_pairs(slice(None), length, length, True, None, aligned, torch.device("cpu"))
+    plan = sdpa_masked.calls(length, length, True, None, aligned)
+    covered = torch.cat([torch.arange(length)[rows] for rows, _ in plan])
+    assert torch.equal(covered, torch.arange(length))
+    for rows, keys in plan:
+        seen = ~whole[rows]  # [l, Lk]
+        outside = torch.ones(length, dtype=torch.bool)
+        outside[keys] = False
+        assert not seen[:, outside].any()
+        assert keys.stop - keys.start <= (rows.stop - rows.start) + window - 1
+        assert rows.stop - rows.start == length or (rows.stop - rows.start) * (rows.stop - rows.start + window) <= (
+            sdpa_masked.MAX_BIAS_ELEMENTS
+        )
+        assert torch.equal(aligned.part(rows, keys).hidden(slice(None)), whole[rows][:, keys])
+    plain = SlidingWindow(window, positions, positions)  # not known to be aligned: every key, in every chunk
+    assert all(keys == slice(0, length) for _, keys in sdpa_masked.calls(length, length, True, None, plain))
+
+
 def test_a_failing_masked_sdpa_kernel_gives_way_to_math_once() -> None:
     """A kernel refusal (here: the kernel has no CPU build) warns once, records why on the engine, answers this call
     exactly on ``math`` and keeps the selector from choosing the kernel again."""
@@ -298,7 +329,8 @@ def test_masked_sdpa_kernel_on_cuda_against_float64(
     if valid is not None:  # unfilled slots hold finite garbage (the store zeroes its buffers; a bias weighs 0)
         k[:, :, valid:] = 1e3
         v[:, :, valid:] = 1e3
-    window = SlidingWindow(WINDOW, query_positions.cuda(), key_positions.cuda())
+    aligned = name.startswith("own forward")  # a block attending to itself: each chunk only the keys it reaches
+    window = SlidingWindow(WINDOW, query_positions.cuda(), key_positions.cuda(), aligned=aligned)
     valid_length = None if valid is None else torch.tensor([valid], dtype=torch.int32, device="cuda")
     out, lse = sdpa_masked.attention(q, k, v, scale=0.3, causal=causal, valid_length=valid_length, window=window)
     ref_out, ref_lse = _explicit(q.cpu(), k.cpu(), v.cpu(), 0.3, query_positions, key_positions, WINDOW, valid=valid)

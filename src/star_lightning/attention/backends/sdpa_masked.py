@@ -5,8 +5,11 @@ Why: FlexAttention, the fused kernel that visits only the tiles a window reaches
 as torch 2.11 builds it, so a captured Phase 1 block ran its sliding-window layers on ``math`` (float32 matmuls over
 a materialised score tile: 40 of the 128 ms of Gemma-3-270M's captured 8K Phase 1 on an H100). This kernel takes
 any mask, returns the log-sum-exp, and makes no host sync: the bias is a few elementwise kernels over the positions,
-which the graph replays with the block's positions. It costs ``Lq x Lk`` (not ``Lq x W``), so the rows go in chunks
-whose bias stays under ``MAX_BIAS_ELEMENTS``; the selector takes it for long queries of a captured forward only.
+which the graph replays with the block's positions. The kernel visits every pair it is given, so the rows go in
+chunks whose bias stays under ``MAX_BIAS_ELEMENTS``; a forward attending to itself through its window (``aligned``:
+the queries are the keys, one run of positions, as a star block's own call) gives each chunk of ``W`` rows only the
+``2W - 1`` keys its window reaches (``Lq x 2W``, not ``Lq x Lk``: a 2K block with Gemma-3's 512 window 2x fewer
+pairs, an 8K block 8x). The selector takes it for long queries of a captured forward only.
 
 A masked pair gets the dtype's lowest finite value, not ``-inf``, so a row that sees no key stays finite inside the
 kernel; such rows are then set to ``out = 0``, ``lse = -inf`` (the contract every backend keeps, and what the merge
@@ -53,6 +56,25 @@ def hidden_pairs(
     if window is not None:
         hidden |= window.hidden(slice(start, stop))
     return hidden
+
+
+def calls(
+    q_len: int, k_len: int, causal: bool, valid_length: Tensor | None, window: SlidingWindow | None
+) -> list[tuple[slice, slice]]:
+    """The kernel calls of one attention call: ``(rows, keys)`` each, decided on the host. An aligned window (the
+    queries are the keys, one contiguous run; causal, all keys valid) gives each chunk of rows the keys from the
+    first its first row reaches to its last row; otherwise every chunk gets all keys, as many rows as the bias
+    budget allows."""
+    if window is not None and window.aligned and causal and valid_length is None and q_len == k_len:
+        rows = window.size
+        while rows > 16 and rows * (rows + window.size) > MAX_BIAS_ELEMENTS:
+            rows //= 2
+        return [
+            (slice(start, min(q_len, start + rows)), slice(max(0, start - window.size + 1), min(q_len, start + rows)))
+            for start in range(0, q_len, rows)
+        ]
+    chunk = max(1, MAX_BIAS_ELEMENTS // (-(-k_len // _ALIGN) * _ALIGN))
+    return [(slice(start, min(q_len, start + chunk)), slice(0, k_len)) for start in range(0, q_len, chunk)]
 
 
 def attention(
@@ -103,18 +125,20 @@ def _attention(
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)  # [B, Hq, Lk, D]
         value = value.repeat_interleave(groups, dim=1)  # [B, Hq, Lk, Dv]
-    padded = -(-k_len // _ALIGN) * _ALIGN
-    chunk = max(1, MAX_BIAS_ELEMENTS // padded)
     lowest = torch.finfo(query.dtype).min
     outs, lses = [], []
-    for start in range(0, q_len, chunk):
-        stop = min(q_len, start + chunk)
-        hidden = hidden_pairs(slice(start, stop), q_len, k_len, causal, valid_length, window, query.device)
-        bias = query.new_zeros(stop - start, padded)[:, :k_len]  # [l, Lk], rows 16-aligned
+    for rows, keys in calls(q_len, k_len, causal, valid_length, window):
+        start, stop, first, last = rows.start, rows.stop, keys.start, keys.stop
+        if window is None or last - first == k_len:
+            hidden = hidden_pairs(rows, q_len, k_len, causal, valid_length, window, query.device)
+        else:  # an aligned window's chunk: its rows' reach by positions (which imply causality)
+            hidden = window.part(rows, keys).hidden(slice(None))  # [l, k]
+        width = last - first
+        bias = query.new_zeros(stop - start, -(-width // _ALIGN) * _ALIGN)[:, :width]  # [l, k], rows 16-aligned
         bias.masked_fill_(hidden, lowest)
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            query[:, :, start:stop], key, value, bias.expand(batch, q_heads, stop - start, k_len), True, 0.0, False,
-            scale=scale,
+            query[:, :, rows], key[:, :, keys], value[:, :, keys], bias.expand(batch, q_heads, stop - start, width),
+            True, 0.0, False, scale=scale,
         )[:2]  # out [B, Hq, l, Dv]; lse [B, Hq, l rounded up to 32] (natural log, float32)  # fmt: skip
         lse = lse[..., : stop - start]
         blind = hidden.all(dim=-1)  # [l]: rows that see no key
