@@ -25,6 +25,7 @@ from star_lightning.attention.star import ATTENTION_NAME, register_star_attentio
 from star_lightning.engine.settings import Attention
 from star_lightning.errors import ConfigurationError
 from star_lightning.model_files import check_weight_files, fingerprint_file, fingerprint_folder
+from star_lightning.projections import fuse_projections
 
 DTypeName = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 _NON_ATTENTION_LAYERS = ("linear_attention", "mamba", "conv", "recurrent", "mlstm", "slstm")
@@ -314,6 +315,8 @@ def load_model(
         apply_tensor_parallel(model, tensor_parallel)
     if len(devices) == 1:
         torch.nn.Module.to(model, devices[0])  # transformers' own `to` wrapper confuses type checkers
+        if devices[0].type == "cuda" and tensor_parallel is None:
+            fuse_projections(model)  # one GEMM for q/k/v and for gate/up: a small model's decode is launch-bound
     model.eval()
     set_attention(model, attention)
     return model
@@ -337,6 +340,8 @@ def build_model(
             model = AutoModelForCausalLM.from_config(config, attn_implementation=_loading_attention(config))
     finally:
         torch.set_default_dtype(previous)
+    if device.type == "cuda":
+        fuse_projections(model)  # as load_model does on one GPU
     model.eval()
     set_attention(model, attention)
     return model
