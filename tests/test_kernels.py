@@ -301,3 +301,29 @@ def test_a_kept_context_replays_its_captured_step_for_the_next_query(decode: str
     assert graphs == before
     assert reused.stats.decode_setup_s == 0.0  # replayed, not captured again
     assert reused.token_ids == fresh.token_ids
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_decode_step_that_cannot_be_compiled_decodes_uncaptured_with_the_models_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch.compile failing on the step (its errors are RuntimeErrors): one warning, then the model's own forward,
+    uncaptured, decodes what the static step decodes."""
+    model = tiny_model("llama", dtype=torch.float32).cuda()
+    use_star_attention(model)
+
+    def refuses(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("BackendCompilerFailed: backend='inductor' raised an error")
+
+    context, query = random_tokens(300, seed=3).cuda(), random_tokens(4, seed=4).cuda()
+    settings = GenerationSettings(max_new_tokens=9)
+    with torch.no_grad():
+        static = generate(model, context, query, SingleHostGroup(), StarSettings(block_size=100, decode="static"),
+                          settings)  # fmt: skip
+        choice = kernels.KernelChoice()
+        monkeypatch.setattr(choice, "compiled_forward", lambda model: refuses)
+        with pytest.warns(UserWarning, match="capturing the decode step as a CUDA graph failed"):
+            compiled = generate(model, context, query, SingleHostGroup(),
+                                StarSettings(block_size=100, decode="compile"), settings, kernels=choice)  # fmt: skip
+    assert compiled.token_ids == static.token_ids and compiled.stats.decode_mode == "static"

@@ -144,13 +144,15 @@ class StaticDecoder:
         if self.use_graph and self.graph is None:
             try:
                 self._capture()
-            except RuntimeError as error:  # a kernel that cannot be captured: decode without the graph, exactly
+            except RuntimeError as error:  # a kernel that cannot be captured (or compiled: torch.compile's errors are
+                # RuntimeErrors too): decode with the model's own forward, uncaptured, exactly
                 warnings.warn(
                     f"capturing the decode step as a CUDA graph failed ({str(error).splitlines()[0]}); decoding with "
                     "the static step, uncaptured (slower, the same tokens)",
                     stacklevel=2,
                 )
                 self.use_graph, self.graph, self.logits, self.mode = False, None, None, "static"
+                self.forward = self.model
                 self.kernels.graph_failure = str(error).splitlines()[0]
                 torch.cuda.synchronize()
         if not self.use_graph:
