@@ -120,16 +120,14 @@ def _predict(
 def _write(out: Path, records: list[dict[str, Any]], args: argparse.Namespace, earlier: list[dict[str, Any]]) -> None:
     """The records with every run that wrote them: ``runs`` lists each command, its date and versions (with
     ``--append`` the earlier runs' entries are kept beside this one's)."""
-    run = {"command": "python scripts/cli_throughput.py " + " ".join(sys.argv[1:]), "date": _TODAY,
+    run = {"command": "python scripts/cli_throughput.py " + " ".join(sys.argv[1:]),
+           "date": datetime.date.today().isoformat(),
            "versions": _versions()}  # fmt: skip
     payload = {"runs": [*earlier, run], "records": records}
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_suffix(".tmp")
     temporary.write_text(json.dumps(payload, indent=1) + "\n")
     temporary.replace(out)
-
-
-_TODAY = datetime.date.today().isoformat()
 
 
 def _versions() -> dict[str, str]:

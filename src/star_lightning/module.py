@@ -32,7 +32,7 @@ from star_lightning.models import DTypeName, load_model, load_tokenizer, resolve
 from star_lightning.parallel.context import ContextInfo, single_host
 from star_lightning.parallel.group import ContextGroup
 from star_lightning.sampling import SamplingConfig
-from star_lightning.tokens import context_ids, query_ids
+from star_lightning.tokens import request_tensors
 
 
 class StarAttentionLM(LightningModule):
@@ -230,11 +230,9 @@ class StarAttentionLM(LightningModule):
         embedding = self.model.get_input_embeddings() if isinstance(self.model, PreTrainedModel) else None
         weight = getattr(embedding, "weight", None)
         device = weight.device if isinstance(weight, torch.Tensor) else self.device
-        tokens = request.get(TOKENS_FIELD)  # tokenized by the data loader's worker (RequestDataModule.num_workers)
-        if tokens is None:
-            tokens = (torch.tensor([context_ids(self.tokenizer, request["input_context"])]),
-                      torch.tensor([query_ids(self.tokenizer, request["input_query"])]))  # fmt: skip
-        context, query = tokens  # [1, T], [1, Lq]
+        # Tokenized by the data loader's worker (RequestDataModule.num_workers), else here.
+        tokens = request.get(TOKENS_FIELD)
+        context, query = request_tensors(self.tokenizer, request) if tokens is None else tokens  # [1, T], [1, Lq]
         if not context.numel():
             raise ConfigurationError(f"request {request.get('index')}: the context encodes to no tokens")
         if not query.numel():

@@ -71,18 +71,19 @@ class FusedView(nn.Module):
         return fused.part(self.index, x)
 
 
-def _fusable(linears: Sequence[object]) -> bool:
-    if not all(type(linear) is nn.Linear for linear in linears):
-        return False
+def _fusable(candidates: Sequence[object]) -> list[nn.Linear] | None:
+    """The projections when they can be fused: plain ``nn.Linear`` of one input size, dtype and device."""
+    linears = [linear for linear in candidates if type(linear) is nn.Linear]
+    if len(linears) != len(candidates):
+        return None
     first = linears[0]
-    assert isinstance(first, nn.Linear)
-    return all(
-        isinstance(linear, nn.Linear)
-        and linear.in_features == first.in_features
+    same = all(
+        linear.in_features == first.in_features
         and linear.weight.dtype == first.weight.dtype
         and linear.weight.device == first.weight.device
         for linear in linears
     )
+    return linears if same else None
 
 
 def fuse_projections(model: nn.Module) -> int:
@@ -90,13 +91,12 @@ def fuse_projections(model: nn.Module) -> int:
     fused_groups = 0
     for module in list(model.modules()):
         for names in GROUPS:
-            linears = [getattr(module, name, None) for name in names]
-            if not _fusable(linears):
+            linears = _fusable([getattr(module, name, None) for name in names])
+            if linears is None:
                 continue
-            fused = FusedLinear([linear for linear in linears if isinstance(linear, nn.Linear)])
+            fused = FusedLinear(linears)
             module.add_module("_".join(names) + "_fused", fused)
             for index, (name, linear) in enumerate(zip(names, linears, strict=True)):
-                assert isinstance(linear, nn.Linear)
                 setattr(module, name, FusedView(fused, index, linear.in_features, linear.out_features))
             fused_groups += 1
     return fused_groups

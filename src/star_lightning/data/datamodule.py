@@ -22,8 +22,8 @@ from star_lightning.options import bad_value
 from star_lightning.parallel.lifetime import STOP_SIGNALS
 from star_lightning.tokens import RequestEncoder
 
-# 0 would run nothing and a negative count is no count: both refused rather than read as Python's slice would.
 WORKERS_ACCEPTED = "0 (tokenize in the main process) or more worker processes; leave it unset for one on a GPU"
+# 0 would run nothing and a negative count is no count: both refused rather than read as Python's slice would.
 LIMIT_ACCEPTED = "a positive number of requests (the file's first N); leave it unset to run every request"
 
 
