@@ -114,7 +114,9 @@ def _predict(
     code, launched, ended = _run(command, run / "predict.log", args.timeout, run)
     logs = sorted((run / "lightning_logs" / "predict").glob("version_*"))
     requests = throughput.read_requests(logs[-1]) if logs else []
-    return code, throughput.summarize(requests, launched, ended), requests
+    summary = throughput.summarize(requests, launched, ended)
+    summary["startup_parts"] = throughput.read_startup(logs[-1]) if logs else {}
+    return code, summary, requests
 
 
 def _write(out: Path, records: list[dict[str, Any]], args: argparse.Namespace, earlier: list[dict[str, Any]]) -> None:

@@ -44,6 +44,8 @@ def test_the_script_writes_one_record_per_run_with_exactly_the_fields(tmp_path: 
         assert record["phase1_floor_s"] is None and record["new_tokens"] > 0 and record["query_s"] > 0
         assert (record["variant"], record["predict_args"]) == ("eager", "--model.prefill eager")
         assert 0 < record["startup_s"] < record["wall_s"]
+        parts = record["startup_parts"]  # the run's own startup/* scalars: imports, model load, ... in seconds
+        assert {"imports_s", "model_load_s", "total_s"} <= set(parts) and 0 < parts["imports_s"] < parts["total_s"]
         assert 0 < record["phase1_s"] <= record["per_request_s"] < record["wall_s"]
         assert record["decode_ms_per_token"] > 0
 

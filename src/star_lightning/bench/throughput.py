@@ -7,6 +7,8 @@ with TensorBoard's own reader. What the process costs as a whole is its wall tim
 - ``wall_s``: the command's wall time, launch to exit;
 - ``startup_s``: from launch to the start of the first request (the first request's scalars are written when it
   ends; its own phases, ``phase1_s + query_s + decode_setup_s + decode_s``, are taken off);
+- ``startup_parts``: where the process's start-up went, as it logged it (``startup/*``, :mod:`star_lightning.startup`:
+  ``imports_s``, ``parse_s``, ``checks_s``, ``model_load_s``, ``to_first_request_s``, ...), ``{}`` if it logged none;
 - ``per_request_s``: the median time between two requests' scalars: everything a request costs in steady state
   (tokenization, the phases, writing its prediction);
 - ``phase1_s``, ``query_s``, ``decode_setup_s``, ``decode_ms_per_token``, ``new_tokens``: the medians of the
@@ -41,6 +43,7 @@ RECORD_FIELDS = (
     "requests",
     "wall_s",
     "startup_s",
+    "startup_parts",
     "per_request_s",
     "phase1_s",
     "query_s",
@@ -78,6 +81,16 @@ def read_requests(log_dir: str | Path) -> list[RequestScalars]:
             wall = event.wall_time if known is None else max(known.wall_time, event.wall_time)
             by_step[event.step] = RequestScalars(event.step, wall, values)
     return sorted(by_step.values(), key=lambda request: request.wall_time)
+
+
+def read_startup(log_dir: str | Path) -> dict[str, float]:
+    """The run's start-up parts (``startup/<part>`` scalars, logged once) as ``{part: seconds}``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = [tag for tag in events.Tags().get("scalars", []) if tag.startswith("startup/")]
+    return {tag.removeprefix("startup/"): round(float(events.Scalars(tag)[0].value), 3) for tag in sorted(tags)}
 
 
 def _engine_seconds(request: RequestScalars) -> float:
