@@ -66,6 +66,10 @@ class StarAttentionLM(LightningModule):
         passing_selection: ``shared`` (one choice of tokens for all heads) or ``per_head`` (each KV head its own).
         passing_pool_kernel: the choice scores are max-pooled over this many neighbouring positions (odd; 1 = none),
             so a chosen token's neighbours come with it.
+        lookback_tokens: star: each block after the first is encoded after the anchor and the W context tokens just
+            before it (recomputed in its forward, attending to the anchor and to each other, never stored): a wider
+            local context, at the cost of W more rows a block; 0 = Star as the paper defines it. Not with
+            passing_tokens.
         simulate_hosts: star: play the Phase 1 of this many hosts in this one process, host by host, exactly as that
             many real hosts compute it (anchor, passing tokens), then Phase 2 over all of their KV: what a layout of
             that many hosts predicts, measured on one device; 0 = one host per block of each request (the paper's
@@ -108,6 +112,7 @@ class StarAttentionLM(LightningModule):
         passing_tokens: int = 0,
         passing_selection: Selection = "shared",
         passing_pool_kernel: int = 7,
+        lookback_tokens: int = 0,
         simulate_hosts: int = 1,
         max_new_tokens: int = 32,
         temperature: float = 0.0,

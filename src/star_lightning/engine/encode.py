@@ -114,7 +114,7 @@ def encode_on_host(
         sent = prefill_star(
             model, context_ids, plan, group, store, anchor_source=star.anchor_source, kernels=kernels,
             query_ids=query_ids if star.anchor_query else None, query_positions=star.anchor_query_positions,
-            passing=star.passing if star.passing_tokens else None,
+            passing=star.passing if star.passing_tokens else None, lookback=star.lookback_tokens,
             graphs=resolve_prefill_mode(star, devices, bool(length_dependent_rotary_modules(model))) == "graph",
         )  # fmt: skip
     synchronize(devices)

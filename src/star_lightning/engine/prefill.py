@@ -26,11 +26,12 @@ from star_lightning.partition import Block, BlockPlan, RingPlan
 
 def block_forward(run: StarRun, block: Block) -> tuple[Tensor, Tensor, ForwardStep, int | None]:
     """One block's forward inputs: ids ``[1, n]``, positions ``[1, n]``, its step and its first position (None
-    where the positions are no contiguous run)."""
-    ids = run.context_ids[:, block.start : block.end]  # [1, l]
-    positions = position_ids(block.start, block.end, ids.device)  # [1, l]
+    where the positions are no contiguous run). With a lookback the block's rows follow the context tokens just
+    before it (:func:`lookback_length`), recomputed and not stored: the step skips them."""
     prefix, selection = run.prefix, run.selection
     if block.index == 0:
+        ids = run.context_ids[:, block.start : block.end]  # [1, l]
+        positions = position_ids(block.start, block.end, ids.device)  # [1, l]
         # The prefix's query rides along as trailing rows where anyone needs its K/V or selection queries.
         tail = prefix.query if (run.sink is not None or run.exchange is not None) else 0
         if tail:
@@ -39,12 +40,24 @@ def block_forward(run: StarRun, block: Block) -> tuple[Tensor, Tensor, ForwardSt
             selection = (block.length, block.length + tail) if selection is not None else None
         rows = BlockRows(prefix=prefix.anchor, tail_query=tail, selection=selection)
         return ids, positions, replace(run.base, share_anchor=run.sink, rows=rows), None if tail else block.start
+    first = block.start - lookback_length(run, block)
+    ids = run.context_ids[:, first : block.end]  # [1, w + l]
+    positions = position_ids(first, block.end, ids.device)  # [1, w + l]
     if prefix.anchor and run.anchor_source == "block":
-        ids = torch.cat([prefix.ids, ids], dim=1)  # [1, P + l]
-        positions = torch.cat([prefix.positions, positions], dim=1)  # [1, P + l]
+        ids = torch.cat([prefix.ids, ids], dim=1)  # [1, P + w + l]
+        positions = torch.cat([prefix.positions, positions], dim=1)  # [1, P + w + l]
         rows = BlockRows(prefix=prefix.length, selection=selection)
-        return ids, positions, replace(run.base, skip=prefix.length, rows=rows), None
-    return ids, positions, replace(run.base, anchor=run.anchor), block.start
+        skip = prefix.length + block.start - first
+        return ids, positions, replace(run.base, skip=skip, rows=rows), None
+    return ids, positions, replace(run.base, anchor=run.anchor, skip=block.start - first), first
+
+
+def lookback_length(run: StarRun, block: Block) -> int:
+    """The context tokens just before ``block`` that its forward recomputes: at most ``run.lookback``, none of the
+    anchor's (the prefix holds them already) and none for the first block."""
+    if block.index == 0 or not run.lookback:
+        return 0
+    return block.start - max(run.prefix.anchor, block.start - run.lookback)
 
 
 def prefill_star(
@@ -59,6 +72,7 @@ def prefill_star(
     query_ids: Tensor | None = None,
     query_positions: QueryPositions = "after_anchor",
     passing: PassingSettings | None = None,
+    lookback: int = 0,
     graphs: bool = False,
 ) -> int:
     """Phase 1 on this host: encode its blocks, each after the anchor prefix; returns the bytes it sent.
@@ -69,6 +83,8 @@ def prefill_star(
     first block's forward computes it too (as trailing rows that see only the anchor), and no host stores it.
     ``passing``: every host passes ``passing.tokens`` of its block's tokens per layer to the hosts after it
     (:mod:`star_lightning.attention.passing`), the hosts encoding their blocks in rounds, in step.
+    ``lookback``: every non-first block's forward starts this many context tokens earlier (after the anchor), those
+    rows recomputed and not stored (``--model.lookback_tokens``; not with passing tokens).
     ``graphs``: replay the blocks' forwards as CUDA graphs where they read only fixed buffers
     (:mod:`.prefill_graph`).
     """
@@ -76,7 +92,7 @@ def prefill_star(
     bytes_before = group.bytes_moved
     run = star_run(
         model, context_ids, plan, group, store, anchor_source=anchor_source, kernels=kernels,
-        query_ids=query_ids, query_positions=query_positions, passing=passing,
+        query_ids=query_ids, query_positions=query_positions, passing=passing, lookback=lookback,
     )  # fmt: skip
     replay = graphs and graphs_apply(run)
     for round_index in range(run.rounds):

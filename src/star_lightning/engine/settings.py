@@ -88,6 +88,10 @@ class StarSettings:
     """Star: tokens each host passes per layer to the hosts after it (:mod:`star_lightning.attention.passing`)."""
     passing_selection: Selection = "shared"
     passing_pool_kernel: int = 7
+    lookback_tokens: int = 0
+    """Star: each non-first block's forward also recomputes the W context tokens just before the block (those after
+    the anchor), attending to the anchor prefix and to them: a wider local context, never stored (issue 29's
+    ``wider`` cell; :func:`star_lightning.engine.prefill.block_forward`). 0 = Star as the paper defines it."""
     simulated_hosts: int = 1
     """Star: play the Phase 1 of this many hosts in this one process, host by host (exact), then Phase 2 over all of
     their KV (:mod:`star_lightning.engine.encode`); 0 = as many hosts as the context makes blocks; 1 = this process
@@ -159,8 +163,12 @@ class StarSettings:
             raise _bad("model.passing_pool_kernel", pool, "an odd number of positions (1 = no pooling)")
         if isinstance(simulate, bool) or not isinstance(simulate, int) or simulate < 0:
             raise _bad("model.simulate_hosts", simulate, "1 (off), more hosts, or 0 (one host per block)")
+        lookback = self.lookback_tokens
+        if isinstance(lookback, bool) or not isinstance(lookback, int) or lookback < 0:
+            raise _bad("model.lookback_tokens", lookback, "0 (off) or a positive number of tokens")
         used = [name for name, on in (("anchor_query true", self.anchor_query), (f"passing_tokens {passing}",
-                passing > 0), (f"simulate_hosts {simulate}", simulate != 1)) if on]  # fmt: skip
+                passing > 0), (f"lookback_tokens {lookback}", lookback > 0),
+                (f"simulate_hosts {simulate}", simulate != 1)) if on]  # fmt: skip
         if self.attention != "star" and used:
             raise ConfigurationError(
                 f"--model.{used[0]} applies to star attention only, but --model.attention is {self.attention} (exact "
@@ -170,6 +178,11 @@ class StarSettings:
             raise ConfigurationError(
                 f"--model.{used[0]} needs the anchor (the query joins the anchor's prefix; passing tokens are chosen "
                 "by it), but --model.anchor is false; drop it or set --model.anchor true"
+            )
+        if lookback and passing:
+            raise ConfigurationError(
+                f"--model.lookback_tokens {lookback} and --model.passing_tokens {passing} both widen what a block "
+                "sees, and are not combined: drop one of them"
             )
         self._check_options_that_do_nothing()
 
@@ -255,6 +268,7 @@ class StarSettings:
             self.attention, self.block_size, self.anchor_block_size, self.use_anchor, self.ring_layout,
             star and self.anchor_query, self.anchor_query_positions if star and self.anchor_query else None,
             self.passing if star and self.passing_tokens else None, self.simulated_hosts if star else 1,
+            self.lookback_tokens if star else 0,
         )  # fmt: skip
 
 
@@ -262,7 +276,8 @@ class StarSettings:
 _RENAMED = {"anchor": "use_anchor", "simulate_hosts": "simulated_hosts"}
 _FIELDS = (
     "attention", "block_size", "anchor_block_size", "anchor", "anchor_source", "ring_layout", "anchor_query",
-    "anchor_query_positions", "passing_tokens", "passing_selection", "passing_pool_kernel", "simulate_hosts",
+    "anchor_query_positions", "passing_tokens", "passing_selection", "passing_pool_kernel", "lookback_tokens",
+    "simulate_hosts",
     "backend", "decode", "prefill", "max_new_tokens",
 )  # fmt: skip
 

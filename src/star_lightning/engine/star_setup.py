@@ -77,6 +77,8 @@ class StarRun:
     base: ForwardStep
     anchor_source: AnchorSource
     exchange: PassingExchange | None = None
+    lookback: int = 0
+    """Context tokens before a non-first block that its forward recomputes (``--model.lookback_tokens``)."""
     sink: KeptAnchor | None = None
     received: ReceivedAnchor | None = None
     stored: StoredAnchor | None = None
@@ -136,8 +138,11 @@ def star_run(
     query_ids: Tensor | None,
     query_positions: QueryPositions,
     passing: PassingSettings | None,
+    lookback: int = 0,
 ) -> StarRun:
     """Set up this host's Phase 1: the prefix, the passing exchange, the base step and the anchor's source."""
+    if lookback and passing is not None and passing.tokens:
+        raise ValueError("a lookback and passing tokens are not combined (the settings refuse it)")
     prefix = anchor_prefix(context_ids, plan, query_ids, query_positions)
     exchange = None
     if passing is not None and passing.tokens > 0 and group.size > 1 and plan.anchor_length:
@@ -146,7 +151,7 @@ def star_run(
         exchange = PassingExchange(group, passing, num_layers(model), shape, dtype, root)
     last = max(plan.context_length - 1, prefix.last)
     base = ForwardStep(phase="block", group=group, kernels=kernels, store=store, last_position=last, passing=exchange)
-    run = StarRun(context_ids, plan, plan.blocks_of(group.rank), prefix, base, anchor_source, exchange)
+    run = StarRun(context_ids, plan, plan.blocks_of(group.rank), prefix, base, anchor_source, exchange, lookback)
     if plan.anchor_length and anchor_source != "block":
         _anchor_source(model, run, group)
     return run
