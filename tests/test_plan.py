@@ -397,3 +397,29 @@ def test_measure_rates_on_this_gpu(tmp_path, monkeypatch: pytest.MonkeyPatch) ->
     assert gpu.matmul_flops > 1e13 and gpu.copy_bytes_per_s > 1e11
     assert hardware.read_cached_rates(gpu.name)["matmul_flops"] == gpu.matmul_flops
     assert hardware.measure_rates() == gpu  # the second call reads the cache
+
+
+def test_a_lookback_adds_its_rows_to_every_later_block_and_nothing_else() -> None:
+    """``lookback_tokens`` W: each non-first block's forward recomputes min(W, its start past the anchor) more rows,
+    causal among themselves after the anchor, the block's rows seeing them too; nothing is sent, nothing more kept."""
+    shape = ModelShape.from_config(LLAMA_8B, "bfloat16")
+    request = Request(131072, 32, 32)
+    base = Layout(method="star", hosts=4, block_size=16384)  # 8 blocks, anchor = block: 2 a host
+    lookback = 4096
+    star = plan_request(shape, base, request, GPU)
+    wider = plan_request(shape, replace(base, lookback_tokens=lookback), request, GPU)
+    prefix = 16384
+    for host, (a, b) in enumerate(zip(star.hosts, wider.hosts, strict=True)):
+        extra = 0.0
+        for index in a.blocks:
+            if index < 2:  # the first block, and the second, whose lookback is the anchor itself
+                continue
+            rows = 16384 + lookback
+            before = costs.linear_flops(shape, 16384) + costs.attention_flops(shape, costs.causal_pairs(16384, prefix))
+            after = costs.linear_flops(shape, rows) + costs.attention_flops(shape, costs.causal_pairs(rows, prefix))
+            extra += after - before
+        assert b.phase1_flops - a.phase1_flops == pytest.approx(extra), f"host {host}"
+        assert (b.phase1_bytes, b.kv_context_bytes) == (a.phase1_bytes, a.kv_context_bytes)
+    assert wider.hosts[0].phase1_flops - star.hosts[0].phase1_flops == 0  # blocks 0 and 1: no lookback
+    assert wider.predicted_ttft_s > star.predicted_ttft_s
+    assert plan_request(shape, replace(base, lookback_tokens=0), request, GPU) == star

@@ -16,10 +16,13 @@ from star_lightning.tune.command import NONE_QUALIFIES
 
 
 def test_candidates_and_the_pick() -> None:
-    assert default_candidates(4) == ["star_L/4", "aq_L/4", "star_L/8", "star_L/8_a/4", "aq_L/8", "aq+pt_L/8"]
+    assert default_candidates(4) == ["star_L/4", "aq_L/4", "star_L/8", "star_L/8_a/4", "star_L/8_w/4", "aq_L/8",
+                                     "aq+pt_L/8"]  # fmt: skip
     candidate = parse_candidate("aq+pt_L/8_a/4")
     assert candidate.model_options(16000, 4) == {"attention": "star", "block_size": 2000, "anchor_block_size": 500,
                                                  "anchor_query": True, "passing_tokens": 62}  # fmt: skip
+    assert parse_candidate("star_L/8_w/4").model_options(16000, 4) == {
+        "attention": "star", "block_size": 2000, "anchor_block_size": 2000, "lookback_tokens": 500}
     table = [
         {"name": "fast_but_unsure", "qualifies": False, "predicted_ttft_s": 0.1},
         {"name": "slow", "qualifies": True, "predicted_ttft_s": 0.5},
@@ -36,6 +39,8 @@ def test_candidates_and_the_pick() -> None:
         (["--target", "1.5"], "--target 1.5: give a share of dense in (0, 1]"),
         (["--samples", "0"], "--samples 0: give a positive number"),
         (["--candidates", "star_L/0"], "--candidates star_L/0: not a candidate name"),
+        (["--candidates", "star_L/8_w/0"], "--candidates star_L/8_w/0: not a candidate name"),
+        (["--candidates", "aq+pt_L/8_w/4"], "not with aq+pt"),
         (["--ruler", "niah_single_1"], "one of the two"),
         (["--output", "tuned.txt"], "give a .yaml file"),
     ],
@@ -56,13 +61,15 @@ def test_tune_writes_a_config_predict_runs(tmp_path: Path, capsys) -> None:
     assert main(["generate", "--benchmark", "ruler", "--task", "niah_single_1", "--length", "1024", "--num_samples",
                  "10", "--output", str(requests)]) == 0  # fmt: skip
     tuned = tmp_path / "tuned.yaml"
-    args = ["tune", "--data.path", str(requests), "--samples", "10", "--candidates", "star_L/2", "aq_L/4", "--gpu",
+    args = ["tune", "--data.path", str(requests), "--samples", "10", "--candidates", "star_L/2", "aq_L/4_w/2", "--gpu",
             "H100", "--trainer.devices", "2", "--device", "cpu", "--target", "0.5", "--output", str(tuned)]  # fmt: skip
     status = main(args)
     err = capsys.readouterr().err
-    assert "tune: [2/2] aq_L/4" in err and "share of dense" in err
+    assert "tune: [2/2] aq_L/4_w/2" in err and "share of dense" in err
     table = json.loads(Path(f"{tuned}.json").read_text())
-    assert [row["name"] for row in table["candidates"]] == ["star_L/2", "aq_L/4"] and table["hosts"] == 2
+    assert [row["name"] for row in table["candidates"]] == ["star_L/2", "aq_L/4_w/2"] and table["hosts"] == 2
+    wider = table["candidates"][1]["model"]
+    assert wider["lookback_tokens"] == wider["block_size"] // 2  # _w/2: a lookback of half a block
     for row in table["candidates"]:
         assert row["share_of_dense"]["n"] == 10 and row["share_of_dense"]["method"] == "paired bootstrap"
         assert row["predicted_ttft_s"] > 0

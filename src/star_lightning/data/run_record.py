@@ -48,6 +48,7 @@ MODEL_OPTIONS_THAT_DECIDE = (
     "passing_tokens",
     "passing_selection",
     "passing_pool_kernel",
+    "lookback_tokens",  # the blocks are encoded after more of the context
     "simulate_hosts",  # with passing tokens, the number of hosts decides which tokens pass (see ``hosts``)
     "max_new_tokens",
     "temperature",
@@ -75,7 +76,7 @@ PREDICTION_SETTINGS = (
     *MODEL_OPTIONS_THAT_DECIDE, "model", "dtype", "precision", "requests", "hosts", "anchor_query_form"
 )  # fmt: skip
 # Settings added after records were first written: absent from an old record reads as null.
-_ADDED_LATER = ("anchor_query_form",)
+_ADDED_LATER = ("anchor_query_form", "lookback_tokens")
 
 
 def record_path(output: str | os.PathLike[str]) -> Path:
@@ -119,6 +120,8 @@ def prediction_settings(
     if settings["temperature"] == 0:
         settings.update(top_p=None, seed=None)
     settings["anchor_query_form"] = anchor_query_form if settings["anchor_query"] else None
+    # Off (0) is recorded as null, as records written before the option read: their runs resume.
+    settings["lookback_tokens"] = settings.get("lookback_tokens") or None if settings["attention"] == "star" else None
     return settings
 
 

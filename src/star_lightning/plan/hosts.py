@@ -53,6 +53,8 @@ class Layout:
     """Star: the query follows the anchor in every block's prefix (``--model.anchor_query``)."""
     passing_tokens: int = 0
     """Star: tokens each host passes per layer to the hosts after it (``--model.passing_tokens``)."""
+    lookback_tokens: int = 0
+    """Star: context tokens before a non-first block that its forward recomputes (``--model.lookback_tokens``)."""
 
     @property
     def gpus_per_request(self) -> int:
@@ -67,6 +69,7 @@ class Layout:
             anchor_source=settings.anchor_source, ring_layout=settings.ring_layout,
             tensor_parallel_size=settings.tensor_parallel_size, gpus_per_host=settings.gpus_per_host,
             anchor_query=settings.anchor_query, passing_tokens=settings.passing_tokens,
+            lookback_tokens=settings.lookback_tokens,
         )  # fmt: skip
 
     def settings(self) -> StarSettings:
@@ -74,7 +77,8 @@ class Layout:
         return StarSettings(
             attention=self.method, block_size=self.block_size, anchor_block_size=self.anchor_block_size,
             use_anchor=self.use_anchor, anchor_source=self.anchor_source, ring_layout=self.ring_layout,
-            anchor_query=self.anchor_query, passing_tokens=self.passing_tokens, hosts=self.hosts,
+            anchor_query=self.anchor_query, passing_tokens=self.passing_tokens,
+            lookback_tokens=self.lookback_tokens, hosts=self.hosts,
             tensor_parallel_size=self.tensor_parallel_size, gpus_per_host=self.gpus_per_host,
         )  # fmt: skip
 
@@ -361,7 +365,8 @@ def assign(layout: Layout, context_tokens: int, query_tokens: int = 0) -> Assign
 
     ``query_tokens``: with ``anchor_query`` the prefix is the anchor and the query (the first block's forward computes
     the query's rows after the anchor too); with ``passing_tokens`` a block also attends to what the hosts before its
-    own passed in its round or earlier.
+    own passed in its round or earlier; with ``lookback_tokens`` a non-first block's forward starts that many context
+    tokens earlier (after the anchor).
 
     Raises the block plan's own errors (more hosts than blocks, bad block sizes).
     """
@@ -393,12 +398,13 @@ def assign(layout: Layout, context_tokens: int, query_tokens: int = 0) -> Assign
                 first = Forward.causal(block.length)
                 host_forwards.append(Forward(first.tokens + query, first.pairs + costs.causal_pairs(query, anchor)))
                 continue
+            rows = block.length + block.start - max(anchor, block.start - layout.lookback_tokens)  # lookback, block
             if anchor and layout.anchor_source == "block":
-                forward = Forward.causal(prefix + block.length)
+                forward = Forward.causal(prefix + rows)
             elif anchor:
-                forward = Forward.causal(block.length, prefix, merged=True)
+                forward = Forward.causal(rows, prefix, merged=True)
             else:
-                forward = Forward.causal(block.length)
+                forward = Forward.causal(rows)
             # Tokens the hosts before this one passed in this round or earlier, seen by every row of the block.
             passed = passing * sum(min(round_index + 1, len(plan.blocks_of(earlier))) for earlier in range(host))
             host_forwards.append(

@@ -1,9 +1,10 @@
 """The Star configurations ``tune`` tries, as ``--model.*`` options, and the rule that picks one.
 
 A candidate is named like the fidelity table's cells: ``star_L/8`` (blocks of 1/8 of the longest context, anchor =
-block), ``star_L/8_a/4`` (anchor = block/4), ``aq_L/8`` (the question after the anchor), ``aq+pt_L/8`` (and
-block/32 passing tokens per host and layer, the job's hosts played in one process). Block fractions are of the job's
-hosts: ``L/H`` (one block a host) and ``L/2H``.
+block), ``star_L/8_a/4`` (anchor = block/4), ``star_L/8_w/4`` (each block after the anchor and the block/4 context tokens
+before it: ``--model.lookback_tokens``, the frontier's wider local context), ``aq_L/8`` (the question after the
+anchor), ``aq+pt_L/8`` (and block/32 passing tokens per host and layer, the job's hosts played in one process). Block
+fractions are of the job's hosts: ``L/H`` (one block a host) and ``L/2H``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from star_lightning.errors import ConfigurationError
 
 PASSING_FRACTION = 32
-_NAME = re.compile(r"^(star|aq|aq\+pt)_L/(\d+)(?:_a/(\d+))?$")
+_NAME = re.compile(r"^(star|aq|aq\+pt)_L/(\d+)(?:_a/(\d+))?(?:_w/(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Candidate:
     anchor_divisor: int = 1  # anchor = block / anchor_divisor
     anchor_query: bool = False
     passing: bool = False
+    lookback_divisor: int = 0  # lookback = block / lookback_divisor; 0: none
 
     def model_options(self, context_tokens: int, hosts: int) -> dict[str, Any]:
         """``--model.*`` values for requests of up to ``context_tokens`` on ``hosts`` hosts."""
@@ -35,24 +37,33 @@ class Candidate:
             options["anchor_query"] = True
         if self.passing:
             options["passing_tokens"] = max(1, block // PASSING_FRACTION)
+        if self.lookback_divisor:
+            options["lookback_tokens"] = max(1, block // self.lookback_divisor)
         return options
 
 
 def parse_candidate(name: str) -> Candidate:
     match = _NAME.match(name)
-    if match is None or int(match.group(2)) < 1 or (match.group(3) is not None and int(match.group(3)) < 1):
+    numbers = [int(group) for group in match.groups()[1:] if group is not None] if match is not None else []
+    if match is None or min(numbers) < 1 or (match.group(1) == "aq+pt" and match.group(4) is not None):
         raise ConfigurationError(
-            f"--candidates {name}: not a candidate name; write KIND_L/D[_a/A] with KIND star, aq or aq+pt, D the "
-            "block divisor of the longest context and A the anchor divisor of the block (e.g. star_L/8, aq_L/8_a/4)"
+            f"--candidates {name}: not a candidate name; write KIND_L/D[_a/A][_w/W] with KIND star, aq or aq+pt, D "
+            "the block divisor of the longest context, A the anchor divisor of the block and W the lookback divisor "
+            "of the block (not with aq+pt: passing tokens and a lookback are not combined; e.g. star_L/8, "
+            "aq_L/8_a/4, star_L/8_w/4)"
         )
     kind, divisor, anchor = match.group(1), int(match.group(2)), int(match.group(3) or 1)
-    return Candidate(name, divisor, anchor, anchor_query=kind != "star", passing=kind == "aq+pt")
+    lookback = int(match.group(4) or 0)
+    return Candidate(name, divisor, anchor, anchor_query=kind != "star", passing=kind == "aq+pt",
+                     lookback_divisor=lookback)  # fmt: skip
 
 
 def default_candidates(hosts: int) -> list[str]:
-    """One block a host and two, anchor = block or a quarter of it, the question in the anchor, passing tokens."""
+    """One block a host and two, anchor = block or a quarter of it, a lookback of a quarter block (the frontier's
+    cheap cell), the question in the anchor, passing tokens."""
     one, two = f"L/{hosts}", f"L/{2 * hosts}"
-    return [f"star_{one}", f"aq_{one}", f"star_{two}", f"star_{two}_a/4", f"aq_{two}", f"aq+pt_{two}"]
+    return [f"star_{one}", f"aq_{one}", f"star_{two}", f"star_{two}_a/4", f"star_{two}_w/4", f"aq_{two}",
+            f"aq+pt_{two}"]  # fmt: skip
 
 
 def pick(table: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
