@@ -22,7 +22,11 @@ def test_candidates_and_the_pick() -> None:
     assert candidate.model_options(16000, 4) == {"attention": "star", "block_size": 2000, "anchor_block_size": 500,
                                                  "anchor_query": True, "passing_tokens": 62}  # fmt: skip
     assert parse_candidate("star_L/8_w/4").model_options(16000, 4) == {
-        "attention": "star", "block_size": 2000, "anchor_block_size": 2000, "lookback_tokens": 500}
+        "attention": "star",
+        "block_size": 2000,
+        "anchor_block_size": 2000,
+        "lookback_tokens": 500,
+    }
     table = [
         {"name": "fast_but_unsure", "qualifies": False, "predicted_ttft_s": 0.1},
         {"name": "slow", "qualifies": True, "predicted_ttft_s": 0.5},

@@ -1,10 +1,10 @@
 """The Star configurations ``tune`` tries, as ``--model.*`` options, and the rule that picks one.
 
 A candidate is named like the fidelity table's cells: ``star_L/8`` (blocks of 1/8 of the longest context, anchor =
-block), ``star_L/8_a/4`` (anchor = block/4), ``star_L/8_w/4`` (each block after the anchor and the block/4 context tokens
-before it: ``--model.lookback_tokens``, the frontier's wider local context), ``aq_L/8`` (the question after the
-anchor), ``aq+pt_L/8`` (and block/32 passing tokens per host and layer, the job's hosts played in one process). Block
-fractions are of the job's hosts: ``L/H`` (one block a host) and ``L/2H``.
+block), ``star_L/8_a/4`` (anchor = block/4), ``star_L/8_w/4`` (each block after the anchor and the block/4 context
+tokens before it: ``--model.lookback_tokens``, the frontier's wider local context), ``aq_L/8`` (the question after
+the anchor), ``aq+pt_L/8`` (and block/32 passing tokens per host and layer, the job's hosts played in one process).
+Block fractions are of the job's hosts: ``L/H`` (one block a host) and ``L/2H``.
 """
 
 from __future__ import annotations
