@@ -116,6 +116,12 @@ def test_every_cell_at_its_limit_equals_its_reference(model64, tokenizer):
         assert all(
             torch.equal(a, b) for pa, pb in zip(kv[name], kv["star"], strict=True) for a, b in zip(pa, pb, strict=True)
         ), name
+    # The engine's lookback of 0 tokens (block // (block + 1)) is the engine's star: the masked star's K/V, to float64.
+    engine = dict(
+        encode_cells(model64, request, plan, [parse_cell(f"lookback_b{BLOCK + 1}"), parse_cell("lookback_b2")])
+    )
+    _close(engine[f"lookback_b{BLOCK + 1}"], kv["star"], 1e-10)
+    assert not torch.allclose(engine["lookback_b2"][-1][0], kv["star"][-1][0])
     from star_lightning.bench.oracle import answer_over
 
     assert answer_over(model64, kv["oracle_r100"], request.query, request.settings) == answers["dense"]
@@ -148,17 +154,22 @@ def test_extra_costs_at_the_8b_scale():
     scale = llama_8b_scale()
     cost = {name: extra_cost(parse_cell(name), scale) for name in
             ["star", "random_r0", "random_r10", "random_r20", "delta_g16", "delta_g4", "wider_b8", "wider_b2", "dense",
-             "spava", "aq"]}  # fmt: skip
+             "spava", "aq", "lookback_b8", "lookback_b2"]}  # fmt: skip
     assert cost["star"]["extra_flops"] == cost["random_r0"]["extra_flops"] == 0
     assert 0 < cost["random_r10"]["extra_phase1"] < cost["random_r20"]["extra_phase1"]
     assert 0 < cost["delta_g16"]["extra_phase1"] < cost["delta_g4"]["extra_phase1"]
     assert 0 < cost["wider_b8"]["extra_phase1"] < cost["wider_b2"]["extra_phase1"]
     assert all(c["extra_phase1"] < cost["dense"]["extra_phase1"] for n, c in cost.items() if n != "dense")
     assert cost["spava"]["extra_bytes"] > 0 and cost["aq"]["extra_flops"] > 0
+    # A lookback recomputes its tokens (their projections too) where the wider mask only attends: it costs more, and
+    # sends nothing.
+    assert 0 < cost["lookback_b8"]["extra_phase1"] < cost["lookback_b2"]["extra_phase1"]
+    assert cost["lookback_b8"]["extra_phase1"] > cost["wider_b8"]["extra_phase1"]
+    assert cost["lookback_b8"]["extra_bytes"] == cost["lookback_b2"]["extra_bytes"] == 0
 
 
 def test_bad_cell_names_are_refused():
-    for name in ["oracle_r101", "delta_g0", "nonsense", "wider_b0"]:
+    for name in ["oracle_r101", "delta_g0", "nonsense", "wider_b0", "lookback_b0"]:
         with pytest.raises(ValueError):
             parse_cell(name)
 

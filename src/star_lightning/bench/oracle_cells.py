@@ -7,8 +7,11 @@ non-first block's tokens, the chooser one of ``oracle`` (largest K/V deviation f
 ``attn_max`` (the question's attention over star's context, summed / max-pooled over heads and rows, summed over
 layers), ``random``, ``first`` (each block's first tokens, EPIC), ``spava_attn_max`` (Spava's cell, its question's
 max-pooled attention choosing); ``delta_g{N}``: Delta rows every N-th row of each non-first block; ``wider_b{D}``:
-each block's prefix is the anchor and the previous block's last block/D tokens. The first block (the anchor itself)
-is exact in every cell.
+each block's rows also see the previous block's last block/D tokens, with the K/V that block stored (a mask: a bound,
+since a host would need them from the block before, which in turn needs its own: a chain across hosts);
+``lookback_b{D}``: the engine's ``--model.lookback_tokens block/D``, each block's forward recomputing those tokens
+after the anchor (no communication; its K/V from the engine's own Phase 1). The first block (the anchor itself) is
+exact in every cell.
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ from star_lightning.bench.oracle import (
     masked_forward,
     star_mask,
 )
-from star_lightning.partition import BlockPlan
+from star_lightning.cache import KVStore
+from star_lightning.engine.forward import num_layers
+from star_lightning.engine.prefill import prefill_star
+from star_lightning.parallel.group import SingleHostGroup
+from star_lightning.partition import BlockPlan, plan_blocks
 
 KV = list[tuple[Tensor, Tensor]]
 CHOOSERS = ("oracle", "attn_sum", "attn_max", "random", "first", "spava_attn_max")
@@ -39,14 +46,17 @@ DEFAULT_CELLS = (
     *(f"{c}_r{r}" for c in CHOOSERS for r in (5, 10, 20, 50)),
     *(f"delta_g{g}" for g in (4, 8, 16, 32, 64)),
     *(f"wider_b{d}" for d in (8, 4, 2)),
+    *(f"lookback_b{d}" for d in (8, 4, 2)),
 )  # fmt: skip
-_PATTERN = re.compile(r"^(?:(dense|star|spava|aq)|(" + "|".join(CHOOSERS) + r")_r(\d+)|delta_g(\d+)|wider_b(\d+))$")
+_PATTERN = re.compile(
+    r"^(?:(dense|star|spava|aq)|(" + "|".join(CHOOSERS) + r")_r(\d+)|delta_g(\d+)|(wider|lookback)_b(\d+))$"
+)
 
 
 @dataclass(frozen=True)
 class Cell:
     name: str
-    kind: str  # dense, star, spava, replace, delta, wider
+    kind: str  # dense, star, spava, replace, delta, wider, lookback
     chooser: str = ""
     percent: int = 0
     gamma: int = 0
@@ -64,9 +74,9 @@ def parse_cell(name: str) -> Cell:
     if match is None:
         raise ValueError(
             f"unknown cell {name!r}; cells are dense, star, aq, spava, CHOOSER_rP ({', '.join(CHOOSERS)}; P in 0-100), "
-            "delta_gN (N >= 1) or wider_bD (D >= 1)"
+            "delta_gN (N >= 1), wider_bD or lookback_bD (D >= 1)"
         )
-    plain, chooser, percent, gamma, divisor = match.groups()
+    plain, chooser, percent, gamma, local, divisor = match.groups()
     if plain:
         return Cell(name, plain)
     if chooser:
@@ -79,7 +89,7 @@ def parse_cell(name: str) -> Cell:
         return Cell(name, "delta", gamma=int(gamma))
     if int(divisor) < 1:
         raise ValueError(f"cell {name!r}: the divisor of the block must be at least 1")
-    return Cell(name, "wider", divisor=int(divisor))
+    return Cell(name, local, divisor=int(divisor))
 
 
 def choose(plan: BlockPlan, scores: Tensor | None, percent: int, rule: str, seed: str) -> Tensor:
@@ -181,6 +191,18 @@ def encode_cells(model: nn.Module, request: Request, plan: BlockPlan, cells: lis
         elif cell.kind == "delta":
             exact, rep = delta_rows(plan, cell.gamma, total)
             kv = run(star_visible, exact=exact.to(device), delta_rep=rep.to(device)).captured
+        elif cell.kind == "lookback":
+            kv = engine_lookback_kv(model, request.context, plan, plan.block_size // cell.divisor)
         else:
             kv = run(star_mask(plan, q, tail=plan.block_size // cell.divisor)).captured
         yield cell.name, kv
+
+
+def engine_lookback_kv(model: nn.Module, context: Tensor, plan: BlockPlan, lookback: int) -> KV:
+    """The engine's star Phase 1 with ``lookback`` tokens (:func:`star_lightning.engine.prefill.prefill_star`) on one
+    host holding every block of ``plan`` (the same K/V as any hosts: a lookback needs no other host's), per layer."""
+    one_host = plan_blocks(plan.context_length, plan.block_size, 1, plan.anchor_length, plan.anchor_length > 0)
+    store = KVStore(num_layers(model), plan.context_length)
+    with torch.inference_mode():
+        prefill_star(model, context, one_host, SingleHostGroup(), store, lookback=lookback)
+    return [store.view(layer) for layer in range(store.num_layers)]

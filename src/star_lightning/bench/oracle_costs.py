@@ -15,7 +15,9 @@ would run it through Phase 2's distributed softmax:
   resulting K/V go to every host), and every non-first block's rows see ``q`` more keys.
 - a wider local context of ``W`` tokens: every non-first block sees the previous block's last ``W`` tokens that the
   anchor does not hold (none for the second block when anchor = block), whose K/V the previous block's host sends
-  when it is another host.
+  when it is another host (its latency, a chain of blocks each waiting for the one before, is not counted).
+- a lookback of ``W`` tokens (the engine's ``--model.lookback_tokens``): every non-first block's forward recomputes
+  those ``W`` tokens (plan's count: ``W`` more rows a block), nothing sent.
 """
 
 from __future__ import annotations
@@ -152,6 +154,11 @@ def extra_cost(cell: Cell, scale: Scale) -> dict[str, Any]:
         sent = [scale.question * scale.shape.kv_bytes_per_token * (plan.num_hosts - 1)] + [0] * (plan.num_hosts - 1)
     elif cell.kind == "wider":
         flops, sent = _wider(scale, plan.block_size // cell.divisor)
+    elif cell.kind == "lookback":  # the engine's option, as the plan counts it
+        layout = Layout(method="star", hosts=scale.hosts, block_size=plan.block_size,
+                        anchor_block_size=plan.anchor_length, lookback_tokens=plan.block_size // cell.divisor)  # fmt: skip
+        wider = phase1_flops_per_host(scale.shape, layout, scale.context)
+        flops = [a - b for a, b in zip(wider, _star_flops(scale), strict=True)]
     star = _star_flops(scale)
     if cell.kind == "dense":
         dense = costs.forward_flops(scale.shape, scale.context)
