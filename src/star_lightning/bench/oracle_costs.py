@@ -155,8 +155,9 @@ def extra_cost(cell: Cell, scale: Scale) -> dict[str, Any]:
     elif cell.kind == "wider":
         flops, sent = _wider(scale, plan.block_size // cell.divisor)
     elif cell.kind == "lookback":  # the engine's option, as the plan counts it
+        lookback = plan.block_size // cell.divisor
         layout = Layout(method="star", hosts=scale.hosts, block_size=plan.block_size,
-                        anchor_block_size=plan.anchor_length, lookback_tokens=plan.block_size // cell.divisor)  # fmt: skip
+                        anchor_block_size=plan.anchor_length, lookback_tokens=lookback)  # fmt: skip
         wider = phase1_flops_per_host(scale.shape, layout, scale.context)
         flops = [a - b for a, b in zip(wider, _star_flops(scale), strict=True)]
     star = _star_flops(scale)
