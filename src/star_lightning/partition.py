@@ -27,6 +27,14 @@ class Block:
     def length(self) -> int:
         return self.end - self.start
 
+    def lookback(self, anchor_length: int, tokens: int) -> int:
+        """The context tokens just before this block that a lookback of ``tokens`` recomputes in its forward
+        (``--model.lookback_tokens``): at most ``tokens``, none of the anchor's (the prefix holds them), none for
+        the first block."""
+        if self.index == 0 or not tokens:
+            return 0
+        return self.start - max(anchor_length, self.start - tokens)
+
 
 @dataclass(frozen=True)
 class BlockPlan:

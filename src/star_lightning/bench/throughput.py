@@ -65,12 +65,18 @@ class RequestScalars:
     values: dict[str, float]
 
 
-def read_requests(log_dir: str | Path) -> list[RequestScalars]:
-    """Every request a run logged under ``log_dir`` (a TensorBoard run folder), in the order they were written."""
+def _events(log_dir: str | Path) -> Any:
+    """The run's TensorBoard events under ``log_dir``, every scalar kept, read with TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     events.Reload()
+    return events
+
+
+def read_requests(log_dir: str | Path) -> list[RequestScalars]:
+    """Every request a run logged under ``log_dir`` (a TensorBoard run folder), in the order they were written."""
+    events = _events(log_dir)
     tags = [tag for tag in events.Tags().get("scalars", []) if tag.startswith("request/")]
     by_step: dict[int, RequestScalars] = {}
     for tag in tags:
@@ -85,10 +91,7 @@ def read_requests(log_dir: str | Path) -> list[RequestScalars]:
 
 def read_startup(log_dir: str | Path) -> dict[str, float]:
     """The run's start-up parts (``startup/<part>`` scalars, logged once) as ``{part: seconds}``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    events.Reload()
+    events = _events(log_dir)
     tags = [tag for tag in events.Tags().get("scalars", []) if tag.startswith("startup/")]
     return {tag.removeprefix("startup/"): round(float(events.Scalars(tag)[0].value), 3) for tag in sorted(tags)}
 

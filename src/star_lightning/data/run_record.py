@@ -121,7 +121,7 @@ def prediction_settings(
         settings.update(top_p=None, seed=None)
     settings["anchor_query_form"] = anchor_query_form if settings["anchor_query"] else None
     # Off (0) is recorded as null, as records written before the option read: their runs resume.
-    settings["lookback_tokens"] = settings.get("lookback_tokens") or None if settings["attention"] == "star" else None
+    settings["lookback_tokens"] = (settings["lookback_tokens"] or None) if settings["attention"] == "star" else None
     return settings
 
 

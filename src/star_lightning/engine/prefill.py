@@ -27,7 +27,7 @@ from star_lightning.partition import Block, BlockPlan, RingPlan
 def block_forward(run: StarRun, block: Block) -> tuple[Tensor, Tensor, ForwardStep, int | None]:
     """One block's forward inputs: ids ``[1, n]``, positions ``[1, n]``, its step and its first position (None
     where the positions are no contiguous run). With a lookback the block's rows follow the context tokens just
-    before it (:func:`lookback_length`), recomputed and not stored: the step skips them."""
+    before it (:meth:`~star_lightning.partition.Block.lookback`), recomputed and not stored: the step skips them."""
     prefix, selection = run.prefix, run.selection
     if block.index == 0:
         ids = run.context_ids[:, block.start : block.end]  # [1, l]
@@ -40,7 +40,7 @@ def block_forward(run: StarRun, block: Block) -> tuple[Tensor, Tensor, ForwardSt
             selection = (block.length, block.length + tail) if selection is not None else None
         rows = BlockRows(prefix=prefix.anchor, tail_query=tail, selection=selection)
         return ids, positions, replace(run.base, share_anchor=run.sink, rows=rows), None if tail else block.start
-    first = block.start - lookback_length(run, block)
+    first = block.start - block.lookback(prefix.anchor, run.lookback)
     ids = run.context_ids[:, first : block.end]  # [1, w + l]
     positions = position_ids(first, block.end, ids.device)  # [1, w + l]
     if prefix.anchor and run.anchor_source == "block":
@@ -50,14 +50,6 @@ def block_forward(run: StarRun, block: Block) -> tuple[Tensor, Tensor, ForwardSt
         skip = prefix.length + block.start - first
         return ids, positions, replace(run.base, skip=skip, rows=rows), None
     return ids, positions, replace(run.base, anchor=run.anchor, skip=block.start - first), first
-
-
-def lookback_length(run: StarRun, block: Block) -> int:
-    """The context tokens just before ``block`` that its forward recomputes: at most ``run.lookback``, none of the
-    anchor's (the prefix holds them already) and none for the first block."""
-    if block.index == 0 or not run.lookback:
-        return 0
-    return block.start - max(run.prefix.anchor, block.start - run.lookback)
 
 
 def prefill_star(

@@ -398,7 +398,7 @@ def assign(layout: Layout, context_tokens: int, query_tokens: int = 0) -> Assign
                 first = Forward.causal(block.length)
                 host_forwards.append(Forward(first.tokens + query, first.pairs + costs.causal_pairs(query, anchor)))
                 continue
-            rows = block.length + block.start - max(anchor, block.start - layout.lookback_tokens)  # lookback, block
+            rows = block.lookback(anchor, layout.lookback_tokens) + block.length
             if anchor and layout.anchor_source == "block":
                 forward = Forward.causal(prefix + rows)
             elif anchor:
