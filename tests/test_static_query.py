@@ -15,6 +15,7 @@ from star_lightning.engine.decode import decode_step, encode_query, query_logits
 from star_lightning.engine.encode import encode_context
 from star_lightning.engine.request import generate
 from star_lightning.engine.settings import GenerationSettings, StarSettings
+from star_lightning.engine.static_decoder import StaticDecoder
 from star_lightning.engine.static_query import MAX_ROWS, ROWS, StaticQuery, padded_rows
 from star_lightning.models import use_star_attention
 from star_lightning.parallel.group import SingleHostGroup
@@ -101,6 +102,43 @@ def test_a_query_that_cannot_be_captured_runs_uncaptured_with_one_warning(monkey
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # said once: this engine does not try again
             query_logits(model, again, query, SingleHostGroup(), settings, kernels, captured=True)
+
+
+class _OtherGroup(SingleHostGroup):
+    """A group of its own kind: its captured steps are its own (as a distributed group's, whose communicators are in
+    the capture)."""
+
+
+def test_a_new_one_host_group_per_request_finds_the_steps_kept_with_the_buffers() -> None:
+    """A caller that makes a ``SingleHostGroup`` per request (the library's own scripts did) gets the query and
+    decode steps kept with the store's buffers, not a new capture each request (a captured step kept per request);
+    a group of another kind gets its own."""
+    model = _model("qwen2", {}, dtype=torch.float32)
+    kernels, settings = KernelChoice(), GenerationSettings(max_new_tokens=4)
+    star = StarSettings(block_size=64, decode="static")
+    with torch.no_grad():
+        first = generate(model, random_tokens(200, seed=1), random_tokens(5, seed=2), SingleHostGroup(), star,
+                         settings, kernels=kernels)  # fmt: skip
+        store = first.context.store
+        assert store is not None
+        graphs = store.allocation.graphs
+        decoders = [entry for entry in graphs.values() if isinstance(entry, StaticDecoder)]
+        assert len(decoders) == 1
+        query = StaticQuery.over(model, store, SingleHostGroup(), kernels, ROWS, 10_000, graph=False)
+        del first, store
+        gc.collect()
+        second = generate(model, random_tokens(190, seed=3), random_tokens(5, seed=4), SingleHostGroup(), star,
+                          settings, kernels=kernels)  # fmt: skip
+        store = second.context.store
+        assert store is not None and store.allocation.graphs is graphs  # the pool's buffers, with what they keep
+        assert [entry for entry in graphs.values() if isinstance(entry, StaticDecoder)] == decoders
+        group = SingleHostGroup()
+        assert StaticQuery.over(model, store, group, kernels, ROWS, 10_000, graph=False) is query
+        assert query.group is group
+        other = _OtherGroup()
+        assert StaticQuery.over(model, store, other, kernels, ROWS, 10_000, graph=False) is not query
+        other_decoder = StaticDecoder.over(model, store, other, kernels, 10_000, "static")
+        assert other_decoder is not decoders[0] and other_decoder.group is other
 
 
 @pytest.mark.gpu

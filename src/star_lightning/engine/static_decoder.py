@@ -20,7 +20,7 @@ from star_lightning.attention.kernels import KernelChoice
 from star_lightning.attention.step import ForwardStep, StaticSlot
 from star_lightning.cache import KVStore
 from star_lightning.engine.forward import forward, model_config
-from star_lightning.parallel.group import ContextGroup, is_query_host
+from star_lightning.parallel.group import ContextGroup, capture_key, is_query_host
 
 
 class StaticDecoder:
@@ -83,7 +83,7 @@ class StaticDecoder:
         when the exact position was the key."""
         window = getattr(model_config(model).get_text_config(), "sliding_window", None)
         cuts = None if window is None else min(last_position, int(window))
-        return ("decode", id(group), mode, cuts)
+        return ("decode", capture_key(group), mode, cuts)
 
     @classmethod
     def over(
@@ -99,18 +99,18 @@ class StaticDecoder:
         pointed at ``store`` for this request."""
         key = cls.key(model, group, mode, last_position)
         decoder = store.allocation.graphs.get(key)
-        if not isinstance(decoder, StaticDecoder) or decoder.group is not group or decoder.model is not model:
+        if not isinstance(decoder, StaticDecoder) or decoder.model is not model:
             graph, compiled = mode in ("graph", "compile"), mode == "compile"
             decoder = cls(model, store, group, kernels, last_position, graph=graph, compile=compiled)
             store.allocation.graphs[key] = decoder
-        decoder.begin_request(store)
+        decoder.begin_request(store, group)
         return decoder
 
-    def begin_request(self, store: KVStore) -> None:
-        """Serve ``store`` (whose buffers the step was made over); per-request figures start at zero; a graph captured
-        for an earlier request is replayed as it is."""
-        self.store = weakref.proxy(store)
-        self.step = replace(self.step, store=self.store)
+    def begin_request(self, store: KVStore, group: ContextGroup) -> None:
+        """Serve ``store`` (whose buffers the step was made over) for ``group`` (one of the same capture key);
+        per-request figures start at zero; a graph captured for an earlier request is replayed as it is."""
+        self.store, self.group = weakref.proxy(store), group
+        self.step = replace(self.step, store=self.store, group=group)
         self.setup_s = 0.0
         self.replays = 0
 

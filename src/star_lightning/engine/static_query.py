@@ -26,7 +26,7 @@ from star_lightning.attention.kernels import KernelChoice
 from star_lightning.attention.step import ForwardStep, StaticSlot
 from star_lightning.cache import KVStore
 from star_lightning.engine.forward import model_config
-from star_lightning.parallel.group import ContextGroup, is_query_host
+from star_lightning.parallel.group import ContextGroup, capture_key, is_query_host
 
 ROWS = 32
 """Queries are padded to a multiple of this many tokens: one captured step per multiple."""
@@ -75,7 +75,7 @@ class StaticQuery:
     def key(model: nn.Module, group: ContextGroup, rows: int, last_position: int) -> tuple[Any, ...]:
         """What a step kept with a store's buffers was captured for, besides them (the window rule as the decoder's)."""
         window = getattr(model_config(model).get_text_config(), "sliding_window", None)
-        return ("query", id(group), rows, None if window is None else min(last_position, int(window)))
+        return ("query", capture_key(group), rows, None if window is None else min(last_position, int(window)))
 
     @classmethod
     def over(
@@ -91,10 +91,10 @@ class StaticQuery:
         """The step kept with ``store``'s buffers for this group, size and window rule, else a new one kept there."""
         key = cls.key(model, group, rows, last_position)
         found = store.allocation.graphs.get(key)
-        if not isinstance(found, StaticQuery) or found.group is not group or found.model is not model:
+        if not isinstance(found, StaticQuery) or found.model is not model:
             found = cls(model, store, group, kernels, rows, last_position, graph)
             store.allocation.graphs[key] = found
-        found.store = weakref.proxy(store)
+        found.store, found.group = weakref.proxy(store), group
         found.setup_s = 0.0
         return found
 

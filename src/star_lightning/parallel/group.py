@@ -95,6 +95,13 @@ class SingleHostGroup:
         return Done(tensor.unsqueeze(0))
 
 
+def capture_key(group: ContextGroup) -> object:
+    """What a step captured over ``group`` (a CUDA graph kept with a store's buffers) depends on of the group: a
+    one-host group calls no collective, so every :class:`SingleHostGroup` captures alike and a caller that makes one
+    per request replays the kept steps; any other group is itself (its communicators are in the capture)."""
+    return SingleHostGroup if type(group) is SingleHostGroup else id(group)
+
+
 def is_query_host(group: ContextGroup) -> bool:
     return group.rank == group.query_host
 
