@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             torn.write("\n")
 
     device = torch.device(args.device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     torch.set_num_threads(args.threads)
     model = load_model(str(model_path), dtype=resolve_dtype(args.dtype, device), devices=[device], attention="star")
     register_oracle_attention(model)
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 for cell, tokens in run_request(model, request, plan, todo).items():
                     prediction = tokenizer.decode(tokens, skip_special_tokens=True)
                     line = {"cell": cell, "task": task, "index": i, "score": score(task, prediction, row["outputs"]),
-                            "prediction": prediction}  # fmt: skip
+                            "prediction": prediction, "device": device_name}  # fmt: skip
                     sink.write(json.dumps(line) + "\n")
                     done[(cell, task, i)] = line
                 sink.flush()
@@ -318,10 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     scale = llama_8b_scale()
     costs = {c.name: extra_cost(c, scale) for c in all_cells}
     summary = summarize(done, all_cells, args.tasks, scale.describe(), costs, args.frontier_min_n)
+    answered_on = ", ".join(sorted({str(row.get("device", "device unrecorded")) for row in done.values()}))
     summary.update(model=name, length=args.length, block=f"L/{args.block_divisor}",
-                   anchor=f"block/{args.anchor_divisor}", dtype=dtype_name, device=args.device)  # fmt: skip
+                   anchor=f"block/{args.anchor_divisor}", dtype=dtype_name, device=answered_on)  # fmt: skip
     title = (f"# Star's frontier: {name}, {args.length // 1024}K, blocks of L/{args.block_divisor}, anchor = "
-             f"block/{args.anchor_divisor} ({args.device.upper()} {dtype_name}, greedy)")  # fmt: skip
+             f"block/{args.anchor_divisor} ({answered_on}, {dtype_name}, greedy)")  # fmt: skip
     json_path, md_path = table_paths(out)
     write_atomic(json_path, json.dumps(summary, indent=1) + "\n")
     write_atomic(md_path, markdown(summary, args.tasks, title))

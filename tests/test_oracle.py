@@ -206,6 +206,8 @@ def test_the_script_resumes_without_redoing_cells(tmp_path, monkeypatch):
     assert sorted((r["cell"], r["index"]) for r in rows) == [("dense", 0), ("dense", 1), ("star", 0), ("star", 1)]
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["cells"]["dense"]["tasks"]["niah_single_1"]["n"] == 2
+    assert {r["device"] for r in rows} == {"cpu"} and summary["device"] == "cpu"  # where the answers were made
+    assert "(cpu, float32, greedy)" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit) as stopped:
         script.main([*common, "--block-divisor", "4"])
     assert stopped.value.code == 2
