@@ -13,8 +13,9 @@ The rules (``auto``): on CPU ``sdpa`` (the CPU flash kernel), ``math`` for soft-
 (``banded``) for windowed ones. On CUDA (fp16/bf16, head dim <= 256): the split-KV kernel for what fits its tiles,
 ``math`` up to 16 query tokens, else flash-attn where installed, else ``prefill`` (cuDNN, falling back to flash);
 windowed and soft-capped calls flash-attn's ``window_size`` where installed and the call allows it, else the
-split-KV kernel for windowed short queries, else FlexAttention (not while a CUDA graph is captured), else the
-memory-efficient SDPA kernel with the mask as a bias for long queries without soft-capping, else ``math``.
+split-KV kernel for windowed short queries, else FlexAttention (not while a CUDA graph is captured; there a long
+aligned window takes two causal calls of ``prefill``, ``window_causal``), else the memory-efficient SDPA kernel with
+the mask as a bias for long queries without soft-capping, else ``math``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from star_lightning.attention import flex, triton_decode
-from star_lightning.attention.backends import banded, sdpa, sdpa_masked
+from star_lightning.attention.backends import banded, sdpa, sdpa_masked, window_causal
 from star_lightning.attention.backends import flash as flash_backend
 from star_lightning.attention.backends import flex as flex_backend
 from star_lightning.attention.backends import math as math_backend
@@ -142,6 +143,7 @@ def _choose(
             "triton": split_kv_backend.attention,
             "flex": flex_backend.attention,
             "sdpa_masked": sdpa_masked.attention,
+            "window_causal": window_causal.attention,
             "banded": banded.attention,
         }
         return masked_backends.get(masked, math_backend.attention)
@@ -203,8 +205,10 @@ def resolve_masked_backend(
     """The kernel of a windowed or soft-capped call: ``flash_attn`` (its ``window_size``) where installed and the call
     is a forward attending to itself; the split-KV kernel (``triton``, the window read by positions on the device)
     for a windowed short query it takes (a decode token, a short question; ``key``/``value`` given); ``flex`` on
-    CUDA; the memory-efficient SDPA kernel with the mask as a bias (``sdpa_masked``) for long queries without
-    soft-capping where FlexAttention cannot run (a CUDA graph being captured, or it failed); tiles of ``math``
+    CUDA; in a CUDA graph being captured (FlexAttention cannot be), a long aligned window (a forward attending to
+    itself) as two causal calls of ``auto``'s Phase 1 kernel (``window_causal``); the memory-efficient SDPA kernel
+    with the mask as a bias (``sdpa_masked``) for other long queries without soft-capping where FlexAttention cannot
+    run (captured, or it failed); tiles of ``math``
     (``banded``) for CPU windows; else ``math``. A forced ``math`` or ``flex`` is kept; a forced fused kernel that
     cannot mask takes ``auto``'s choice."""
     if kernels.backend in ("math", "flex"):
@@ -222,7 +226,11 @@ def resolve_masked_backend(
     capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
     if cuda_ok and flex.available() and kernels.flex.failure is None and not capturing:
         return "flex"
-    long_ok = query.shape[2] > sdpa.SHORT_QUERY and kernels.masked_sdpa_failure is None
+    long = query.shape[2] > sdpa.SHORT_QUERY
+    aligned = window is not None and window.aligned and valid_length is None
+    if capturing and long and aligned and kernels.backend == "auto" and window_causal.supports(query, softcap):
+        return "window_causal"
+    long_ok = long and kernels.masked_sdpa_failure is None
     if long_ok and sdpa_masked.supports(query, softcap):
         return "sdpa_masked"
     if window is not None and query.device.type == "cpu":

@@ -4,9 +4,10 @@
         -> (out [B, Hq, Lq, Dv] in the query's dtype, lse [B, Hq, Lq] natural log, float32 or float64)
 
 ``math`` (the float32/64 reference), ``banded`` (CPU windows as tiles of ``math``), ``sdpa`` (PyTorch's flash and
-cuDNN kernels), ``flash`` (the flash-attn package), ``flex`` (FlexAttention) and ``triton_decode`` (split-KV for a few
-query rows). :mod:`star_lightning.attention.selector` picks one per shape class of call; a backend is handed only
-calls it was chosen for (it checks nothing the selector decided).
+cuDNN kernels), ``flash`` (the flash-attn package), ``flex`` (FlexAttention), ``sdpa_masked`` (a mask as a bias),
+``window_causal`` (an aligned window as two causal calls) and ``triton_decode`` (split-KV for a few query rows).
+:mod:`star_lightning.attention.selector` picks one per shape class of call; a backend is handed only calls it was
+chosen for (it checks nothing the selector decided).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def flash(
     kernels: KernelChoice,
 ) -> tuple[Tensor, Tensor]:
     """PyTorch's flash kernel (``sdpa``), on CUDA or CPU."""
-    return _fused_attention(kernels, "sdpa", query, key, value, scale=scale, causal=causal)
+    return fused_attention(kernels, "sdpa", query, key, value, scale=scale, causal=causal)
 
 
 def cudnn(
@@ -57,7 +57,7 @@ def cudnn(
     kernels: KernelChoice,
 ) -> tuple[Tensor, Tensor]:
     """cuDNN's kernel, asked for by name (a failure is raised)."""
-    return _fused_attention(kernels, "cudnn", query, key, value, scale=scale, causal=causal)
+    return fused_attention(kernels, "cudnn", query, key, value, scale=scale, causal=causal)
 
 
 def cudnn_or_flash(
@@ -74,13 +74,13 @@ def cudnn_or_flash(
 ) -> tuple[Tensor, Tensor]:
     """``auto``'s cuDNN: a refusal warns once and switches the engine's prefill kernel to flash (chosen again)."""
     try:
-        return _fused_attention(kernels, "cudnn", query, key, value, scale=scale, causal=causal)
+        return fused_attention(kernels, "cudnn", query, key, value, scale=scale, causal=causal)
     except RuntimeError as error:
         message = f"cuDNN attention failed ({error}); 'auto' uses the flash kernel (sdpa) from now on"
         warnings.warn(message, stacklevel=3)
         kernels.prefill = "sdpa"
         kernels.forget()
-    return _fused_attention(kernels, "sdpa", query, key, value, scale=scale, causal=causal)
+    return fused_attention(kernels, "sdpa", query, key, value, scale=scale, causal=causal)
 
 
 def _repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -90,7 +90,7 @@ def _repeat_kv(x: Tensor, groups: int) -> Tensor:
     return x[:, :, None].expand(b, h, groups, length, d).reshape(b, h * groups, length, d)  # [B, Hq, L, D]
 
 
-def _fused_attention(
+def fused_attention(
     kernels: KernelChoice, kernel: str, query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool
 ) -> tuple[Tensor, Tensor]:
     """A fused kernel (``sdpa``: flash, ``cudnn``); bottom-right causality is a visible prefix merged with a square
