@@ -5,9 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from star_lightning.attention import kernels
+from model_zoo import random_tokens, tiny_model
+from star_lightning.attention import kernels, selector
 from star_lightning.attention.backends import window_causal
 from star_lightning.attention.kernels import KernelChoice, SlidingWindow, attention_with_lse
+from star_lightning.engine.encode import encode_context
+from star_lightning.engine.settings import StarSettings
+from star_lightning.models import use_star_attention
+from star_lightning.parallel.group import SingleHostGroup
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -84,3 +89,40 @@ def test_an_aligned_window_on_cuda_against_float64(prefill, length, window, dim)
     ref_out, ref_lse = _reference(q.cpu(), k.cpu(), v.cpu(), 0.0625, positions.cpu(), window)
     torch.testing.assert_close(out.cpu().double(), ref_out, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"), [("mistral", {"sliding_window": 24}), ("gemma3", {"sliding_window": 24})]
+)
+@pytest.mark.parametrize("lookback", [0, 20])
+def test_the_engine_stores_the_same_kv_with_window_causal_for_its_aligned_windows(
+    family: str, overrides: dict, lookback: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Float64 on CPU, star blocks of 64 after an anchor of 64 (a lookback of 20 too): with the engine's aligned
+    windowed calls sent to ``window_causal`` (on a GPU: inside a captured block) every layer's stored K/V equal
+    those of the CPU path, to 1e-10; the backend took the calls."""
+    model = tiny_model(family, **overrides)
+    use_star_attention(model)
+    tokens = random_tokens(300, seed=5)
+    star = StarSettings(block_size=64, lookback_tokens=lookback)
+    taken = []
+    original = selector.resolve_masked_backend
+
+    def aligned_to_window_causal(choice, query, window, valid_length=None, softcap=None, key=None, value=None):
+        if window is not None and window.aligned and valid_length is None and query.shape[2] > 16:
+            taken.append(query.shape[2])
+            return "window_causal"
+        return original(choice, query, window, valid_length, softcap, key, value)
+
+    stores = []
+    with torch.no_grad():
+        for patched in (False, True):
+            if patched:
+                monkeypatch.setattr(selector, "resolve_masked_backend", aligned_to_window_causal)
+            encoded = encode_context(model, tokens, SingleHostGroup(), star, extra_capacity=4, kernels=KernelChoice())
+            assert encoded.store is not None
+            stores.append([encoded.store.view(layer) for layer in range(model.config.num_hidden_layers)])
+    assert taken  # the blocks' own windowed calls went to the backend
+    for (keys, values), (ref_keys, ref_values) in zip(stores[1], stores[0], strict=True):
+        torch.testing.assert_close(keys, ref_keys, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(values, ref_values, rtol=1e-10, atol=1e-10)
