@@ -14,8 +14,8 @@ The rules (``auto``): on CPU ``sdpa`` (the CPU flash kernel), ``math`` for soft-
 ``math`` up to 16 query tokens, else flash-attn where installed, else ``prefill`` (cuDNN, falling back to flash);
 windowed and soft-capped calls flash-attn's ``window_size`` where installed and the call allows it, else the
 split-KV kernel for windowed short queries, else FlexAttention (not while a CUDA graph is captured; there a long
-aligned window takes two causal calls of ``prefill``, ``window_causal``), else the memory-efficient SDPA kernel with
-the mask as a bias for long queries without soft-capping, else ``math``.
+aligned window takes two causal calls of the flash kernel, ``window_causal``), else the memory-efficient SDPA kernel
+with the mask as a bias for long queries without soft-capping, else ``math``.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def resolve_masked_backend(
     is a forward attending to itself; the split-KV kernel (``triton``, the window read by positions on the device)
     for a windowed short query it takes (a decode token, a short question; ``key``/``value`` given); ``flex`` on
     CUDA; in a CUDA graph being captured (FlexAttention cannot be), a long aligned window (a forward attending to
-    itself) as two causal calls of ``auto``'s Phase 1 kernel (``window_causal``); the memory-efficient SDPA kernel
+    itself) as two causal calls of the flash kernel (``window_causal``); the memory-efficient SDPA kernel
     with the mask as a bias (``sdpa_masked``) for other long queries without soft-capping where FlexAttention cannot
     run (captured, or it failed); tiles of ``math``
     (``banded``) for CPU windows; else ``math``. A forced ``math`` or ``flex`` is kept; a forced fused kernel that

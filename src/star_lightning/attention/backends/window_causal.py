@@ -1,5 +1,5 @@
 """``window_causal``: an aligned sliding window (a forward attending to itself, one contiguous run of positions) as two
-batched causal calls of a fused kernel, no mask built.
+batched causal calls of PyTorch's flash kernel, no mask built.
 
 Cut the rows into chunks of the window's ``W`` (the last padded). A row ``i`` of a chunk sees the keys of its own
 chunk up to itself (causal: one call over every chunk at once, the chunks as a batch) and the keys ``m >= i`` of the
@@ -10,8 +10,9 @@ call, batched the same way; the chunk's last row has no such key). The two parti
 Why: a captured Phase 1 block cannot take FlexAttention, and ``sdpa_masked`` builds a bias and runs the
 memory-efficient kernel on chunks of ``W`` rows x ``2W`` keys, half of them masked (Gemma-3-270M, window 512, head
 dim 256, an 8K request on an H100: 285 such calls of 69 us, most of them in Phase 1, which took 62 ms). Here the same
-pairs go through the causal kernel that serves every other Phase 1 call (cuDNN or flash), two calls a layer whatever
-the block's length. Exact: each row's keys are the window's, each in exactly one of the two calls.
+pairs go through a causal kernel of the kind that serves every other Phase 1 call (flash: it takes any number of
+rows, where cuDNN's limits on odd lengths are untested here), two calls a layer whatever the block's length. Exact:
+each row's keys are the window's, each in exactly one of the two calls.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def attention(
 ) -> tuple[Tensor, Tensor]:
     """``window`` aligned (the selector hands this backend only such calls: queries are the keys, all valid)."""
     assert window is not None and window.aligned and valid_length is None
-    kernel = "sdpa" if query.device.type == "cpu" else kernels.prefill
+    kernel = "sdpa"  # the flash kernel: any number of rows (the reversed call has W - 1), on CPU too
     length, size = query.shape[2], window.size
     if size >= length:  # the window cuts nothing: causal attention
         return sdpa.fused_attention(kernels, kernel, query, key, value, scale=scale, causal=True)
