@@ -83,7 +83,7 @@ def cudnn_or_flash(
     return fused_attention(kernels, "sdpa", query, key, value, scale=scale, causal=causal)
 
 
-def _repeat_kv(x: Tensor, groups: int) -> Tensor:
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
     if groups == 1:
         return x
     b, h, length, d = x.shape
@@ -121,7 +121,7 @@ def _fused_call(
             if kernels.native_gqa[kernel]:
                 raise
             kernels.native_gqa[kernel] = False
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)  # [B, Hq, Lk, D]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # [B, Hq, Lk, D]
     return _fused_op(kernel, query, key, value, scale=scale, causal=causal)
 
 

@@ -63,9 +63,13 @@ def attention(
     assert window is not None and window.aligned and valid_length is None
     kernel = "sdpa"  # the flash kernel: any number of rows (the reversed call has W - 1), on CPU too
     length, size = query.shape[2], window.size
+    batch, heads, count = query.shape[0], query.shape[1], -(-length // size)
+    groups = heads // key.shape[1]
+    # K/V heads repeated to the query's: the flash op takes no grouped heads on CUDA, and finding that out by a
+    # failed call (as the other fused calls do, once per engine) inside a graph capture would end the capture.
+    key, value = sdpa.repeat_kv(key, groups), sdpa.repeat_kv(value, groups)  # [B, Hq, L, D]
     if size >= length:  # the window cuts nothing: causal attention
         return sdpa.fused_attention(kernels, kernel, query, key, value, scale=scale, causal=True)
-    batch, heads, count = query.shape[0], query.shape[1], -(-length // size)
     q, k, v = (_chunks(x, size, count) for x in (query, key, value))  # [B*n, H, W, D]
     out, lse = sdpa.fused_attention(kernels, kernel, q, k, v, scale=scale, causal=True)  # [B*n, Hq, W, Dv], [.., W]
     out = out.view(batch, count, heads, size, -1)
@@ -73,14 +77,12 @@ def attention(
     if count > 1 and size > 1:
         # Chunks 1..n-1, rows 0..W-2 (reversed: rows 1..W-1) against the previous chunk's keys 1..W-1 (reversed).
         rows = q.view(batch, count, heads, size, -1)[:, 1:, :, : size - 1].flip(3)  # [B, n-1, Hq, W-1, D]
-        keys = k.view(batch, count, k.shape[1], size, -1)[:, :-1, :, 1:].flip(3)  # [B, n-1, Hk, W-1, D]
-        values = v.view(batch, count, v.shape[1], size, -1)[:, :-1, :, 1:].flip(3)  # [B, n-1, Hk, W-1, Dv]
+        keys = k.view(batch, count, heads, size, -1)[:, :-1, :, 1:].flip(3)  # [B, n-1, Hq, W-1, D]
+        values = v.view(batch, count, heads, size, -1)[:, :-1, :, 1:].flip(3)  # [B, n-1, Hq, W-1, Dv]
         earlier = batch * (count - 1)
-        kv_heads = k.shape[1]
         out_prev, lse_prev = sdpa.fused_attention(
-            kernels, kernel, rows.reshape(earlier, heads, size - 1, -1),
-            keys.reshape(earlier, kv_heads, size - 1, -1), values.reshape(earlier, kv_heads, size - 1, -1),
-            scale=scale, causal=True,
+            kernels, kernel, rows.reshape(earlier, heads, size - 1, -1), keys.reshape(earlier, heads, size - 1, -1),
+            values.reshape(earlier, heads, size - 1, -1), scale=scale, causal=True,
         )  # fmt: skip
         out_prev = out_prev.view(batch, count - 1, heads, size - 1, -1).flip(3)  # rows 0..W-2 again
         lse_prev = lse_prev.view(batch, count - 1, heads, size - 1).flip(3)
