@@ -113,9 +113,9 @@ def _predict(
                    *args.predict_args.split(), *variant[1].split())  # fmt: skip
     code, launched, ended = _run(command, run / "predict.log", args.timeout, run)
     logs = sorted((run / "lightning_logs" / "predict").glob("version_*"))
-    requests = throughput.read_requests(logs[-1]) if logs else []
+    requests, startup = throughput.read_run(logs[-1]) if logs else ([], {})
     summary = throughput.summarize(requests, launched, ended)
-    summary["startup_parts"] = throughput.read_startup(logs[-1]) if logs else {}
+    summary["startup_parts"] = startup
     return code, summary, requests
 
 

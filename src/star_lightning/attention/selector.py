@@ -206,11 +206,10 @@ def resolve_masked_backend(
     is a forward attending to itself; the split-KV kernel (``triton``, the window read by positions on the device)
     for a windowed short query it takes (a decode token, a short question; ``key``/``value`` given); ``flex`` on
     CUDA; in a CUDA graph being captured (FlexAttention cannot be), a long aligned window (a forward attending to
-    itself) as two causal calls of the flash kernel (``window_causal``); the memory-efficient SDPA kernel
-    with the mask as a bias (``sdpa_masked``) for other long queries without soft-capping where FlexAttention cannot
-    run (captured, or it failed); tiles of ``math``
-    (``banded``) for CPU windows; else ``math``. A forced ``math`` or ``flex`` is kept; a forced fused kernel that
-    cannot mask takes ``auto``'s choice."""
+    itself) as two causal calls of the flash kernel (``window_causal``); the memory-efficient SDPA kernel with the
+    mask as a bias (``sdpa_masked``) for other long queries without soft-capping where FlexAttention cannot run
+    (captured, or it failed); tiles of ``math`` (``banded``) for CPU windows; else ``math``. A forced ``math`` or
+    ``flex`` is kept; a forced fused kernel that cannot mask takes ``auto``'s choice."""
     if kernels.backend in ("math", "flex"):
         return kernels.backend
     cuda_ok = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16, torch.float32)

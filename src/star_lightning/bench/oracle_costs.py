@@ -120,16 +120,18 @@ def _wider(scale: Scale, tail: int) -> tuple[list[float], list[int]]:
     return flops, sent
 
 
-def _star_flops(scale: Scale) -> list[float]:
+def _star_flops(scale: Scale, lookback_tokens: int = 0) -> list[float]:
+    """Each host's Phase 1 FLOPs for star at the scale (with the engine's lookback, as the plan counts it)."""
     plan = scale.plan
-    layout = Layout(method="star", hosts=scale.hosts, block_size=plan.block_size, anchor_block_size=plan.anchor_length)
+    layout = Layout(method="star", hosts=scale.hosts, block_size=plan.block_size,
+                    anchor_block_size=plan.anchor_length, lookback_tokens=lookback_tokens)  # fmt: skip
     return phase1_flops_per_host(scale.shape, layout, scale.context)
 
 
 def extra_cost(cell: Cell, scale: Scale) -> dict[str, Any]:
     """The cell's extra Phase 1 FLOPs and bytes sent, on the host where the sum is largest, and the slowest host's
     Phase 1 FLOPs against star's (the time ratio at the cost model's one Phase 1 efficiency)."""
-    plan = scale.plan
+    plan, star = scale.plan, _star_flops(scale)
     zero = ([0.0] * plan.num_hosts, [0] * plan.num_hosts)
     flops, sent = zero
     realizable = True
@@ -150,17 +152,13 @@ def extra_cost(cell: Cell, scale: Scale) -> dict[str, Any]:
         query = [
             sum(f.flops(scale.shape) for f in host) for host in assign(layout, scale.context, scale.question).forwards
         ]
-        flops = [a - b for a, b in zip(query, _star_flops(scale), strict=True)]
+        flops = [a - b for a, b in zip(query, star, strict=True)]
         sent = [scale.question * scale.shape.kv_bytes_per_token * (plan.num_hosts - 1)] + [0] * (plan.num_hosts - 1)
     elif cell.kind == "wider":
         flops, sent = _wider(scale, plan.block_size // cell.divisor)
     elif cell.kind == "lookback":  # the engine's option, as the plan counts it
-        lookback = plan.block_size // cell.divisor
-        layout = Layout(method="star", hosts=scale.hosts, block_size=plan.block_size,
-                        anchor_block_size=plan.anchor_length, lookback_tokens=lookback)  # fmt: skip
-        wider = phase1_flops_per_host(scale.shape, layout, scale.context)
-        flops = [a - b for a, b in zip(wider, _star_flops(scale), strict=True)]
-    star = _star_flops(scale)
+        with_lookback = _star_flops(scale, lookback_tokens=plan.block_size // cell.divisor)
+        flops = [a - b for a, b in zip(with_lookback, star, strict=True)]
     if cell.kind == "dense":
         dense = costs.forward_flops(scale.shape, scale.context)
         return {"extra_flops": dense - max(star), "extra_bytes": 0, "extra_phase1": dense / max(star) - 1,

@@ -65,18 +65,18 @@ class RequestScalars:
     values: dict[str, float]
 
 
-def _events(log_dir: str | Path) -> Any:
-    """The run's TensorBoard events under ``log_dir``, every scalar kept, read with TensorBoard's own reader."""
+def read_run(log_dir: str | Path) -> tuple[list[RequestScalars], dict[str, float]]:
+    """A run's TensorBoard events under ``log_dir``, read once with TensorBoard's own reader (every scalar kept): its
+    requests (:func:`_requests`) and its start-up parts (:func:`_startup`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     events.Reload()
-    return events
+    return _requests(events), _startup(events)
 
 
-def read_requests(log_dir: str | Path) -> list[RequestScalars]:
-    """Every request a run logged under ``log_dir`` (a TensorBoard run folder), in the order they were written."""
-    events = _events(log_dir)
+def _requests(events: Any) -> list[RequestScalars]:
+    """Every request the run logged (``request/<name>`` scalars), in the order they were written."""
     tags = [tag for tag in events.Tags().get("scalars", []) if tag.startswith("request/")]
     by_step: dict[int, RequestScalars] = {}
     for tag in tags:
@@ -89,9 +89,8 @@ def read_requests(log_dir: str | Path) -> list[RequestScalars]:
     return sorted(by_step.values(), key=lambda request: request.wall_time)
 
 
-def read_startup(log_dir: str | Path) -> dict[str, float]:
+def _startup(events: Any) -> dict[str, float]:
     """The run's start-up parts (``startup/<part>`` scalars, logged once) as ``{part: seconds}``."""
-    events = _events(log_dir)
     tags = [tag for tag in events.Tags().get("scalars", []) if tag.startswith("startup/")]
     return {tag.removeprefix("startup/"): round(float(events.Scalars(tag)[0].value), 3) for tag in sorted(tags)}
 

@@ -28,14 +28,14 @@ from star_lightning.attention.merge import merge_pair
 from star_lightning.attention.window import SlidingWindow
 
 
-def supports(query: Tensor, softcap: float | None, head_dim_limit: int = 256) -> bool:
+def supports(query: Tensor, softcap: float | None) -> bool:
     """What the fused causal kernels take: CUDA fp16/bf16 up to head dim 256, no soft-capping (CPU: any float, for
     the tests)."""
     if softcap is not None:
         return False
     if query.device.type == "cpu":
         return True
-    return query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= head_dim_limit
+    return query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
 
 
 def _chunks(x: Tensor, size: int, count: int) -> Tensor:
