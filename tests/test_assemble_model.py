@@ -104,32 +104,47 @@ def test_known_models_list() -> None:
     assert assemble_model.MODELS["qwen2.5-coder-1.5b"].parts == 22
 
 
-# The assembled Qwen2.5-Coder-0.5B-Instruct (scripts/assemble_model.py qwen2.5-coder-0.5b --out DIR): its path.
-QWEN = Path(os.environ.get("STAR_LIGHTNING_QWEN_GGUF", "/work/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
+# The assembled models (scripts/assemble_model.py NAME --out DIR): where they are looked for.
+MODELS_DIR = Path(os.environ.get("STAR_LIGHTNING_MODELS_DIR", "/work/models"))
+
+
+def _assembled(name: str) -> Path:
+    return MODELS_DIR / assemble_model.MODELS[name].file_name
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not QWEN.is_file(), reason=f"no assembled Qwen2.5-Coder-0.5B GGUF at {QWEN} (set "
-                    "STAR_LIGHTNING_QWEN_GGUF; scripts/assemble_model.py qwen2.5-coder-0.5b makes it)")  # fmt: skip
-def test_the_assembled_qwen_answers_a_ruler_request_through_predict(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "name, chat",
+    [("qwen2.5-coder-0.5b", True), ("qwen2.5-coder-1.5b", True), ("gemma-3-270m", False)],
+)
+def test_an_assembled_model_answers_a_ruler_request_through_predict(
+    name: str, chat: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A 32K-context chat model assembled from its parts: generate with its tokenizer, predict one ~1K-token request
-    with star and the question in the anchor on CPU, and find the needle. (Loaded once: its dequantized weights, 2.4
-    GB in float32, are not cached; test_gguf_cache tests that cache.)"""
+    """A 32K-context model assembled from its parts: generate with its tokenizer, predict one ~1K-token request with
+    star in blocks of 256 on CPU (a chat model with the question in the anchor), and find the needle. Skipped, naming
+    the file, where it was not assembled. (Loaded once: the dequantized float32 weights, 1-6 GB, are not cached;
+    test_gguf_cache tests that cache.)"""
     from star_lightning.cli import main
 
+    model = _assembled(name)
+    if not model.is_file():
+        pytest.skip(f"no assembled {name} at {model} (set STAR_LIGHTNING_MODELS_DIR; "
+                    f"scripts/assemble_model.py {name} --out DIR makes it)")  # fmt: skip
     monkeypatch.setenv("STAR_LIGHTNING_GGUF_WEIGHTS_CACHE", "0")
 
     requests, out = tmp_path / "req.jsonl", tmp_path / "pred.jsonl"
-    assert main(["generate", "--benchmark", "ruler", "--task", "niah_single_1", "--tokenizer", str(QWEN), "--length",
+    assert main(["generate", "--benchmark", "ruler", "--task", "niah_single_1", "--tokenizer", str(model), "--length",
                  "1024", "--num_samples", "1", "--output", str(requests)]) == 0  # fmt: skip
     row = json.loads(requests.read_text())
-    assert "<|im_start|>assistant" in row["input_query"] and "<|" not in row["question"]
-    assert main(["predict", "--model.pretrained", str(QWEN), "--model.attention", "star", "--model.block_size", "256",
-                 "--model.anchor_query", "true", "--model.max_new_tokens", "24", "--data.path", str(requests),
+    assert "<|" not in row["question"] and row["question"] in row["input_query"]
+    # A chat model's query ends its template's assistant turn; a base model's (Gemma-3-270M) holds no template.
+    assert ("<|im_start|>assistant" in row["input_query"]) == chat
+    query_options = ["--model.anchor_query", "true"] if chat else []
+    assert main(["predict", "--model.pretrained", str(model), "--model.attention", "star", "--model.block_size", "256",
+                 *query_options, "--model.max_new_tokens", "24", "--data.path", str(requests),
                  "--output", str(out), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
                  "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]) == 0  # fmt: skip
     prediction = json.loads(out.read_text())
     assert row["outputs"][0] in prediction["pred"], prediction["pred"]
-    assert json.loads(Path(f"{out}.run.json").read_text())["prediction_settings"]["anchor_query_form"] == "question"
+    settings = json.loads(Path(f"{out}.run.json").read_text())["prediction_settings"]
+    assert settings.get("anchor_query_form") == ("question" if chat else None), settings
