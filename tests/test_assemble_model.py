@@ -104,8 +104,11 @@ def test_known_models_list() -> None:
     assert assemble_model.MODELS["qwen2.5-coder-1.5b"].parts == 22
 
 
-# The assembled models (scripts/assemble_model.py NAME --out DIR): where they are looked for.
+# The assembled models (scripts/assemble_model.py NAME --out DIR): where they are looked for. The 1.5B and Gemma-3
+# (100 and 70 s on 2 CPU cores, mostly dequantizing their GGUF files) run only where the folder is named explicitly,
+# which keeps the suite's time; the 0.5B runs wherever it is found.
 MODELS_DIR = Path(os.environ.get("STAR_LIGHTNING_MODELS_DIR", "/work/models"))
+OPT_IN = {"qwen2.5-coder-1.5b", "gemma-3-270m"}
 
 
 def _assembled(name: str) -> Path:
@@ -127,6 +130,8 @@ def test_an_assembled_model_answers_a_ruler_request_through_predict(
     from star_lightning.cli import main
 
     model = _assembled(name)
+    if name in OPT_IN and "STAR_LIGHTNING_MODELS_DIR" not in os.environ:
+        pytest.skip(f"{name}: set STAR_LIGHTNING_MODELS_DIR to the folder of assembled models to run it")
     if not model.is_file():
         pytest.skip(f"no assembled {name} at {model} (set STAR_LIGHTNING_MODELS_DIR; "
                     f"scripts/assemble_model.py {name} --out DIR makes it)")  # fmt: skip
