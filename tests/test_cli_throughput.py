@@ -51,19 +51,27 @@ def test_the_script_writes_one_record_per_run_with_exactly_the_fields(tmp_path: 
 
 
 def test_the_summary_reads_the_scalars_as_the_run_wrote_them() -> None:
-    """Two requests 1.5 s apart: per request 1.5 s; start-up = first scalars less the first request's phases."""
+    """Three requests 1.5 s apart: per request 1.5 s; start-up = first scalars less the first request's phases; the
+    phases' medians are over the requests after the first (the ones the intervals measure), not the warm-up's."""
     first = throughput.RequestScalars(
-        0, 110.0, {"phase1_s": 0.4, "query_s": 0.1, "decode_setup_s": 0.3, "decode_s": 0.2, "decode_tokens_per_s": 50.0}
+        0, 110.0, {"phase1_s": 0.9, "query_s": 0.5, "decode_setup_s": 0.3, "decode_s": 0.3, "decode_tokens_per_s": 5.0}
     )
     second = throughput.RequestScalars(
         1, 111.5, {"phase1_s": 0.6, "query_s": 0.1, "decode_setup_s": 0.0, "decode_s": 0.2, "decode_tokens_per_s": 25.0}
     )
-    summary = throughput.summarize([first, second], launched_at=100.0, ended_at=112.0)
-    assert summary["requests"] == 2 and summary["wall_s"] == pytest.approx(12.0)
-    assert summary["startup_s"] == pytest.approx(10.0 - 1.0)
+    third = throughput.RequestScalars(
+        2, 113.0, {"phase1_s": 0.4, "query_s": 0.1, "decode_setup_s": 0.3, "decode_s": 0.2, "decode_tokens_per_s": 50.0}
+    )
+    summary = throughput.summarize([first, second, third], launched_at=100.0, ended_at=114.0)
+    assert summary["requests"] == 3 and summary["wall_s"] == pytest.approx(14.0)
+    assert summary["startup_s"] == pytest.approx(10.0 - 2.0)
     assert summary["per_request_s"] == pytest.approx(1.5)
     assert summary["phase1_s"] == pytest.approx(0.5) and summary["decode_ms_per_token"] == pytest.approx(30.0)
     assert summary["decode_setup_s"] == pytest.approx(0.15) and summary["query_s"] == pytest.approx(0.1)
+    # One request: its own figures (nothing steady to take them from).
+    alone = throughput.summarize([first], launched_at=100.0, ended_at=111.0)
+    assert alone["per_request_s"] == pytest.approx(2.0) and alone["phase1_s"] == pytest.approx(0.9)
+    assert alone["decode_ms_per_token"] == pytest.approx(200.0)
 
 
 def test_the_floor_counts_windows_within_their_reach() -> None:

@@ -12,7 +12,8 @@ with TensorBoard's own reader. What the process costs as a whole is its wall tim
 - ``per_request_s``: the median time between two requests' scalars: everything a request costs in steady state
   (tokenization, the phases, writing its prediction);
 - ``phase1_s``, ``query_s``, ``decode_setup_s``, ``decode_ms_per_token``, ``new_tokens``: the medians of the
-  requests' own figures;
+  requests' own figures, over the same steady-state requests as ``per_request_s`` (all but the first, which pays
+  the captures and compiles; the first alone in a run of one request);
 - ``compute_floor_s``: one median request's FLOPs over the measured matmul rate plus its decode bytes over the copy
   rate (:mod:`star_lightning.plan`'s shapes, forwards, costs and rates), counting a sliding-window layer's keys
   only within its window (None without rates: on a CPU); ``phase1_floor_s``: its Phase 1 part;
@@ -113,16 +114,17 @@ def summarize(requests: list[RequestScalars], launched_at: float, ended_at: floa
         return summary
     first = requests[0]
     intervals = [b.wall_time - a.wall_time for a, b in itertools.pairwise(requests)]
-    decode = [1000.0 / r.values["decode_tokens_per_s"] for r in requests if r.values.get("decode_tokens_per_s", 0) > 0]
+    steady = requests[1:] or requests  # the requests per_request_s's intervals end with
+    decode = [1000.0 / r.values["decode_tokens_per_s"] for r in steady if r.values.get("decode_tokens_per_s", 0) > 0]
     return {
         **summary,
         "startup_s": first.wall_time - launched_at - _engine_seconds(first),
         "per_request_s": _median(intervals) if intervals else _engine_seconds(first),
-        "phase1_s": _median([r.values.get("phase1_s", 0.0) for r in requests]),
-        "query_s": _median([r.values.get("query_s", 0.0) for r in requests]),
-        "decode_setup_s": _median([r.values.get("decode_setup_s", 0.0) for r in requests]),
+        "phase1_s": _median([r.values.get("phase1_s", 0.0) for r in steady]),
+        "query_s": _median([r.values.get("query_s", 0.0) for r in steady]),
+        "decode_setup_s": _median([r.values.get("decode_setup_s", 0.0) for r in steady]),
         "decode_ms_per_token": _median(decode),
-        "new_tokens": _median([r.values.get("new_tokens", 0.0) for r in requests]),
+        "new_tokens": _median([r.values.get("new_tokens", 0.0) for r in steady]),
     }
 
 
