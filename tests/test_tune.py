@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from star_lightning.cli import main
-from star_lightning.tune.candidates import default_candidates, parse_candidate, pick
+from star_lightning.tune.candidates import default_candidates, nearest_target, parse_candidate, pick
 from star_lightning.tune.command import NONE_QUALIFIES
 
 
@@ -35,6 +35,24 @@ def test_candidates_and_the_pick() -> None:
     assert pick(table, 0.98)["name"] == "fast"
     assert pick(table[:1], 0.98) is None
     assert NONE_QUALIFIES == 3
+
+
+def test_the_target_that_would_pick_something_on_a_real_table() -> None:
+    """Session 32's H100 table (Qwen2.5-Coder-0.5B, 16K, 4 hosts): nothing keeps 0.98 at its lower bound; the
+    highest lower bound is aq_L/4's 86.52%, so 0.86 picks it; at 0.80 four candidates qualify and the fastest,
+    aq_L/8 (0.0587 s), is taken."""
+    table = json.loads(Path("benchmarks/tune/qwen2.5-coder-0.5b_16384_h100x4.json").read_text())["candidates"]
+    assert pick(table, 0.98) is None and not any(row["qualifies"] for row in table)
+    target, chosen = nearest_target(table)
+    assert target == 0.86 and chosen["name"] == "aq_L/4"
+    at_80 = [{**row, "qualifies": row["share_of_dense"]["low"] >= 80.0} for row in table]
+    assert sorted(row["name"] for row in at_80 if row["qualifies"]) == ["aq+pt_L/8", "aq_L/4", "aq_L/8", "star_L/4"]
+    assert pick(at_80, 0.80)["name"] == "aq_L/8"
+    # A faster candidate within the same whole percent is the one the suggested target picks.
+    faster = {**table[0], "name": "faster", "predicted_ttft_s": 0.01, "share_of_dense": {"low": 86.1}}
+    assert nearest_target([*table, faster])[1]["name"] == "faster"
+    assert nearest_target([{**row, "fits": False} for row in table]) is None
+    assert nearest_target([{"name": "x", "fits": True, "share_of_dense": {"low": 0.4}}]) is None
 
 
 @pytest.mark.parametrize(
@@ -78,6 +96,20 @@ def test_tune_writes_a_config_predict_runs(tmp_path: Path, capsys) -> None:
         assert row["share_of_dense"]["n"] == 10 and row["share_of_dense"]["method"] == "paired bootstrap"
         assert row["predicted_ttft_s"] > 0
         assert row["qualifies"] == (row["share_of_dense"]["low"] >= 50.0)
+    # A target none meets: exit 3, the table kept, and the one line names the target that picks something. The
+    # rerun over the same work (the candidates short of 100% only) predicts nothing again.
+    short = [row for row in table["candidates"] if row["fits"] and row["share_of_dense"]["low"] < 100.0]
+    if short:
+        names = [row["name"] for row in short]
+        strict = ["tune", "--data.path", str(requests), "--samples", "10", "--candidates", *names, "--gpu", "H100",
+                  "--trainer.devices", "2", "--device", "cpu", "--target", "1.0", "--output",
+                  str(tmp_path / "strict.yaml"), "--work", f"{tuned}.work"]  # fmt: skip
+        capsys.readouterr()
+        assert main(strict) == NONE_QUALIFIES and not (tmp_path / "strict.yaml").exists()
+        err = capsys.readouterr().err
+        near = nearest_target(short)
+        assert near is not None and f"--target {near[0]:g} picks {near[1]['name']}" in err
+        assert err.count("0 of 10 requests to run") == 1 + len(short)  # dense and each candidate resumed
     expected = pick(table["candidates"], 0.5)
     if expected is None:
         assert status == NONE_QUALIFIES and not tuned.exists()

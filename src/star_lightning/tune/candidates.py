@@ -9,6 +9,7 @@ Block fractions are of the job's hosts: ``L/H`` (one block a host) and ``L/2H``.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -73,3 +74,20 @@ def pick(table: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
     if not qualified:
         return None
     return min(qualified, key=lambda row: (row["predicted_ttft_s"] is None, row["predicted_ttft_s"] or 0.0))
+
+
+def nearest_target(table: list[dict[str, Any]]) -> tuple[float, dict[str, Any]] | None:
+    """Where no candidate qualifies: the largest target in whole percent that some fitting candidate's lower bound
+    meets, and the candidate :func:`pick` takes at it; None when no fitting candidate's lower bound reaches 1%."""
+    lows = [row["share_of_dense"]["low"] for row in table if row.get("fits") and row.get("share_of_dense")]
+    if not lows or max(lows) < 1.0:
+        return None
+    target = math.floor(max(lows)) / 100.0
+    requalified = [
+        {**row, "qualifies": bool(row.get("fits") and row.get("share_of_dense"))
+         and row["share_of_dense"]["low"] / 100.0 >= target}
+        for row in table
+    ]  # fmt: skip
+    chosen = pick(requalified, target)
+    assert chosen is not None  # the row with the highest lower bound qualifies
+    return target, chosen

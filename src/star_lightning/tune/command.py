@@ -43,7 +43,7 @@ from star_lightning.data.jsonl import (
     write_jsonl_atomic,
 )
 from star_lightning.errors import ConfigurationError
-from star_lightning.tune.candidates import Candidate, default_candidates, parse_candidate, pick
+from star_lightning.tune.candidates import Candidate, default_candidates, nearest_target, parse_candidate, pick
 
 NONE_QUALIFIES = 3
 EPILOG = f"""exit codes: 0 a config was written; {NONE_QUALIFIES} no candidate's share of dense (lower 95% bound)
@@ -371,8 +371,13 @@ def tune(args: argparse.Namespace, trainer: list[str]) -> int:
     table_path = Path(f"{args.output}.json")
     write_json_atomic(table_path, document)
     if best is None:
+        near, advice = nearest_target(table), "lower --target"
+        if near is not None:
+            target, nearest = near
+            low = nearest["share_of_dense"]["low"]
+            advice = f"--target {target:g} picks {nearest['name']} (lower bound {low:.1f}%; a rerun reuses the work)"
         print(f"star-lightning tune: no candidate's share of dense reached {args.target:g} at its lower 95% bound "
-              f"(table: {table_path}); lower --target, try larger blocks (--candidates), or run dense",
+              f"(table: {table_path}); {advice}, try larger blocks (--candidates), or run dense",
               file=sys.stderr)  # fmt: skip
         return NONE_QUALIFIES
     _write_config(tuner, best, args, table_path)
