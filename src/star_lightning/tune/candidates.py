@@ -76,6 +76,13 @@ def pick(table: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
     return min(qualified, key=lambda row: (row["predicted_ttft_s"] is None, row["predicted_ttft_s"] or 0.0))
 
 
+def qualifies(row: dict[str, Any], target: float) -> bool:
+    """Whether a table row meets ``target`` (a fraction): its plan fits and its share of dense's LOWER 95% bound
+    (in percent) is at least the target."""
+    share = row.get("share_of_dense")
+    return bool(row.get("fits")) and share is not None and share["low"] / 100.0 >= target
+
+
 def nearest_target(table: list[dict[str, Any]]) -> tuple[float, dict[str, Any]] | None:
     """Where no candidate qualifies: the largest target in whole percent that some fitting candidate's lower bound
     meets, and the candidate :func:`pick` takes at it; None when no fitting candidate's lower bound reaches 1%."""
@@ -83,11 +90,6 @@ def nearest_target(table: list[dict[str, Any]]) -> tuple[float, dict[str, Any]] 
     if not lows or max(lows) < 1.0:
         return None
     target = math.floor(max(lows)) / 100.0
-    requalified = [
-        {**row, "qualifies": bool(row.get("fits") and row.get("share_of_dense"))
-         and row["share_of_dense"]["low"] / 100.0 >= target}
-        for row in table
-    ]  # fmt: skip
-    chosen = pick(requalified, target)
+    chosen = pick([{**row, "qualifies": qualifies(row, target)} for row in table], target)
     assert chosen is not None  # the row with the highest lower bound qualifies
     return target, chosen

@@ -43,7 +43,14 @@ from star_lightning.data.jsonl import (
     write_jsonl_atomic,
 )
 from star_lightning.errors import ConfigurationError
-from star_lightning.tune.candidates import Candidate, default_candidates, nearest_target, parse_candidate, pick
+from star_lightning.tune.candidates import (
+    Candidate,
+    default_candidates,
+    nearest_target,
+    parse_candidate,
+    pick,
+    qualifies,
+)
 
 NONE_QUALIFIES = 3
 EPILOG = f"""exit codes: 0 a config was written; {NONE_QUALIFIES} no candidate's share of dense (lower 95% bound)
@@ -351,10 +358,15 @@ def tune(args: argparse.Namespace, trainer: list[str]) -> int:
         scores = _scores(tuner.predict(sample, candidate.name, options), dense_answers)
         result = share(scores, dense, tasks)
         ttft, fits, why = plans[candidate.name]
-        low = None if result is None else result["low"] / 100.0
-        row = {"name": candidate.name, "model": options, "share_of_dense": result, "predicted_ttft_s": ttft,
-               "fits": fits, "qualifies": fits and low is not None and low >= args.target,
-               "scores": {t: 100.0 * sum(v.values()) / len(v) for t, v in scores.items()}}  # fmt: skip
+        row = {
+            "name": candidate.name,
+            "model": options,
+            "share_of_dense": result,
+            "predicted_ttft_s": ttft,
+            "fits": fits,
+        }
+        row["qualifies"] = qualifies(row, args.target)
+        row["scores"] = {t: 100.0 * sum(v.values()) / len(v) for t, v in scores.items()}
         if not fits:
             row["plan"] = why
         table.append(row)
