@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model_zoo import random_tokens, tiny_model
-from star_lightning.attention.backends import banded, sdpa
+from star_lightning.attention.backends import banded, sdpa, sdpa_masked
 from star_lightning.attention.backends import math as math_backend
 from star_lightning.attention.kernels import KernelChoice, SlidingWindow, attention_with_lse
 from star_lightning.attention.selector import shape_class
@@ -74,6 +74,48 @@ def test_on_cuda_the_class_holds_dtype_shape_and_layout() -> None:
     assert not shape_class(choice, *(t.cuda() for t in _qkv(17, 20)), None, None, None).short
     assert not shape_class(choice, q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, None, None, None)[10]
     assert shape_class(choice, q, k, v, 5.0, None, None).masked  # soft-capping: the masking kernels' on CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("capture", [False, True])
+def test_a_long_question_over_static_buffers_takes_the_masked_sdpa_kernel_against_float64(capture: bool) -> None:
+    """A captured question (96 padded rows, 7 query heads a KV head as Qwen2.5-0.5B: beyond the split-KV kernel's
+    tiles) over a store's buffers with a valid length takes ``sdpa_masked`` (not float32 ``math``), in a CUDA graph
+    too; bf16 against float64 (bottom-right causal against the valid keys; the slots past them hold garbage)."""
+    gen = torch.Generator().manual_seed(7)
+    q_len, capacity, valid = 96, 1200, 1000
+    q = torch.randn(1, 14, q_len, 64, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 2, capacity, 64, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 2, capacity, 64, generator=gen, dtype=torch.float64)
+    k[:, :, valid:], v[:, :, valid:] = 1e3, 1e3  # unfilled slots: finite garbage the bias weighs 0
+    kk, vv = k[:, :, :valid].repeat_interleave(7, dim=1), v[:, :, :valid].repeat_interleave(7, dim=1)
+    scores = (q @ kk.transpose(-1, -2)) * 0.125  # [1, 14, 96, valid]
+    last = torch.arange(q_len) + (valid - q_len)  # the last key each row sees
+    scores = scores.masked_fill(torch.arange(valid)[None, :] > last[:, None], float("-inf"))
+    ref_lse = torch.logsumexp(scores, dim=-1)
+    ref_out = torch.softmax(scores, dim=-1) @ vv
+    qc, kc, vc = (t.to("cuda", torch.bfloat16) for t in (q, k, v))
+    length = torch.tensor([valid], dtype=torch.int32, device="cuda")
+    choice = KernelChoice()
+    attention_with_lse(qc, kc, vc, scale=0.125, causal=True, valid_length=length, kernels=choice)  # chooses
+    ((_, backend),) = choice.chosen.items()
+    assert backend is sdpa_masked.attention
+    if capture:
+        out = torch.empty(1, 14, q_len, 64, dtype=torch.bfloat16, device="cuda")
+        lse = torch.empty(1, 14, q_len, dtype=torch.float32, device="cuda")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o, s = attention_with_lse(qc, kc, vc, scale=0.125, causal=True, valid_length=length, kernels=choice)
+            out.copy_(o)
+            lse.copy_(s)
+        graph.replay()
+        torch.cuda.synchronize()
+    else:
+        out, lse = attention_with_lse(qc, kc, vc, scale=0.125, causal=True, valid_length=length, kernels=choice)
+    assert choice.selections == 1
+    torch.testing.assert_close(out.cpu().double(), ref_out, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("attention", ["star", "ring"])

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from star_lightning import __version__, parser_cache, startup
+from star_lightning import __version__, bytecode, parser_cache, startup
 from star_lightning.errors import ConfigurationError
 from star_lightning.parallel.lifetime import Stopped, job_lifetime, signal_name
 
@@ -90,6 +90,7 @@ def _run(name: str, rest: list[str]) -> int | None:
     command = COMMANDS[name]
     if command.parser is not None:
         parser_cache.answer(name, rest, ranks=command.ranks)
+    bytecode.keep_in_cache()  # before torch & co. are imported: an install without their bytecode compiles them once
     entry: Callable[[list[str]], int] = _load(command.entry)
     startup.mark("imported")
     if command.parser is not None and parser_cache.load(name) is None and parser_cache.writable():

@@ -11,7 +11,9 @@ when it learns something that changes them it forgets them, and the next call of
 
 The rules (``auto``): on CPU ``sdpa`` (the CPU flash kernel), ``math`` for soft-capped calls, tiles of ``math``
 (``banded``) for windowed ones. On CUDA (fp16/bf16, head dim <= 256): the split-KV kernel for what fits its tiles,
-``math`` up to 16 query tokens, else flash-attn where installed, else ``prefill`` (cuDNN, falling back to flash);
+``math`` up to 16 query tokens, else flash-attn where installed, else ``prefill`` (cuDNN, falling back to flash),
+except a long query with a valid length (a captured question over static buffers): the memory-efficient SDPA kernel
+with the valid length as a bias (``sdpa_masked``);
 windowed and soft-capped calls flash-attn's ``window_size`` where installed and the call allows it, else the
 split-KV kernel for windowed short queries, else FlexAttention (not while a CUDA graph is captured; there a long
 aligned window takes two causal calls of the flash kernel, ``window_causal``), else the memory-efficient SDPA kernel
@@ -159,6 +161,13 @@ def _choose(
             )
         return split_kv_backend.attention
     if chosen == "math" or valid_length is not None:
+        # A long query over static buffers (the captured question, padded to ROWS) passes a valid length, which the
+        # fused kernels cannot take: the memory-efficient kernel takes it as a bias (math's float32 matmuls were 8 of
+        # the 19 ms of Qwen2.5-0.5B's question at 8K on an H100, whose 7 query heads a KV head overflow the split-KV
+        # kernel's tiles).
+        if chosen != "math" and kernels.backend == "auto" and kernels.masked_sdpa_failure is None:
+            if sdpa_masked.supports(query, softcap):
+                return sdpa_masked.attention
         return math_backend.attention
     if chosen == "flash_attn":
         return flash_backend.attention
