@@ -27,7 +27,7 @@ cat $OUTD/imports.txt
 for shape in qwen2.5-0.5b gemma-3-270m; do
   timeout 150 python3 scripts/profile_request.py --shape $shape --length 8192 --block-size 2048 --attention star dense --prefill graph --requests 5 --new-tokens 16 --out $OUTD/prof_${shape}_fused > $OUTD/prof_${shape}_fused.log 2>&1
   PYTHONPATH=$PWD/benchmarks/device_runs/fpoff:$PYTHONPATH timeout 150 python3 scripts/profile_request.py --shape $shape --length 8192 --block-size 2048 --attention star dense --prefill graph --requests 5 --new-tokens 16 --out $OUTD/prof_${shape}_unfused > $OUTD/prof_${shape}_unfused.log 2>&1
-  tail -5 $OUTD/prof_${shape}_fused.log $OUTD/prof_${shape}_unfused.log
+  tail -n 5 $OUTD/prof_${shape}_fused.log $OUTD/prof_${shape}_unfused.log
 done
 # (3) Llama-3.1-8B shape, one host's share of 128K/4: decode against its floor (fused projections now on)
 timeout 200 python3 scripts/profile_request.py --shape llama-3.1-8b --length 32768 --block-size 32768 --attention star --prefill eager --requests 3 --new-tokens 128 --out $OUTD/llama8b_32k > $OUTD/llama8b.log 2>&1
