@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Qwen2.5-Coder-0.5B 8K through the CLI: dense and star, as shipped, without the tokenizing worker (nw0) and with the
-# flash kernel for every long call (flash: cuDNN builds a graph for every new length, ~50 ms of CPU a dense request);
+# flash kernel for every long call (flash: cuDNN took 50 ms of CPU in a dense 8K request of the profile, a graph
+# built for each new length?)
 source benchmarks/device_runs/setup.sh
 OUTD=$OUT/cli; mkdir -p $OUTD
 M=/tmp/m/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
