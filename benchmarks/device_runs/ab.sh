@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Issue 26 diagnosis: (1) imports with/without a bytecode cache; (2) dense vs star Phase 1 with fused projections on/off
-# (random weights, real shapes); (3) dense Qwen through the CLI with/without the tokenizing worker.
+# (random weights, real shapes); (3) the Llama-3.1-8B shape's decode against its floor.
 source benchmarks/device_runs/setup.sh
 set -x
 OUTD=$OUT/ab; mkdir -p $OUTD
 {
 python3 - <<'PY'
-import os, sys, sysconfig, torch, transformers, lightning
+import os, sys, torch, transformers, lightning
 for mod in (torch, transformers, lightning):
     d = os.path.dirname(mod.__file__)
     pyc = sum(1 for r, _, fs in os.walk(d) for f in fs if f.endswith(".pyc"))

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from star_lightning.parser_cache import cache_folder
+from star_lightning.parser_cache import cache_folder, cache_switched_off
 
 PROBES = ("torch", "transformers", "lightning")
 """The libraries whose bytecode is looked at: the bulk of what a command imports."""
@@ -65,7 +65,7 @@ def folder() -> Path:
 def keep_in_cache(probes: Sequence[str] = PROBES) -> Path | None:
     """Keep bytecode under :func:`folder` for this process and its children where :func:`missing` finds a library
     compiled from source every time; the folder used, or None (left as it was)."""
-    if os.environ.get(SWITCH, "").strip().lower() in ("0", "false", "off", "no"):
+    if cache_switched_off(SWITCH):
         return None
     if sys.pycache_prefix is not None or os.environ.get("PYTHONPYCACHEPREFIX"):
         return None  # the user's own choice

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from star_lightning.model_files import fingerprint_file
-from star_lightning.parser_cache import cache_folder
+from star_lightning.parser_cache import cache_folder, cache_switched_off
 
 WEIGHTS_CACHE_ENV = "STAR_LIGHTNING_GGUF_WEIGHTS_CACHE"
 _WEIGHTS = "model.safetensors"
@@ -113,7 +113,7 @@ def _whole(folder: Path) -> bool:
 
 
 def weights_cache_enabled() -> bool:
-    return os.environ.get(WEIGHTS_CACHE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return not cache_switched_off(WEIGHTS_CACHE_ENV)
 
 
 def _weights_folder(path: Path, dtype_name: str) -> Path:

@@ -80,6 +80,12 @@ def cache_folder() -> Path:
     return Path(base) / "star_lightning"
 
 
+def cache_switched_off(variable: str) -> bool:
+    """Whether the environment variable ``variable`` turns one of the cache folder's caches off (``0``, ``false``,
+    ``no`` or ``off``, in any case; unset or anything else: on)."""
+    return os.environ.get(variable, "").strip().lower() in ("0", "false", "no", "off")
+
+
 def cache_key(command: str, package: Path | None = None) -> str:
     """The hash of everything a command's description depends on (read in a few milliseconds); ``package``: the
     folder of star_lightning's sources (this one's by default)."""
